@@ -1,0 +1,350 @@
+"""One HTTP request/response, shared by both parsers: scope, ASGI receive/send, framing.
+
+Rules this module keeps:
+
+* The request head is checked once, here (``check_head``), whichever parser read it: Host,
+  Content-Length and Transfer-Encoding rules that close request-smuggling gaps, keep-alive
+  and ``Expect: 100-continue``.
+* Response framing is decided once, at the first body message, when both the app's headers
+  and whether more body follows are known: the app's Content-Length; else a Content-Length
+  of the single body message; else chunked (HTTP/1.1) or close-delimited (HTTP/1.0). HEAD,
+  1xx, 204 and 304 never carry a body. The head and the first body go out in one write.
+* A response that contradicts its own Content-Length closes the connection: the peer never
+  sees a desynchronised stream.
+* Request body is buffered up to ``BODY_HIGH_WATER``; beyond it the connection stops reading
+  until the app calls ``receive()`` (backpressure). ``send()`` waits while the transport is
+  paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
+
+from uvworker.protocols.parsers import Headers, HTTPError
+
+if TYPE_CHECKING:
+    from uvworker.protocols.http import HTTPConnection
+
+logger = logging.getLogger("uvworker.error")
+
+BODY_HIGH_WATER = 64 * 1024
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+NO_BODY_STATUSES = frozenset({204, 304})
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+_BAD_VALUE = re.compile(rb"[\x00\r\n]").search
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+
+
+STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
+
+
+class ClientDisconnected(OSError):
+    """Raised by ``send()`` once the client has gone (ASGI spec 2.4)."""
+
+
+def check_head(http_version: str, headers: Headers) -> tuple[bool, bool, bytes | None]:
+    """Validate a request head; return (keep_alive, expect_continue, upgrade protocol).
+
+    Raises HTTPError(400) for heads that could be read two ways by two parsers.
+    """
+    hosts = lengths = 0
+    chunked = te = False
+    keep_alive = http_version == "1.1"
+    expect = False
+    upgrade: bytes | None = None
+    connection_upgrade = False
+    for name, value in headers:
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
+            lengths += 1
+            if not value.isdigit():
+                raise HTTPError(400, "Invalid Content-Length")
+        elif name == b"transfer-encoding":
+            te = True
+            chunked = value.lower().rstrip().endswith(b"chunked")
+        elif name == b"connection":
+            tokens = value.lower()
+            if b"close" in tokens:
+                keep_alive = False
+            elif b"keep-alive" in tokens:
+                keep_alive = True
+            connection_upgrade = b"upgrade" in tokens
+        elif name == b"expect":
+            expect = value.lower() == b"100-continue"
+        elif name == b"upgrade":
+            upgrade = value.lower()
+    if lengths > 1:
+        raise HTTPError(400, "Duplicate Content-Length")
+    if te:
+        if lengths:
+            raise HTTPError(400, "Content-Length together with Transfer-Encoding")
+        if not chunked or http_version != "1.1":
+            raise HTTPError(400, "Unsupported Transfer-Encoding")
+    if http_version == "1.1" and hosts != 1:
+        raise HTTPError(400, "Missing Host header" if not hosts else "Duplicate Host header")
+    return keep_alive, expect and http_version == "1.1", upgrade if connection_upgrade else None
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """Request target → (raw path, query string); absolute-form targets lose scheme and host."""
+    if target[:1] != b"/":
+        if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            start = target.find(b"/", target.find(b"//") + 2)
+            target = target[start:] if start != -1 else b"/"
+            if target[:1] != b"/":
+                target = b"/" + target
+        elif target != b"*":
+            raise HTTPError(400, "Invalid request target")
+    path, _, query = target.partition(b"?")
+    return path, query
+
+
+def decode_path(raw_path: bytes) -> str:
+    if b"%" not in raw_path and raw_path.isascii():
+        return raw_path.decode("ascii")
+    return unquote_to_bytes(raw_path).decode("utf-8", "replace")
+
+
+class RequestCycle:
+    """The ASGI side of one request: ``receive`` and ``send`` for the app."""
+
+    __slots__ = (
+        "conn", "scope", "keep_alive", "expect_continue", "head_request", "http10",
+        "chunks", "buffered", "more_body", "final_delivered", "disconnected", "waiter",
+        "response_started", "response_complete", "status", "response_headers", "head",
+        "chunked", "remaining", "no_body", "bytes_sent", "start_time", "start_clock", "task", "finished",
+    )
+
+    def __init__(self, conn: HTTPConnection, scope: dict[str, Any], keep_alive: bool, expect_continue: bool) -> None:
+        self.conn = conn
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.head_request = scope["method"] == "HEAD"
+        self.http10 = scope["http_version"] == "1.0"
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.more_body = True
+        self.final_delivered = False
+        self.disconnected = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.response_started = False
+        self.response_complete = False
+        self.status = 0
+        self.response_headers: Headers = []
+        self.head = b""
+        self.chunked = False
+        self.remaining: int | None = None
+        self.no_body = False
+        self.bytes_sent = 0
+        self.start_time = time.time()
+        self.start_clock = time.perf_counter()
+        self.task: asyncio.Task[None] | None = None
+        self.finished = False
+
+    # -- events from the connection ---------------------------------------------------
+    def on_body(self, data: bytes) -> None:
+        if self.response_complete or self.disconnected:
+            return  # being discarded: the response is out, the rest of the body is not wanted
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > BODY_HIGH_WATER:
+            self.conn.pause_reading()
+        self._wake()
+
+    def on_end(self) -> None:
+        self.more_body = False
+        self._wake()
+
+    def on_disconnect(self) -> None:
+        self.disconnected = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- ASGI ---------------------------------------------------------------------------
+    async def receive(self) -> dict[str, Any]:
+        if self.expect_continue:
+            self.expect_continue = False
+            if self.more_body and not self.response_started:
+                self.conn.write(CONTINUE)
+        if not self.disconnected and not self.response_complete and not self.chunks:
+            if self.more_body or self.final_delivered:
+                if self.more_body:
+                    self.conn.wait_for_body()
+                self.waiter = self.conn.loop.create_future()
+                await self.waiter
+        if self.disconnected or self.response_complete:
+            return {"type": "http.disconnect"}
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if self.buffered > BODY_HIGH_WATER:
+            self.conn.resume_reading()
+        self.buffered = 0
+        self.final_delivered = not self.more_body
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if self.disconnected:
+            if kind.startswith("http.response"):
+                raise ClientDisconnected("the client has disconnected")
+            raise RuntimeError(f"Unexpected ASGI message {kind!r}")
+        if kind == "http.response.body" and self.response_started and not self.response_complete:
+            await self._send_body(message.get("body", b""), message.get("more_body", False))
+        elif kind == "http.response.start" and not self.response_started:
+            self._start_response(message)
+        elif self.response_complete:
+            raise RuntimeError(f"Unexpected ASGI message {kind!r} after the response completed")
+        else:
+            raise RuntimeError(f"Unexpected ASGI message {kind!r}")
+
+    def _start_response(self, message: dict[str, Any]) -> None:
+        status = message["status"]
+        if type(status) is not int or not 100 <= status <= 599:
+            raise RuntimeError(f"Invalid HTTP status {status!r}")
+        if status == 101:
+            raise RuntimeError("A 101 response can only be sent by upgrading to a WebSocket")
+        headers = message.get("headers", ())
+        conn = self.conn
+        parts = [STATUS_LINES[status]]
+        override_defaults = False
+        for name, value in headers:
+            if not _TOKEN(name):
+                raise RuntimeError(f"Invalid HTTP header name {name!r}")
+            if _BAD_VALUE(value):
+                raise RuntimeError(f"Invalid HTTP header value {value!r}")
+            lname = name.lower()
+            if lname == b"content-length":
+                if not value.strip().isdigit():
+                    raise RuntimeError(f"Invalid Content-Length {value!r}")
+                self.remaining = int(value)
+            elif lname == b"transfer-encoding":
+                continue  # framing is ours to choose
+            elif lname == b"connection":
+                if b"close" in value.lower():
+                    self.keep_alive = False
+                continue  # written by us below, once
+            elif lname == b"server" or lname == b"date":
+                override_defaults = True
+            parts.append(b"%s: %s\r\n" % (name, value))
+        parts.insert(1, conn.state.head_defaults(headers if override_defaults else None))
+        self.status = status
+        self.response_headers = headers if type(headers) is list else list(headers)
+        self.no_body = self.head_request or status < 200 or status in NO_BODY_STATUSES
+        if status < 200 or status in NO_BODY_STATUSES:
+            self.remaining = None
+        if self.expect_continue:
+            # The app answered without reading the body the client may still send: close after.
+            self.expect_continue = False
+            self.keep_alive = False
+        if not conn.keep_alive_allowed:
+            self.keep_alive = False
+        self.head = b"".join(parts)
+        self.response_started = True
+
+    async def _send_body(self, body: bytes, more_body: bool) -> None:
+        conn = self.conn
+        if self.head:
+            data = self._frame_head(body, more_body)
+        elif self.no_body:
+            data = b""
+        elif self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+            if not more_body:
+                data += b"0\r\n\r\n"
+        else:
+            data = body
+        if self.remaining is not None and not self.no_body:
+            self.remaining -= len(body)
+            if self.remaining < 0 or (not more_body and self.remaining > 0):
+                self.keep_alive = False
+                self.response_complete = True
+                conn.abort_response(self)
+                raise RuntimeError("Response body does not match the Content-Length header")
+        if data:
+            self.bytes_sent += len(body)
+            conn.write(data)
+        if not more_body:
+            self.response_complete = True
+            self._wake()
+            conn.on_response_complete(self)
+        elif conn.write_paused:
+            await conn.drain()
+
+    def _frame_head(self, body: bytes, more_body: bool) -> bytes:
+        """Choose the framing and return head + first body bytes as one buffer."""
+        head, self.head = self.head, b""
+        framing = b""
+        if self.no_body:
+            body = b""
+        elif self.remaining is None:
+            if not more_body:
+                framing = b"content-length: %d\r\n" % len(body)
+            elif not self.http10:
+                self.chunked = True
+                framing = b"transfer-encoding: chunked\r\n"
+                body = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+            else:
+                self.keep_alive = False  # close-delimited: the end of the body is the close
+        if not self.keep_alive:
+            framing += b"connection: close\r\n"
+        elif self.http10:
+            framing += b"connection: keep-alive\r\n"
+        return b"%s%s\r\n%s" % (head, framing, body)
+
+    # -- running the app ----------------------------------------------------------------
+    async def run_asgi(self, app: Any) -> None:
+        try:
+            await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            if isinstance(exc, ClientDisconnected) or (self.disconnected and isinstance(exc, OSError)):
+                return
+            if isinstance(exc, asyncio.CancelledError):
+                self.conn.abort_response(self)
+                raise
+            logger.error("Exception in ASGI application", exc_info=exc)
+            self._fail()
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if not self.response_complete and not self.disconnected:
+                if not self.response_started:
+                    logger.error("ASGI callable returned without starting a response.")
+                else:
+                    logger.error("ASGI callable returned without completing the response.")
+                self._fail()
+
+    def _fail(self) -> None:
+        if self.disconnected or self.response_complete:
+            return
+        if not self.response_started or self.head:
+            self.response_started = self.response_complete = True
+            self.keep_alive = False
+            self.status = 500
+            self.conn.send_error(500, "Internal Server Error", self)
+        else:
+            self.response_complete = True
+            self.conn.abort_response(self)

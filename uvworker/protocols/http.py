@@ -1,0 +1,371 @@
+"""The HTTP/1.1 connection: bytes in, bytes out, timers and flow control.
+
+Theory of operation. A connection is always in one of these phases:
+
+    phase          timer running              left by
+    -------------  -------------------------  ----------------------------------------------
+    WAIT_HEAD      timeout_request_header     a complete head → BODY/RESPONSE (a cycle runs)
+    KEEP_ALIVE     timeout_keep_alive         the first byte of the next request → WAIT_HEAD
+    CYCLE          body deadline, if waiting  the response completes → KEEP_ALIVE, or close
+                   for body the app asked for
+
+A fresh connection starts in WAIT_HEAD, so a client that connects and never sends a request
+is cut off by the header timeout, and one that trickles its head is cut off by the same
+deadline (it is not reset by later bytes). While a cycle runs, further pipelined input is held
+by the parser adapter and reading stops; when the response is complete the held input is
+replayed, in order. Anything the parser refuses becomes a 4xx with ``Connection: close``,
+after the responses to the requests before it.
+
+Flow control, both ways: the cycle pauses reading when the app is not consuming the body, and
+``send()`` waits for ``drain()`` while the transport's write buffer is over its high-water mark.
+
+Retiring (graceful shutdown, max requests, reload): new requests on this connection still get
+an answer, with ``Connection: close``; an idle keep-alive connection is left open until its
+next request or its keep-alive timeout, because closing it races with a request the client may
+be sending at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from uvworker.protocols.cycle import STATUS_LINES, RequestCycle, check_head, decode_path, split_target
+from uvworker.protocols.parsers import Headers, HTTPError, make_parser
+
+if TYPE_CHECKING:
+    from uvworker.server import ServerState
+
+logger = logging.getLogger("uvworker.error")
+
+WAIT_HEAD, KEEP_ALIVE, CYCLE, CLOSED = range(4)
+
+
+class HTTPConnection(asyncio.Protocol):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.config = state.config
+        self.loop = state.loop
+        self.phase = WAIT_HEAD
+        self.cycle: RequestCycle | None = None
+        self.keep_alive_allowed = True
+        self.write_paused = False
+        self.reading_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._body_deadline = 0.0
+        self._proxy_buffer: bytes | None = b"" if self.config.proxy_protocol else None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.state.connections.add(self)
+        self.client = _address(transport.get_extra_info("peername"))
+        self.server = _address(transport.get_extra_info("sockname"))
+        self.is_tls = transport.get_extra_info("sslcontext") is not None
+        self.scheme = "https" if self.is_tls else "http"
+        self._peer_trusted_for_proxy = self.config.proxy_headers and self._trusted(self.client)
+        self.parser = make_parser(self.state.http_parser, self, self.state.limits)
+        if not self.state.accepting_requests:
+            self.keep_alive_allowed = False
+        self._set_timer(self.config.timeout_request_header)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = CLOSED
+        self.state.connections.discard(self)
+        self._cancel_timer()
+        if self.cycle is not None:
+            self.cycle.on_disconnect()
+            self._finish(self.cycle)
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    def eof_received(self) -> bool | None:
+        cycle = self.cycle
+        if cycle is None or cycle.more_body or self.is_tls:
+            return None  # close now: nothing in progress, or the request can never complete
+        self.keep_alive_allowed = False  # answer the request in flight, then close
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase == KEEP_ALIVE:
+            self.phase = WAIT_HEAD
+            self._set_timer(self.config.timeout_request_header)
+        if self._proxy_buffer is not None:
+            data = self._read_proxy_header(data)
+            if not data:
+                return
+        try:
+            self.parser.feed(data)
+        except HTTPError as exc:
+            self._reject(exc)
+            return
+        if self.parser.held and not self.reading_paused:
+            self.pause_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    # -- parser events ----------------------------------------------------------------------
+    def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers) -> None:
+        state = self.state
+        limits = state.limits
+        if len(method) + len(target) + 10 > limits.request_line:
+            raise HTTPError(414, "Request-URI too long")
+        field_size = limits.field_size
+        if len(headers) > limits.fields:
+            raise HTTPError(431, "Too many request header fields")
+        for name, value in headers:
+            if len(name) + len(value) + 2 > field_size:
+                raise HTTPError(431, "Request header field too large")
+        keep_alive, expect, _upgrade = check_head(http_version, headers)
+        raw_path, query = split_target(target)
+        self._cancel_timer()
+        self.phase = CYCLE
+        root_path = self.config.root_path
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": http_version,
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "method": method.decode("ascii"),
+            "root_path": root_path,
+            "path": root_path + decode_path(raw_path) if root_path else decode_path(raw_path),
+            "raw_path": root_path.encode() + raw_path if root_path else raw_path,
+            "query_string": query,
+            "headers": headers,
+            "state": state.lifespan_state.copy(),
+        }
+        if self._peer_trusted_for_proxy:
+            state.apply_proxy_headers(scope, self.config.forwarded_allow)
+        cycle = self.cycle = RequestCycle(self, scope, keep_alive and self.keep_alive_allowed, expect)
+        state.active_requests += 1
+        limit = self.config.limit_concurrency
+        if limit is not None and state.active_requests > limit:
+            cycle.response_started = cycle.response_complete = True
+            cycle.keep_alive = False
+            cycle.status = 503
+            self.send_error(503, "Service Unavailable", cycle)
+            return
+        cycle.task = self.loop.create_task(cycle.run_asgi(state.app))
+
+    def on_body(self, data: bytes) -> None:
+        cycle = self.cycle
+        if cycle is not None:
+            cycle.on_body(data)
+            if self._body_deadline:
+                self._body_deadline += len(data) / self.config.min_request_body_rate
+
+    def on_end(self) -> None:
+        cycle = self.cycle
+        if cycle is not None:
+            cycle.on_end()
+            if self._body_deadline:
+                self._body_deadline = 0.0
+                self._cancel_timer()
+            if cycle.response_complete:  # the body was being discarded after the response
+                self.loop.call_soon(self._next_cycle, cycle)  # not from inside the parser
+
+    # -- called by the cycle --------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.phase != CLOSED:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.write_paused and self.phase != CLOSED:
+            waiter = self.loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.phase != CLOSED:
+            self.reading_paused = True
+            self.transport.pause_reading()
+            self._suspend_body_deadline()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.parser.held and self.phase != CLOSED:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def wait_for_body(self) -> None:
+        """The app is waiting for body bytes: make sure they flow, and bound how long."""
+        self.resume_reading()
+        if not self._body_deadline:
+            self._body_deadline = self.loop.time() + self.config.timeout_request_body
+            self._timer = self.loop.call_at(self._body_deadline, self._check_body_deadline)
+
+    def on_response_complete(self, cycle: RequestCycle) -> None:
+        self._finish(cycle)
+        if not cycle.keep_alive or self.phase == CLOSED:
+            self.close()
+        elif not cycle.more_body:
+            self._next_cycle(cycle)
+        else:
+            # The app answered without reading the whole body: read and drop the rest (bounded
+            # by the body deadline) so that the connection can be reused.
+            self.resume_reading()
+            self.wait_for_body()
+
+    def abort_response(self, cycle: RequestCycle) -> None:
+        """The response cannot be completed correctly: close rather than desynchronise."""
+        self._finish(cycle)
+        self.close()
+
+    def send_error(self, status: int, reason: str, cycle: RequestCycle | None = None) -> None:
+        body = reason.encode()
+        self.write(
+            b"%s%scontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (STATUS_LINES[status], self.state.head_defaults(None), len(body), body)
+        )
+        if cycle is not None:
+            cycle.bytes_sent = len(body)
+            self._finish(cycle)
+        self.close()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Retire: answer what is in flight with Connection: close; no new keep-alive."""
+        self.keep_alive_allowed = False
+        if self.cycle is not None and not self.cycle.response_started:
+            self.cycle.keep_alive = False
+
+    def close(self) -> None:
+        if self.phase != CLOSED:
+            self.phase = CLOSED
+            self._cancel_timer()
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.cycle is not None and self.cycle.task is not None:
+            self.cycle.task.cancel()
+        self.phase = CLOSED
+        self.transport.abort()
+
+    # -- internals ------------------------------------------------------------------------
+    def _finish(self, cycle: RequestCycle) -> None:
+        if not cycle.finished:
+            cycle.finished = True
+            self.state.request_done(cycle)
+
+    def _next_cycle(self, cycle: RequestCycle) -> None:
+        self.cycle = None
+        self.phase = KEEP_ALIVE
+        self._body_deadline = 0.0
+        self._set_timer(self.config.timeout_keep_alive)
+        try:
+            self.parser.next_cycle()
+        except HTTPError as exc:
+            self._reject(exc)
+            return
+        if self.cycle is None and self.phase != CLOSED:
+            if self.parser.held:
+                return
+            self.resume_reading()
+
+    def _reject(self, exc: HTTPError) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.on_disconnect()  # the app sees its request end badly
+            if cycle.task is not None:
+                cycle.task.cancel()
+            if cycle.response_started and not cycle.head:
+                self.abort_response(cycle)
+                return
+            cycle.response_started = cycle.response_complete = True
+            cycle.status = exc.status
+            self.send_error(exc.status, exc.reason, cycle)
+            return
+        self.send_error(exc.status, exc.reason)
+
+    def _set_timer(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, self._on_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self.phase in (WAIT_HEAD, KEEP_ALIVE):
+            self.close()
+
+    def _suspend_body_deadline(self) -> None:
+        if self._body_deadline:
+            # Time the app spends not reading is not the client's fault: restart on resume.
+            self._body_deadline = 0.0
+            self._cancel_timer()
+
+    def _check_body_deadline(self) -> None:
+        self._timer = None
+        if not self._body_deadline or self.cycle is None:
+            return
+        remaining = self._body_deadline - self.loop.time()
+        if remaining > 0:
+            self._timer = self.loop.call_later(remaining, self._check_body_deadline)
+            return
+        cycle = self.cycle
+        self._body_deadline = 0.0
+        if not cycle.response_started or cycle.head:
+            cycle.on_disconnect()
+            cycle.response_started = cycle.response_complete = True
+            cycle.status = 408
+            self.send_error(408, "Request Timeout", cycle)
+        else:
+            cycle.on_disconnect()
+            self.close()
+
+    def _trusted(self, address: tuple[str, int] | None) -> bool:
+        host = address[0] if address else None
+        return host is None or host in self.config.forwarded_allow
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        from uvworker.proxy import ProxyProtocolError, parse_proxy_protocol
+
+        buffer = self._proxy_buffer + data  # type: ignore[operator]
+        if not (buffer.startswith(b"PROXY "[: len(buffer)]) or buffer.startswith(_V2_SIGNATURE[: len(buffer)])):
+            self._proxy_buffer = None
+            return buffer
+        host = self.client[0] if self.client else None
+        try:
+            if host is not None and host not in self.state.proxy_allow:
+                raise ProxyProtocolError("PROXY header from a peer not in proxy_allow_ips")
+            info = parse_proxy_protocol(buffer)
+        except ProxyProtocolError as exc:
+            self.send_error(400, f"Invalid PROXY protocol header: {exc}")
+            return b""
+        if info is None:
+            self._proxy_buffer = buffer
+            return b""
+        self._proxy_buffer = None
+        if info.client is not None:
+            self.client = info.client
+            self.server = info.server or self.server
+            self._peer_trusted_for_proxy = self.config.proxy_headers and self._trusted(self.client)
+        return buffer[info.consumed :]
+
+
+_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def _address(address: Any) -> Any:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return (str(address[0]), int(address[1]))
+    if isinstance(address, str) and address:
+        return (address, None)
+    return None

@@ -1,0 +1,233 @@
+"""The two HTTP/1.1 parsers behind one small event vocabulary.
+
+An adapter tokenizes bytes and calls its sink (the connection) with exactly three events:
+
+    sink.on_head(method, target, http_version, headers)   request line + header block
+    sink.on_body(data)                                    a piece of the request body
+    sink.on_end()                                         the request is complete
+
+or raises :class:`HTTPError` for input it cannot accept. Headers arrive as a list of
+``(lowercased name, value)`` byte pairs with surrounding whitespace trimmed. Everything after
+that — validation, framing decisions, limits on individual fields, the ASGI cycle — is shared
+and lives in ``cycle.py`` and ``http.py``.
+
+Pipelining is the adapter's job too: once a request is complete, further input is *held*
+(not parsed into events) until the connection calls :meth:`next_cycle` after its response.
+h11 does that natively (``PAUSED``); for httptools, which parses everything it is fed, the
+adapter records later events and replays them. ``held`` tells the connection to stop reading.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import h11
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class HTTPError(Exception):
+    """Input we refuse: answered with ``status`` and the connection closed."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Sink(Protocol):
+    def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_end(self) -> None: ...
+
+
+class Limits:
+    """The request-size limits both adapters enforce while bytes arrive."""
+
+    __slots__ = ("request_line", "fields", "field_size", "head")
+
+    def __init__(self, request_line: int, fields: int, field_size: int) -> None:
+        self.request_line = request_line
+        self.fields = fields
+        self.field_size = field_size
+        # Bound on a whole header block held in memory while it arrives. Individual limits are
+        # checked per field; this only stops a slow client from making us buffer without end.
+        self.head = min(request_line + 2 + fields * (field_size + 2) + 2, 128 * 1024)
+
+
+class HttptoolsAdapter:
+    """httptools (llhttp) callbacks → sink events, with replay for pipelined input."""
+
+    def __init__(self, sink: Sink, limits: Limits) -> None:
+        import httptools
+
+        self._httptools = httptools
+        self.sink = sink
+        self.limits = limits
+        self.parser = httptools.HttpRequestParser(self)
+        self.held = False
+        self._replay: list[tuple[Any, ...]] = []
+        self._url: bytes = b""
+        self._headers: Headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        self._unparsed = b""  # bytes after an Upgrade request, parsed on the next cycle
+
+    # -- driving ------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.head and not self.held:
+                self._fail(HTTPError(431, "Request header fields too large"))
+                return
+        try:
+            self.parser.feed_data(data)
+        except self._httptools.HttpParserUpgrade as exc:
+            # llhttp stops at the end of an Upgrade request; keep the rest as ordinary input
+            # (uvworker answers such a request itself or hands the bytes to a WebSocket).
+            self._unparsed += data[exc.args[0] :]
+        except self._httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, HTTPError):
+                raise exc.__context__ or exc  # a bug in the sink, not bad input
+            self._fail(exc.__context__)
+        except self._httptools.HttpParserError as exc:
+            self._fail(_bad(exc))
+
+    def _fail(self, error: HTTPError) -> None:
+        if self.held:
+            self._replay.append((self._raise, error))
+        else:
+            raise error
+
+    @staticmethod
+    def _raise(error: HTTPError) -> None:
+        raise error
+
+    def next_cycle(self) -> None:
+        """The current response is done: deliver the held input, stopping at the next request."""
+        self.held = False
+        self._head_bytes = 0
+        replay = self._replay
+        while replay and not self.held:
+            call, *args = replay.pop(0)
+            call(*args)
+        if self._unparsed and not self.held:
+            data, self._unparsed = self._unparsed, b""
+            self.feed(data)
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Unparsed bytes after an Upgrade request (the start of another protocol)."""
+        return self._unparsed
+
+    # -- httptools callbacks --------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.request_line:
+            raise HTTPError(414, "Request-URI too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field: tolerated, not passed on
+        headers = self._headers
+        if len(headers) >= self.limits.fields:
+            raise HTTPError(431, "Too many request header fields")
+        headers.append((name.lower(), value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        parser = self.parser
+        event = (self.sink.on_head, parser.get_method(), self._url, parser.get_http_version(), self._headers)
+        self._emit(event)
+
+    def on_body(self, body: bytes) -> None:
+        self._emit((self.sink.on_body, body))
+
+    def on_message_complete(self) -> None:
+        self._emit((self._complete,))
+
+    def _complete(self) -> None:
+        self.held = True  # anything after this belongs to the next request
+        self.sink.on_end()
+
+    def _emit(self, event: tuple[Any, ...]) -> None:
+        if self.held:
+            self._replay.append(event)
+        else:
+            event[0](*event[1:])
+
+
+def _bad(exc: BaseException) -> HTTPError:
+    return HTTPError(400, f"Invalid HTTP request: {exc}")
+
+
+class H11Adapter:
+    """h11 events → sink events. h11 holds pipelined input itself (PAUSED)."""
+
+    def __init__(self, sink: Sink, limits: Limits) -> None:
+        self.sink = sink
+        self.limits = limits
+        self.held = False
+        self.conn = self._new_connection()
+
+    def _new_connection(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.head)
+
+    def feed(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        if not self.held:
+            self._pump()
+
+    def next_cycle(self) -> None:
+        # Our responses never pass through h11 (the shared cycle frames them), so rather than
+        # walking h11's server-side states we start a fresh h11 connection on the unparsed bytes.
+        data, closed = self.conn.trailing_data
+        self.conn = self._new_connection()
+        self.held = False
+        if data:
+            self.conn.receive_data(data)
+        if closed:
+            self.conn.receive_data(b"")
+        self._pump()
+
+    @property
+    def trailing_data(self) -> bytes:
+        return self.conn.trailing_data[0]
+
+    def _pump(self) -> None:
+        conn, sink = self.conn, self.sink
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise self._error(exc) from None
+            kind = type(event)
+            if kind is h11.Data:
+                sink.on_body(bytes(event.data))
+            elif kind is h11.Request:
+                sink.on_head(event.method, event.target, event.http_version.decode(), list(event.headers))
+            elif kind is h11.EndOfMessage:
+                self.held = True
+                sink.on_end()
+                return
+            else:  # NEED_DATA, PAUSED, ConnectionClosed: nothing more to deliver now
+                return
+
+    def _error(self, exc: h11.RemoteProtocolError) -> HTTPError:
+        if exc.error_status_hint == 431:
+            data = self.conn.trailing_data[0]
+            end = data.find(b"\n")
+            if end == -1 or end > self.limits.request_line:
+                return HTTPError(414, "Request-URI too long")
+            return HTTPError(431, "Request header fields too large")
+        return HTTPError(exc.error_status_hint, f"Invalid HTTP request: {exc}")
+
+
+def make_parser(name: str, sink: Sink, limits: Limits) -> HttptoolsAdapter | H11Adapter:
+    return HttptoolsAdapter(sink, limits) if name == "httptools" else H11Adapter(sink, limits)

@@ -1,0 +1,248 @@
+"""serve(sockets): lifespan, accepting, the connection registry, draining and retiring.
+
+``Server`` runs one event loop in one process. The standalone CLI runs it directly; the
+supervisor and the Gunicorn worker run one per worker process and talk to it through the
+``on_ready`` / ``on_tick`` callbacks and :meth:`Server.retire`.
+
+Shutdown has two speeds. Graceful (SIGTERM, retire(), should_exit): stop accepting, let every
+request in flight finish and answer it with ``Connection: close``, leave idle keep-alive
+connections until their next request (answered, then closed) or their keep-alive timeout,
+all bounded by ``timeout_graceful_shutdown``; then run lifespan shutdown. Quick (SIGQUIT, a
+second SIGINT, force_exit): close every connection and cancel the apps at once, then still
+run lifespan shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from uvworker.protocols.http import HTTPConnection
+from uvworker.protocols.parsers import Headers, Limits
+
+if TYPE_CHECKING:
+    from uvworker.config import Config
+    from uvworker.protocols.cycle import RequestCycle
+
+logger = logging.getLogger("uvworker.error")
+
+TICK = 0.1  # how often the main loop looks at should_exit; the Date header changes each second
+
+
+class ServerState:
+    """What every connection of one server shares. Mutated only on the event loop."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, server: Server) -> None:
+        self.config = config
+        self.loop = loop
+        self.server = server
+        self.app = config.loaded_app
+        self.http_parser = config.http_parser
+        self.limits = Limits(config.limit_request_line, config.limit_request_fields, config.limit_request_field_size)
+        self.connections: set[HTTPConnection] = set()
+        self.active_requests = 0
+        self.requests_served = 0
+        self.accepting_requests = True
+        self.lifespan_state: dict[str, Any] = {}
+        self.access_log = config.access_log_writer
+        self.request_hooks: list[Callable[[RequestCycle], None]] = []
+        from uvworker.proxy import apply_proxy_headers
+
+        self.apply_proxy_headers = apply_proxy_headers
+        self.proxy_allow = config.proxy_allow
+        server_header = [(b"server", b"uvworker")] if config.server_header else []
+        self._fixed_headers: Headers = server_header + list(config.default_headers)
+        self._defaults = b""
+        self._second = 0
+        self.refresh_date()
+
+    def refresh_date(self) -> None:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            date = [(b"date", email.utils.formatdate(now, usegmt=True).encode())] if self.config.date_header else []
+            self._date = date
+            self._defaults = b"".join(b"%s: %s\r\n" % pair for pair in self._fixed_headers + date)
+
+    def head_defaults(self, app_headers: Any) -> bytes:
+        """Pre-encoded default headers; those the app sets itself (Server, Date) are left out."""
+        if app_headers is None:
+            return self._defaults
+        own = {name.lower() for name, _ in app_headers}
+        pairs = [pair for pair in self._fixed_headers + self._date if pair[0] not in own]
+        return b"".join(b"%s: %s\r\n" % pair for pair in pairs)
+
+    def request_done(self, cycle: RequestCycle) -> None:
+        self.active_requests -= 1
+        self.requests_served += 1
+        if self.access_log is not None:
+            self.access_log.log(
+                cycle.scope, cycle.status, cycle.response_headers, cycle.bytes_sent,
+                cycle.start_time, time.perf_counter() - cycle.start_clock,
+            )
+        for hook in self.request_hooks:
+            hook(cycle)
+
+
+class Server:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        on_ready: Callable[[], None] | None = None,
+        on_tick: Callable[[Server], None] | None = None,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        self.config = config
+        self.on_ready = on_ready
+        self.on_tick = on_tick
+        self.install_signal_handlers = install_signal_handlers
+        self.started = False
+        self.should_exit = False
+        self.force_exit = False
+        self.startup_failed = False
+        self.state: ServerState | None = None
+        self._servers: list[asyncio.base_events.Server] = []
+        self._interrupts = 0
+
+    @property
+    def requests_served(self) -> int:
+        return self.state.requests_served if self.state else 0
+
+    @property
+    def active_requests(self) -> int:
+        return self.state.active_requests if self.state else 0
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        self.config.load()
+        with asyncio.Runner(loop_factory=self.config.loop_factory) as runner:
+            runner.run(self.serve(sockets))
+
+    def retire(self) -> None:
+        """Stop gracefully: stop accepting, finish in-flight requests, then return from serve()."""
+        self.should_exit = True
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        from uvworker.lifespan import Lifespan
+
+        config = self.config
+        config.load()
+        loop = asyncio.get_running_loop()
+        state = self.state = ServerState(config, loop, self)
+        if self.install_signal_handlers:
+            self._install_signal_handlers(loop)
+        lifespan = Lifespan(config.loaded_app, config.lifespan, logger)
+        state.lifespan_state = lifespan.state
+        if not await lifespan.startup():
+            self.startup_failed = True
+            return
+        try:
+            if not self.should_exit:
+                await self._listen(sockets)
+                self.started = True
+                self._log_started()
+                if self.on_ready is not None:
+                    self.on_ready()
+                await self._main_loop()
+            await self._drain()
+        finally:
+            for server in self._servers:
+                server.close()
+            await lifespan.shutdown()
+
+    async def _listen(self, sockets: list[socket.socket] | None) -> None:
+        config = self.config
+        state = self.state
+        assert state is not None
+        if sockets is None:
+            sockets = config.bind_sockets()
+        loop = state.loop
+
+        def factory() -> HTTPConnection:
+            return HTTPConnection(state)
+
+        for sock in sockets:
+            server = await loop.create_server(
+                factory, sock=sock, ssl=config.ssl_context, backlog=config.backlog, start_serving=True
+            )
+            self._servers.append(server)
+
+    def _log_started(self) -> None:
+        for server in self._servers:
+            for sock in server.sockets:
+                address = sock.getsockname()
+                scheme = "https" if self.config.ssl_context else "http"
+                if sock.family == socket.AF_UNIX:
+                    where = f"unix socket {address}"
+                elif sock.family == socket.AF_INET6:
+                    where = f"{scheme}://[{address[0]}]:{address[1]}"
+                else:
+                    where = f"{scheme}://{address[0]}:{address[1]}"
+                logger.info("Listening on %s (pid %d)", where, os.getpid())
+
+    async def _main_loop(self) -> None:
+        state = self.state
+        assert state is not None
+        next_tick = 0.0
+        while not self.should_exit:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            state.refresh_date()
+            if now >= next_tick:
+                next_tick = now + 1.0
+                if self.on_tick is not None:
+                    self.on_tick(self)
+
+    async def _drain(self) -> None:
+        """Stop accepting, then wait (bounded) for connections to finish their work."""
+        state = self.state
+        assert state is not None
+        state.accepting_requests = False
+        for server in self._servers:
+            server.close()
+        for conn in list(state.connections):
+            conn.shutdown()
+        timeout = self.config.timeout_graceful_shutdown
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while state.connections and not self.force_exit:
+            if time.monotonic() >= deadline:
+                logger.warning(
+                    "Graceful shutdown timed out after %s s; closing %d connection(s).", timeout, len(state.connections)
+                )
+                break
+            await asyncio.sleep(TICK)
+            state.refresh_date()
+            if self.on_tick is not None:
+                self.on_tick(self)
+        tasks = [conn.cycle.task for conn in state.connections if conn.cycle and conn.cycle.task]
+        for conn in list(state.connections):
+            conn.abort()
+        if tasks:  # let cancelled apps run their cleanup before lifespan shutdown
+            await asyncio.wait(tasks, timeout=5)
+
+    # -- signals ----------------------------------------------------------------------------
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(sig, self.handle_signal, sig)
+
+    def handle_signal(self, sig: int) -> None:
+        """TERM: graceful. INT: graceful, a second one quick. QUIT: quick."""
+        if sig == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                self.force_exit = True
+        elif sig == signal.SIGQUIT:
+            self.force_exit = True
+        if self.should_exit and sig == signal.SIGTERM:
+            self.force_exit = True
+        self.should_exit = True
