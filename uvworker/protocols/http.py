@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("uvworker.error")
 
 WAIT_HEAD, KEEP_ALIVE, CYCLE, CLOSED = range(4)
+MAX_DISCARD = 4 * 1024 * 1024  # unread request body we drop to keep a connection, at most
 
 
 class HTTPConnection(asyncio.Protocol):
@@ -55,6 +56,7 @@ class HTTPConnection(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._body_deadline = 0.0
+        self._discarded = 0
         self._proxy_buffer: bytes | None = b"" if self.config.proxy_protocol else None
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -91,6 +93,8 @@ class HTTPConnection(asyncio.Protocol):
         return True
 
     def data_received(self, data: bytes) -> None:
+        if self.phase == CLOSED:
+            return
         if self.phase == KEEP_ALIVE:
             self.phase = WAIT_HEAD
             self._set_timer(self.config.timeout_request_header)
@@ -164,6 +168,11 @@ class HTTPConnection(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         cycle = self.cycle
         if cycle is not None:
+            if cycle.response_complete:
+                self._discarded += len(data)
+                if self._discarded > MAX_DISCARD:
+                    self.close()
+                return
             cycle.on_body(data)
             if self._body_deadline:
                 self._body_deadline += len(data) / self.config.min_request_body_rate
@@ -264,6 +273,7 @@ class HTTPConnection(asyncio.Protocol):
         self.cycle = None
         self.phase = KEEP_ALIVE
         self._body_deadline = 0.0
+        self._discarded = 0
         self._set_timer(self.config.timeout_keep_alive)
         try:
             self.parser.next_cycle()
