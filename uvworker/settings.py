@@ -1,0 +1,313 @@
+"""The one table of uvworker settings.
+
+Every option is declared here once, and everything else is derived from this table: the
+command line (``uvworker.cli``), validation in ``Config(**settings)``, the ``UVWORKER_<NAME>``
+environment variables (``from_environ``), the README options table (``python -m
+uvworker.settings`` prints it; a test compares) and, through ``Setting.gunicorn``, the Gunicorn
+worker's mapping.
+
+A parser turns a string (command line, environment) or a Python value (``Config``) into the
+setting's value, or raises ValueError with a short reason ("'abc' is not an integer"); callers
+prefix the option's name. Parsing a parsed value returns it unchanged, so values can be
+parsed at the edge (CLI, environment) and again by ``Config``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NoReturn
+
+Parser = Callable[[Any], Any]
+
+
+def _invalid(value: Any, what: str) -> NoReturn:
+    raise ValueError(f"{value!r} is not {what}")
+
+
+def integer(low: int = 0, high: int | None = None) -> Parser:
+    def parse(given: Any) -> int:
+        value = given
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                _invalid(given, "an integer")
+        if isinstance(value, bool) or not isinstance(value, int):
+            _invalid(given, "an integer")
+        if value < low or (high is not None and value > high):
+            _invalid(given, f"between {low} and {high}" if high is not None else f"at least {low}")
+        return value
+
+    return parse
+
+
+def number(given: Any) -> float:
+    """A finite, non-negative number (seconds, rates)."""
+    value = given
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            _invalid(given, "a number")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        _invalid(given, "a number")
+    if not math.isfinite(value) or value < 0:
+        _invalid(given, "a finite number of at least 0")
+    return float(value)
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+        return _BOOLEANS[value.strip().lower()]
+    _invalid(value, "a boolean (true/false, yes/no, on/off, 1/0)")
+
+
+def text(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        _invalid(value, "a string")
+    return value
+
+
+def word(value: Any) -> str:
+    """Text compared case-insensitively against a setting's choices."""
+    return text(value).strip().lower()
+
+
+def application(value: Any) -> Any:
+    """``module:attribute`` (dotted names on both sides), or the application object itself."""
+    if isinstance(value, str):
+        module, _, attr = value.partition(":")
+        names = module.split(".") + attr.split(".")
+        if not all(name.isidentifier() for name in names):
+            _invalid(value, "of the form module:attribute")
+    elif not callable(value):
+        _invalid(value, "an application (module:attribute or a callable)")
+    return value
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header(value: Any) -> tuple[str, str]:
+    """``NAME:VALUE`` or a (name, value) pair; names are tokens, values single-line latin-1."""
+    if isinstance(value, str) and ":" in value:
+        value = tuple(value.split(":", 1))
+    if not (isinstance(value, tuple | list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        _invalid(value, "a NAME:VALUE header")
+    name, val = value[0].strip(), value[1].strip()
+    if not _TOKEN.fullmatch(name) or re.search(r"[\x00-\x08\x0a-\x1f\x7f]", val) or not _latin1(val):
+        _invalid(":".join(value), "a valid NAME:VALUE header")
+    return name, val
+
+
+def _latin1(value: str) -> bool:
+    return all(ord(c) < 256 for c in value)
+
+
+def addresses(value: Any) -> str:
+    """Comma-separated IP addresses and CIDR networks, or ``*`` for all; also a list of them."""
+    items = text(value).split(",") if not isinstance(value, list | tuple) else [text(v) for v in value]
+    items = [item.strip() for item in items if item.strip()]
+    for item in items:
+        if item != "*":
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                _invalid(item, "an IP address, a CIDR network or *")
+    return ",".join(items)
+
+
+Kind = Literal["value", "flag", "list", "arg"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option. ``kind``: value (``--flag VALUE``), flag (``--x``/``--no-x``), list
+    (repeatable; one per line in the environment) or arg (positional)."""
+
+    name: str
+    default: Any
+    parse: Parser
+    help: str
+    kind: Kind = "value"
+    flags: tuple[str, ...] = ()
+    choices: tuple[Any, ...] = ()
+    metavar: str = "VALUE"
+    gunicorn: str | None = None
+    also_env: tuple[str, ...] = ()  # read after UVWORKER_<NAME> (e.g. uvicorn's variable)
+
+    def __post_init__(self) -> None:
+        if not self.flags and self.kind != "arg":
+            object.__setattr__(self, "flags", ("--" + self.name.replace("_", "-"),))
+        if self.choices and self.metavar == "VALUE":
+            object.__setattr__(self, "metavar", "{" + ",".join(map(str, self.choices)) + "}")
+
+    @property
+    def env(self) -> str:
+        return "UVWORKER_" + self.name.upper()
+
+    def check(self, value: Any) -> Any:
+        """Parse one value (one item of a list setting)."""
+        value = self.parse(value)
+        if self.choices and value not in self.choices:
+            _invalid(value, "one of " + ", ".join(map(str, self.choices)))
+        return value
+
+    def coerce(self, value: Any) -> Any:
+        """Parse a whole value; None is allowed when it is the default."""
+        if value is None and self.default is None:
+            return None
+        if self.kind == "list":
+            if isinstance(value, str):
+                value = [line for line in value.splitlines() if line.strip()]
+            if not isinstance(value, list | tuple):
+                _invalid(value, "a list")
+            return [self.check(item) for item in value]
+        return self.check(value)
+
+
+_S = Setting
+_SECONDS = {"parse": number, "metavar": "SECONDS"}
+_IPS = {"parse": addresses, "metavar": "IPS"}
+
+SETTINGS: tuple[Setting, ...] = (
+    _S("app", None, application, "The ASGI application, as module:attribute (e.g. main:app).",
+       kind="arg", metavar="APP"),
+    _S("factory", False, boolean, "APP is a factory: call it without arguments to get the application.",
+       kind="flag"),
+    _S("app_dir", ".", text, "Import APP from this directory (put first on sys.path).", metavar="DIR"),
+    _S("host", "127.0.0.1", text, "Listen on this address; 0.0.0.0 or :: for all interfaces.",
+       metavar="ADDRESS"),
+    _S("port", 8000, integer(0, 65535), "Listen on this TCP port; 0 picks a free one.", metavar="PORT"),
+    _S("uds", None, text, "Listen on this Unix domain socket instead of --host/--port.", metavar="PATH"),
+    _S("fd", None, integer(0), "Serve on this inherited, bound socket file descriptor (e.g. systemd).",
+       metavar="FD"),
+    _S("backlog", 2048, integer(1), "Connections the kernel may queue before they are accepted.",
+       metavar="N", gunicorn="backlog"),
+    _S("http", "auto", word, "HTTP/1.1 parser; auto picks httptools when it is installed.",
+       choices=("auto", "httptools", "h11")),
+    _S("loop", "auto", word, "Event loop; auto picks uvloop when it is installed.",
+       choices=("auto", "uvloop", "asyncio")),
+    _S("interface", "auto", word, "Application interface; auto detects it.",
+       choices=("auto", "asgi3", "asgi2")),
+    _S("lifespan", "auto", word, "ASGI lifespan events: on requires the app to support them, "
+       "auto uses them when it does, off skips them.", choices=("auto", "on", "off")),
+    _S("root_path", "", text, "ASGI root_path, for an app mounted below a URL prefix.", metavar="PATH"),
+    _S("proxy_headers", True, boolean, "Take the client address and scheme from X-Forwarded-For, "
+       "X-Forwarded-Proto and Forwarded when the peer is in --forwarded-allow-ips.", kind="flag"),
+    _S("forwarded_allow_ips", "127.0.0.1", help="Comma-separated IPs and CIDR networks trusted to "
+       "send proxy headers; * trusts every peer. FORWARDED_ALLOW_IPS is read too.",
+       gunicorn="forwarded_allow_ips", also_env=("FORWARDED_ALLOW_IPS",), **_IPS),
+    _S("server_header", True, boolean, "Send a Server header.", kind="flag"),
+    _S("date_header", True, boolean, "Send a Date header.", kind="flag"),
+    _S("headers", (), header, "Add this header to every response; repeatable.",
+       kind="list", flags=("--header",), metavar="NAME:VALUE"),
+    _S("limit_concurrency", None, integer(1), "Beyond this many requests in flight, answer 503 at "
+       "once (load shedding); no limit by default.", metavar="N"),
+    _S("limit_request_line", 8190, integer(1), "Longest request line in bytes; longer gets 414.",
+       metavar="BYTES", gunicorn="limit_request_line"),
+    _S("limit_request_fields", 100, integer(1), "Most header fields in a request; more gets 431.",
+       metavar="N", gunicorn="limit_request_fields"),
+    _S("limit_request_field_size", 8190, integer(1), "Largest header field in bytes; larger gets 431.",
+       metavar="BYTES", gunicorn="limit_request_field_size"),
+    _S("timeout_keep_alive", 5.0, help="Close an idle keep-alive connection after this long.",
+       gunicorn="keepalive", **_SECONDS),
+    _S("timeout_request_header", 10.0, help="Close a connection whose request line and headers take "
+       "longer than this to arrive (also a new connection that sends nothing).", **_SECONDS),
+    _S("timeout_request_body", 20.0, help="Close a connection whose request body stalls this long "
+       "while the application waits for it.", **_SECONDS),
+    _S("min_request_body_rate", 500.0, number, "Each RATE bytes of request body received extend "
+       "--timeout-request-body by a second, so slow but steady uploads survive; 0 disables.",
+       metavar="RATE"),
+    _S("timeout_graceful_shutdown", 30.0, help="On shutdown, wait this long for in-flight requests "
+       "to finish before closing their connections.", gunicorn="graceful_timeout", **_SECONDS),
+    _S("ssl_keyfile", None, text, "TLS private key file (PEM).", metavar="FILE", gunicorn="keyfile"),
+    _S("ssl_certfile", None, text, "TLS certificate chain file (PEM); serves HTTPS.", metavar="FILE",
+       gunicorn="certfile"),
+    _S("ssl_keyfile_password", None, text, "Password of an encrypted --ssl-keyfile.",
+       metavar="PASSWORD"),
+    _S("ssl_ca_certs", None, text, "CA certificates file to verify client certificates with.",
+       metavar="FILE", gunicorn="ca_certs"),
+    _S("ssl_cert_reqs", 0, integer(0), "Client certificates: 0 not asked for, 1 optional, "
+       "2 required (ssl.CERT_*).", choices=(0, 1, 2), gunicorn="cert_reqs"),
+    _S("ssl_ciphers", "TLSv1", text, "OpenSSL cipher list (for TLS 1.2 and older).",
+       metavar="CIPHERS", gunicorn="ciphers"),
+    _S("log_level", "info", word, "Log level; debug also prints tracebacks of startup errors.",
+       choices=("critical", "error", "warning", "info", "debug"), gunicorn="loglevel"),
+    _S("log_config", None, text, "Logging configuration file: .json for logging.dictConfig, "
+       "anything else for logging.fileConfig (INI).", metavar="FILE"),
+    _S("access_log", True, boolean, "Log one line per response to the uvworker.access logger.",
+       kind="flag"),
+    _S("access_log_format", None, text, "Access log line in Gunicorn atoms, e.g. "
+       '\'%(h)s "%(r)s" %(s)s %(b)s %(D)s\', or json for one JSON object per line; the default '
+       "has client, time, request line, status, bytes and duration.", metavar="FORMAT",
+       gunicorn="access_log_format"),
+    _S("proxy_protocol", False, boolean, "Expect a PROXY protocol v1/v2 header on each connection "
+       "from --proxy-allow-ips peers.", kind="flag", gunicorn="proxy_protocol"),
+    _S("proxy_allow_ips", "127.0.0.1", help="Comma-separated IPs and CIDR networks allowed to send "
+       "a PROXY protocol header; * allows every peer.", gunicorn="proxy_allow_ips", **_IPS),
+)
+
+BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
+
+
+def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings given in ``environ`` (empty variables count as unset), parsed.
+
+    Raises ValueError naming the variable when a value is invalid.
+    """
+    found: dict[str, Any] = {}
+    for setting in SETTINGS:
+        for var in (setting.env, *setting.also_env):
+            if environ.get(var, "").strip():
+                try:
+                    found[setting.name] = setting.coerce(environ[var])
+                except ValueError as err:
+                    raise ValueError(f"{var}: {err}") from None
+                break
+    return found
+
+
+def show(value: Any) -> str:
+    """A default value as users type it."""
+    if value is None or value == ():
+        return ""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value) if value != "" else '""'
+
+
+def markdown_table() -> str:
+    """The README options table."""
+    rows = ["| Option | Environment | Default | Gunicorn | Description |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        if s.kind == "arg":
+            option = f"`{s.metavar}`"
+        elif s.kind == "flag":
+            option = f"`{s.flags[0]}`, `--no-{s.flags[0][2:]}`"
+        else:
+            option = f"`{s.flags[0]} {s.metavar}`"
+        default = f"`{show(s.default)}`" if show(s.default) else ""
+        gunicorn = f"`{s.gunicorn}`" if s.gunicorn else ""
+        cells = [option, f"`{s.env}`", default, gunicorn, s.help.replace("|", "\\|")]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
