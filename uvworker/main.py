@@ -1,0 +1,62 @@
+"""Run a Config until shutdown: ``uvworker.run(app, **settings)`` and the CLI both end up here."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from typing import Any
+
+from uvworker.config import Config, ConfigError
+
+STARTUP_FAILURE = 3  # exit code when lifespan startup fails; 1 for configuration errors
+
+
+def run(app: Any, **settings: Any) -> None:
+    """Serve ``app`` (an ASGI app or "module:attribute") until shutdown, like ``uvicorn.run``.
+
+    Invalid settings raise TypeError/ValueError; a failure to start exits the process (1 or 3).
+    """
+    code = launch(Config(app, **settings))
+    if code:
+        sys.exit(code)
+
+
+def launch(config: Config) -> int:
+    """Run ``config`` until shutdown and return the process exit code.
+
+    This is the one place that decides how to run (today: a single process). A ConfigError is
+    one line on stderr, with its traceback at --log-level debug.
+    """
+    from uvworker.logging import configure_logging
+
+    try:
+        try:
+            configure_logging(config.log_level, config.log_config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return serve(config)
+    except ConfigError as err:
+        print(f"uvworker: error: {err}", file=sys.stderr)
+        if config.log_level == "debug":
+            traceback.print_exception(err)
+        return 1
+
+
+def serve(config: Config) -> int:
+    """Load the app, listen and serve in this process; 0, or STARTUP_FAILURE."""
+    from uvworker.server import Server
+
+    config.load()
+    sockets = config.bind_sockets()
+    try:
+        server = Server(config)
+        server.run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+        if config.uds and config.fd is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(config.uds)
+    return STARTUP_FAILURE if server.startup_failed else 0
