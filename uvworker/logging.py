@@ -1,0 +1,310 @@
+"""Logging: the default set-up, the access log (Gunicorn atoms or JSON), and log reopening.
+
+Two loggers: "uvworker.error" for the server's own messages (stderr by default) and
+"uvworker.access" for one line per response (stdout by default, message only: the access
+format carries its own timestamp, as Gunicorn's does).
+
+Access-log atoms (Gunicorn's):
+    h remote address   l '-'              u basic-auth user   t [dd/Mon/yyyy:HH:MM:SS +zzzz]
+    r request line     m method           U path              q query string
+    H protocol         s status           B body bytes        b body bytes, '-' when none
+    f referer          a user agent       T seconds           D microseconds
+    M milliseconds     L decimal seconds  p <pid>
+    {name}i request header   {name}o response header   {name}e environment variable
+Unknown atoms and missing headers read as '-'. The access log is on the hot path, so an
+AccessLog parses its format once, and per request computes only the atoms that format uses —
+and nothing at all while the access logger is disabled.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import logging.config
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+error_logger = logging.getLogger("uvworker.error")
+access_logger = logging.getLogger("uvworker.access")
+
+DEFAULT_ACCESS_FORMAT = '%(h)s - %(t)s "%(r)s" %(s)s %(b)s %(L)ss'
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "default": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"},
+        "access": {"format": "%(message)s"},
+    },
+    "handlers": {
+        "default": {
+            "class": "logging.StreamHandler",
+            "formatter": "default",
+            "stream": "ext://sys.stderr",
+        },
+        "access": {
+            "class": "logging.StreamHandler",
+            "formatter": "access",
+            "stream": "ext://sys.stdout",
+        },
+    },
+    "loggers": {
+        "uvworker.error": {"handlers": ["default"], "level": "INFO", "propagate": False},
+        "uvworker.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+    },
+}
+
+
+def configure_logging(
+    log_level: str | None = None, log_config: str | dict[str, Any] | None = None
+) -> None:
+    """Install ``log_config`` (a dictConfig dict, a .json dictConfig file, or a fileConfig
+    .ini file) or else the default set-up; then set ``log_level`` on both uvworker loggers
+    (None keeps the levels the configuration gives)."""
+    level = None
+    if log_level is not None:
+        level = logging.getLevelName(log_level.upper())
+        if not isinstance(level, int):
+            raise ValueError(
+                f"Unknown log level {log_level!r}; use critical, error, warning, info or debug."
+            )
+    source = f"file {log_config!r}" if isinstance(log_config, str) else "dictionary"
+    try:
+        if log_config is None:
+            logging.config.dictConfig(DEFAULT_CONFIG)
+        elif isinstance(log_config, dict):
+            logging.config.dictConfig(log_config)
+        elif log_config.endswith(".json"):
+            with open(log_config, encoding="utf-8") as file:
+                logging.config.dictConfig(json.load(file))
+        elif not os.path.isfile(log_config):
+            raise FileNotFoundError("no such file")
+        else:
+            logging.config.fileConfig(log_config, disable_existing_loggers=False)
+    except Exception as exc:
+        raise ValueError(f"Cannot load the log config {source}: {exc!r}.") from exc
+    if level is not None:
+        error_logger.setLevel(level)
+        access_logger.setLevel(level)
+
+
+def reopen_files() -> None:
+    """Reopen every log file our loggers (and the root logger) write to — after logrotate has
+    moved them away, on SIGUSR1."""
+    for logger in (error_logger, access_logger, logging.getLogger()):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler):
+                old = handler.setStream(handler._open())  # swapped under the handler's lock
+                if old is not None:
+                    old.close()
+
+
+class _Exchange(NamedTuple):
+    scope: dict[str, Any]
+    status: int
+    response_headers: list[tuple[bytes, bytes]]
+    body_bytes: int
+    start_time: float
+    duration: float
+
+
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes, default: Any = "-") -> Any:
+    """The first value of header ``name`` (lowercase), decoded, or ``default``."""
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return default
+
+
+def _user(headers: list[tuple[bytes, bytes]]) -> str:
+    scheme, _, credentials = _header(headers, b"authorization").partition(" ")
+    if scheme.lower() != "basic":
+        return "-"
+    try:
+        user = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")[0]
+    except (binascii.Error, UnicodeDecodeError):
+        return "-"
+    return user or "-"
+
+
+def _protocol(scope: dict[str, Any]) -> str:
+    return f"HTTP/{scope.get('http_version', '1.1')}"
+
+
+def _target(scope: dict[str, Any]) -> str:
+    """The request target as sent: raw path plus query string."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else quote(scope.get("path", "/"))
+    query = scope.get("query_string")
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+def _micros(x: _Exchange) -> int:
+    """The duration in whole microseconds; the coarser atoms truncate this (0.029 s is 29 ms,
+    which truncating the float product would make 28)."""
+    return round(x.duration * 1_000_000)
+
+
+@lru_cache(maxsize=2)  # a busy server logs many lines per second: format each second once
+def _clf_time(second: int) -> str:
+    return time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(second))
+
+
+_ATOMS: dict[str, Callable[[_Exchange], Any]] = {
+    "h": lambda x: x.scope["client"][0] if x.scope.get("client") else "-",
+    "l": lambda x: "-",
+    "u": lambda x: _user(x.scope["headers"]),
+    "t": lambda x: _clf_time(int(x.start_time)),
+    "r": lambda x: f"{x.scope.get('method', 'GET')} {_target(x.scope)} {_protocol(x.scope)}",
+    "m": lambda x: x.scope.get("method", "GET"),
+    "U": lambda x: x.scope.get("path", "/"),
+    "q": lambda x: x.scope.get("query_string", b"").decode("latin-1"),
+    "H": lambda x: _protocol(x.scope),
+    "s": lambda x: x.status,
+    "B": lambda x: x.body_bytes,
+    "b": lambda x: x.body_bytes or "-",
+    "f": lambda x: _header(x.scope["headers"], b"referer"),
+    "a": lambda x: _header(x.scope["headers"], b"user-agent"),
+    "T": lambda x: _micros(x) // 1_000_000,
+    "D": _micros,
+    "M": lambda x: _micros(x) // 1_000,
+    "L": lambda x: "%d.%06d" % divmod(_micros(x), 1_000_000),
+    "p": lambda x: f"<{os.getpid()}>",
+}
+
+_FORMAT_KEY = re.compile(r"%\(([^)]*)\)")
+_NAMED_ATOM = re.compile(r"\{([^}]+)\}([ioe])")
+
+
+def _atom_getter(key: str) -> Callable[[_Exchange], Any]:
+    if key in _ATOMS:
+        return _ATOMS[key]
+    match = _NAMED_ATOM.fullmatch(key)
+    if match is None:
+        return lambda x: "-"
+    name, kind = match.groups()
+    if kind == "e":
+        return lambda x: os.environ.get(name, "-")
+    lower = name.lower().encode("latin-1")
+    if kind == "i":
+        return lambda x: _header(x.scope["headers"], lower)
+    return lambda x: _header(((k.lower(), v) for k, v in x.response_headers), lower)
+
+
+def atoms(
+    scope: dict[str, Any],
+    status: int,
+    response_headers: list[tuple[bytes, bytes]],
+    body_bytes: int,
+    start_time: float,
+    duration: float,
+) -> dict[str, Any]:
+    """Every Gunicorn atom for one exchange: the one-letter atoms, plus '{name}i' for each
+    request header and '{name}o' for each response header (names lowercased; for a repeated
+    header, its first value). Values are not escaped. To format a user's format with it, wrap
+    it in a mapping that reads other keys as '-' (Gunicorn's ``SafeAtoms`` does both)."""
+    x = _Exchange(scope, status, response_headers, body_bytes, start_time, duration)
+    values = {key: get(x) for key, get in _ATOMS.items()}
+    for headers, suffix in ((scope["headers"], "i"), (response_headers, "o")):
+        values.update(
+            (f"{{{k.decode('latin-1').lower()}}}{suffix}", v.decode("latin-1"))
+            for k, v in reversed(headers)
+        )
+    return values
+
+
+def _json_line(x: _Exchange) -> str:
+    scope, headers = x.scope, x.scope["headers"]
+    client = scope.get("client")
+    start = datetime.fromtimestamp(x.start_time).astimezone()
+    return json.dumps(
+        {
+            "time": start.isoformat(timespec="milliseconds"),
+            "client": client[0] if client else None,
+            "method": scope.get("method", "GET"),
+            "path": scope.get("path", "/"),
+            "query": scope.get("query_string", b"").decode("latin-1"),
+            "protocol": _protocol(scope),
+            "status": x.status,
+            "bytes": x.body_bytes,
+            "duration_ms": round(x.duration * 1_000, 3),
+            "referer": _header(headers, b"referer", None),
+            "user_agent": _header(headers, b"user-agent", None),
+        }
+    )
+
+
+_SAMPLE_SCOPE: dict[str, Any] = {
+    "type": "http",
+    "method": "GET",
+    "path": "/",
+    "raw_path": b"/",
+    "query_string": b"",
+    "http_version": "1.1",
+    "headers": [],
+    "client": ("127.0.0.1", 1),
+}
+
+
+class AccessLog:
+    """Writes one line per finished response to the "uvworker.access" logger at INFO.
+
+    ``fmt`` is a Gunicorn-style format (see the module docstring), "json" for one JSON object
+    per line, or None for ``DEFAULT_ACCESS_FORMAT``. A format that cannot be rendered raises
+    ValueError. In text formats double quotes inside values are escaped, so a quoted field
+    stays one field whatever the client sends.
+    """
+
+    def __init__(self, fmt: str | None = None) -> None:
+        self.fmt = fmt or DEFAULT_ACCESS_FORMAT
+        self._json = self.fmt == "json"
+        keys = dict.fromkeys(_FORMAT_KEY.findall(self.fmt))
+        self._plan = [(key, _atom_getter(key)) for key in keys]
+        try:
+            self.render(_SAMPLE_SCOPE, 200, [], 0, 0.0, 0.0)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"The access log format {self.fmt!r} is invalid: {exc}.") from exc
+
+    def render(
+        self,
+        scope: dict[str, Any],
+        status: int,
+        response_headers: list[tuple[bytes, bytes]],
+        body_bytes: int,
+        start_time: float,
+        duration: float,
+    ) -> str:
+        """The access-log line for one exchange (arguments as for ``log``)."""
+        x = _Exchange(scope, status, response_headers, body_bytes, start_time, duration)
+        if self._json:
+            return _json_line(x)
+        values = {}
+        for key, get in self._plan:
+            value = get(x)
+            values[key] = value.replace('"', '\\"') if value.__class__ is str else value
+        return self.fmt % values
+
+    def log(
+        self,
+        scope: dict[str, Any],
+        status: int,
+        response_headers: list[tuple[bytes, bytes]],
+        body_bytes: int,
+        start_time: float,
+        duration: float,
+    ) -> None:
+        """Log one exchange: ``scope`` is its ASGI http scope, ``start_time`` the time.time()
+        when the request began, ``duration`` in seconds, ``body_bytes`` the response body
+        size."""
+        if access_logger.isEnabledFor(logging.INFO):
+            access_logger.info(
+                self.render(scope, status, response_headers, body_bytes, start_time, duration)
+            )
