@@ -76,7 +76,8 @@ def configure_logging(
             raise ValueError(
                 f"Unknown log level {log_level!r}; use critical, error, warning, info or debug."
             )
-    source = f"file {log_config!r}" if isinstance(log_config, str) else "dictionary"
+    if isinstance(log_config, str) and not os.path.isfile(log_config):
+        raise ValueError(f"The log config file {log_config!r} does not exist.")
     try:
         if log_config is None:
             logging.config.dictConfig(DEFAULT_CONFIG)
@@ -85,12 +86,13 @@ def configure_logging(
         elif log_config.endswith(".json"):
             with open(log_config, encoding="utf-8") as file:
                 logging.config.dictConfig(json.load(file))
-        elif not os.path.isfile(log_config):
-            raise FileNotFoundError("no such file")
         else:
             logging.config.fileConfig(log_config, disable_existing_loggers=False)
     except Exception as exc:
-        raise ValueError(f"Cannot load the log config {source}: {exc!r}.") from exc
+        source = f"file {log_config!r}" if isinstance(log_config, str) else "dictionary"
+        raise ValueError(
+            f"Cannot load the log config {source} ({type(exc).__name__}: {exc})."
+        ) from exc
     if level is not None:
         error_logger.setLevel(level)
         access_logger.setLevel(level)
