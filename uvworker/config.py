@@ -129,6 +129,7 @@ class Config:
 
     def bind_sockets(self) -> list[socket.socket]:
         """The listening socket: --fd, else --uds, else --host/--port."""
+        sock = None
         try:
             if self.fd is not None:
                 sock = socket.socket(fileno=self.fd)
@@ -138,10 +139,13 @@ class Config:
                 sock.bind(self.uds)
                 os.chmod(self.uds, 0o666)  # a front proxy running as another user must connect
             else:
-                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-                sock = socket.create_server((self.host, self.port), family=family)
+                sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart despite TIME_WAIT
+                sock.bind((self.host, self.port))
             sock.listen(self.backlog)
         except OSError as err:
+            if sock is not None:
+                sock.close()
             raise ConfigError(f"cannot listen on {self.bind_name}: {_reason(err)}") from err
         return [sock]
 
