@@ -1,0 +1,93 @@
+"""What runs in a forked worker before and after the worker target.
+
+The child starts as a copy of the master: the master's signal handlers, its wakeup pipe, its
+selector and the read ends of every other worker's channel. All of that is undone here before
+the target runs, so the target sees a clean process: default signal dispositions, its sockets,
+its channel, its title, its user. The child always leaves through ``os._exit`` so that nothing
+registered by the master (atexit, PID file removal, buffered output) runs twice.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from supervisor.channel import Channel
+
+# Signals the master handles; they are blocked across fork() and reset in the child.
+MASTER_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
+    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
+)
+
+
+@dataclass
+class WorkerContext:
+    """Handed to the worker target in the child."""
+
+    number: int  # stable slot number: a replacement gets the number of the worker it replaces
+    generation: int  # bumped by every reload
+    sockets: list[socket.socket]
+    channel: Channel
+    master_pid: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+WorkerTarget = Callable[[WorkerContext], "int | None"]
+
+
+def reset_process(close_fds: list[int]) -> None:
+    """Undo what the child inherited from the master (signals stay blocked until the end)."""
+    signal.set_wakeup_fd(-1)
+    for signum in MASTER_SIGNALS:
+        handler = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, handler)
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    # SIGABRT from the master means "you look hung": dump every thread's stack to stderr.
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+
+
+def run_target(target: WorkerTarget, context: WorkerContext, log: logging.Logger) -> int:
+    try:
+        result = target(context)
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        if isinstance(exc.code, int):
+            return exc.code
+        print(exc.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except BaseException:
+        log.error("Worker %d crashed:\n%s", context.number, traceback.format_exc().rstrip())
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+def exit_child(code: int) -> "None":
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            try:
+                handler.flush()
+            except Exception:
+                pass
+    os._exit(code & 0xFF)

@@ -1,0 +1,21 @@
+"""Process titles (``ps``/``top`` show "uvworker: worker 2 [app:app]"), via setproctitle if installed."""
+
+from __future__ import annotations
+
+try:
+    from setproctitle import setproctitle as _setproctitle
+except ImportError:  # optional: titles are a convenience, never a requirement
+    _setproctitle = None
+
+
+def set_title(title: str) -> None:
+    if _setproctitle is not None:
+        _setproctitle(title)
+
+
+def master_title(proc_name: str, label: str) -> str:
+    return f"{proc_name}: master [{label}]" if label else f"{proc_name}: master"
+
+
+def worker_title(proc_name: str, number: int, label: str) -> str:
+    return f"{proc_name}: worker {number} [{label}]" if label else f"{proc_name}: worker {number}"
