@@ -6,8 +6,8 @@ Vocabulary (each message is far below PIPE_BUF, so a write is atomic):
     heartbeat <n>\n    the worker's event loop is alive; n = requests served so far
     retiring\n         the worker stopped accepting and will exit after its in-flight work
 
-The master talks back with signals only (TERM retire, INT/QUIT quick stop, USR1 reopen logs,
-ABRT hung), so the channel stays one-way and the worker never blocks on it: the write end is
+The master talks back with signals only (TERM: retire gracefully; QUIT: stop quickly; USR1:
+reopen logs; ABRT: you look hung, dump your stacks), so the channel stays one-way and the worker never blocks on it: the write end is
 non-blocking and a full pipe drops the message (a later heartbeat says the same thing again).
 """
 

@@ -37,6 +37,9 @@ class WorkerContext:
     sockets: list[socket.socket]
     channel: Channel
     master_pid: int
+    # The request count after which the master will recycle this worker (0: never). The worker
+    # may send a heartbeat as soon as it reaches it, so the replacement starts without delay.
+    requests_limit: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 
 

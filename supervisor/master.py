@@ -41,7 +41,7 @@ Master phases::
     RUNNING   --HUP / file change--> RELOADING  (RELOADING=1 ... READY=1 when every slot runs the
                                                  new generation, or the reload failed)
     any       --TERM--> STOPPING                (STOPPING=1; workers get TERM; bounded)
-    any       --INT/QUIT--> HALTING             (workers get INT/QUIT; a second INT kills)
+    any       --INT/QUIT--> HALTING             (workers get QUIT: quick stop; a second INT kills)
     STARTING  --crash loop--> STOPPING, exit code 3
 """
 
@@ -673,8 +673,10 @@ class Master:
         bound = self.config.graceful_timeout if bound is None else bound
         self.stop_deadline = time.monotonic() + bound + self.config.stop_margin
         for worker in self.workers.values():
-            if halting or worker.state in (State.STARTING, State.SERVING):
-                _signal(worker, signum)
+            if halting:
+                _signal(worker, signal.SIGQUIT)  # the workers' "quick stop"
+            elif worker.state in (State.STARTING, State.SERVING):
+                _signal(worker, signal.SIGTERM)
             if worker.state in (State.STARTING, State.SERVING):
                 worker.state = State.RETIRING
 
@@ -690,6 +692,11 @@ class Master:
 
     def _spawn(self, slot: Slot) -> Worker | None:
         cfg = self.config
+        requests_limit = lifetime_limit = 0
+        if cfg.max_requests > 0:
+            requests_limit = cfg.max_requests + random.randint(0, max(0, cfg.max_requests_jitter))
+        if cfg.max_lifetime > 0:
+            lifetime_limit = cfg.max_lifetime + random.uniform(0, max(0.0, cfg.max_lifetime_jitter))
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         try:
@@ -703,16 +710,15 @@ class Master:
             slot.next_spawn_at = time.monotonic() + min(MAX_BACKOFF, 0.1 * 2 ** (slot.failures - 1))
             return None
         if pid == 0:
-            self._become_worker(slot, read_fd, write_fd)
+            self._become_worker(slot, read_fd, write_fd, requests_limit)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         now = time.monotonic()
-        worker = Worker(number=slot.number, pid=pid, fd=read_fd, generation=self.generation, spawned_at=now, last_seen=now)
-        if cfg.max_requests > 0:
-            worker.requests_limit = cfg.max_requests + random.randint(0, max(0, cfg.max_requests_jitter))
-        if cfg.max_lifetime > 0:
-            worker.lifetime_limit = cfg.max_lifetime + random.uniform(0, max(0.0, cfg.max_lifetime_jitter))
+        worker = Worker(
+            number=slot.number, pid=pid, fd=read_fd, generation=self.generation, spawned_at=now,
+            last_seen=now, requests_limit=requests_limit, lifetime_limit=lifetime_limit,
+        )
         self.workers[pid] = worker
         assert self._selector is not None
         self._selector.register(read_fd, selectors.EVENT_READ, worker)
@@ -720,7 +726,7 @@ class Master:
         self.log.debug("Started %s (generation %d).", worker.describe(), worker.generation)
         return worker
 
-    def _become_worker(self, slot: Slot, read_fd: int, write_fd: int) -> None:
+    def _become_worker(self, slot: Slot, read_fd: int, write_fd: int, requests_limit: int) -> None:
         """In the child: never returns."""
         code = 1
         try:
@@ -742,6 +748,7 @@ class Master:
                 sockets=self.sockets,
                 channel=child.Channel(write_fd, self.pid),
                 master_pid=self.pid,
+                requests_limit=requests_limit,
             )
             code = child.run_target(self.target, context, self.log)
         except BaseException:

@@ -81,6 +81,11 @@ def text(value: Any) -> str:
     return value
 
 
+def text_or_dict(value: Any) -> str | dict[str, Any]:
+    """A file name, or (from Python) a configuration dictionary."""
+    return value if isinstance(value, dict) else text(value)
+
+
 def word(value: Any) -> str:
     """Text compared case-insensitively against a setting's choices."""
     return text(value).strip().lower()
@@ -128,6 +133,28 @@ def addresses(value: Any) -> str:
             except ValueError:
                 _invalid(item, "an IP address, a CIDR network or *")
     return ",".join(items)
+
+
+def octal(value: Any) -> int:
+    """A file mode mask: octal digits as text (022, 0o022) or an int."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip().removeprefix("0o"), 8)
+        except ValueError:
+            _invalid(value, "an octal mask such as 022")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        _invalid(value, "an octal mask such as 022")
+    return value
+
+
+def name_or_id(value: Any) -> str | int:
+    """A user or group: a name, or a numeric id."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    value = text(value).strip()
+    if not value:
+        _invalid(value, "a name or a numeric id")
+    return int(value) if value.isdigit() else value
 
 
 Kind = Literal["value", "flag", "list", "arg"]
@@ -247,8 +274,9 @@ SETTINGS: tuple[Setting, ...] = (
        metavar="CIPHERS", gunicorn="ciphers"),
     _S("log_level", "info", word, "Log level; debug also prints tracebacks of startup errors.",
        choices=("critical", "error", "warning", "info", "debug"), gunicorn="loglevel"),
-    _S("log_config", None, text, "Logging configuration file: .json for logging.dictConfig, "
-       "anything else for logging.fileConfig (INI).", metavar="FILE"),
+    _S("log_config", None, text_or_dict, "Logging configuration file: .json for logging.dictConfig, "
+       "anything else for logging.fileConfig (INI); from Python, a dictConfig dictionary.",
+       metavar="FILE"),
     _S("access_log", True, boolean, "Log one line per response to the uvworker.access logger.",
        kind="flag"),
     _S("access_log_format", None, text, "Access log line in Gunicorn atoms, e.g. "
@@ -259,6 +287,43 @@ SETTINGS: tuple[Setting, ...] = (
        "from --proxy-allow-ips peers.", kind="flag", gunicorn="proxy_protocol"),
     _S("proxy_allow_ips", "127.0.0.1", help="Comma-separated IPs and CIDR networks allowed to send "
        "a PROXY protocol header; * allows every peer.", gunicorn="proxy_allow_ips", **_IPS),
+    # Pre-fork supervisor (issue 6); any of these but umask/timeout_worker selects supervisor mode.
+    _S("workers", 1, integer(1), "Worker processes, forked by a supervisor that restarts, reloads "
+       "(SIGHUP) and recycles them. WEB_CONCURRENCY is read too.", metavar="N", gunicorn="workers",
+       also_env=("WEB_CONCURRENCY",)),
+    _S("max_requests", 0, integer(0), "Replace a worker after it served about this many requests "
+       "(its replacement starts first); 0 never.", flags=("--max-requests", "--limit-max-requests"),
+       metavar="N", gunicorn="max_requests"),
+    _S("max_requests_jitter", 0, integer(0), "Add a random 0..N to each worker's --max-requests so "
+       "workers are not replaced together.", flags=("--max-requests-jitter", "--limit-max-requests-jitter"),
+       metavar="N", gunicorn="max_requests_jitter"),
+    _S("max_lifetime", 0.0, help="Replace a worker after it served for this long; 0 never.", **_SECONDS),
+    _S("max_lifetime_jitter", 0.0, help="Add a random 0..SECONDS to each worker's --max-lifetime.",
+       **_SECONDS),
+    _S("max_memory", 0.0, number, "Replace a worker whose own memory (USS) stays above this many MiB "
+       "for 3 samples a second apart; 0 never.", metavar="MIB"),
+    _S("timeout_worker", 30.0, help="A worker that sends no heartbeat for this long is aborted "
+       "(stack dump, then killed) and replaced.", gunicorn="timeout", **_SECONDS),
+    _S("pid", None, text, "Write the supervisor's process id to this file (refused if it names a "
+       "running process; removed on exit).", metavar="FILE", gunicorn="pidfile"),
+    _S("user", None, name_or_id, "Run workers as this user (when started as root).", metavar="USER",
+       gunicorn="user"),
+    _S("group", None, name_or_id, "Run workers as this group (when started as root).",
+       metavar="GROUP", gunicorn="group"),
+    _S("umask", None, octal, "File mode mask of the server processes, in octal (e.g. 022).",
+       metavar="MASK", gunicorn="umask"),
+    _S("preload", False, boolean, "Import the application in the supervisor before forking workers "
+       "(shares memory; SIGHUP then restarts workers without new code).", kind="flag",
+       gunicorn="preload_app"),
+    _S("reload", False, boolean, "Development: restart the workers when source files change.",
+       kind="flag", gunicorn="reload"),
+    _S("reload_dir", (), text, "Directory to watch with --reload (default: the current one); "
+       "repeatable.", kind="list", metavar="DIR"),
+    _S("reload_include", (), text, "Glob of files to watch with --reload (default *.py); "
+       "repeatable.", kind="list", metavar="GLOB"),
+    _S("reload_exclude", (), text, "Glob of files or directories to ignore with --reload "
+       "(default: hidden ones, __pycache__, venv, node_modules); repeatable.", kind="list",
+       metavar="GLOB"),
 )
 
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
