@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -156,6 +157,23 @@ def test_lifespan_startup_failure_is_exit_code_3(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=20,
         )
         assert result.returncode == 3, result.stderr
+
+
+def test_log_config_files(tmp_path: Path) -> None:
+    (tmp_path / "failing.py").write_text(FAILING_LIFESPAN)
+    log_config = tmp_path / "logging.json"
+    log_config.write_text(json.dumps({
+        "version": 1,
+        "formatters": {"plain": {"format": "CUSTOM %(levelname)s %(message)s"}},
+        "handlers": {"err": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+        "loggers": {"uvworker.error": {"handlers": ["err"], "level": "INFO", "propagate": False}},
+    }))
+    args = ["failing:app", "--app-dir", str(tmp_path), "--port", "0"]
+    result = uvworker(*args, "--log-config", str(log_config))  # lifespan fails before listening
+    assert result.returncode == 3
+    assert "CUSTOM ERROR" in result.stderr and "database unreachable" in result.stderr
+    missing = str(tmp_path / "missing.ini")
+    assert missing in one_error_line(uvworker(*args, "--log-config", missing), 1)
 
 
 def test_command_line_beats_environment_beats_defaults() -> None:

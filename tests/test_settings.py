@@ -70,6 +70,7 @@ def test_defaults_users_rely_on() -> None:
         ("forwarded_allow_ips", ["10.0.0.1", "192.168.0.0/16"], "10.0.0.1,192.168.0.0/16"),
         ("ssl_certfile", Path("/tmp/cert.pem"), "/tmp/cert.pem"),
         ("limit_concurrency", None, None),
+        ("log_config", {"version": 1}, {"version": 1}),
     ],
 )
 def test_valid_values(name: str, given: Any, expected: Any) -> None:
