@@ -34,7 +34,9 @@ def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env | (extra or {})
 
 
-def uvworker(*args: str, env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> subprocess.CompletedProcess[str]:
+def uvworker(
+    *args: str, env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()
+) -> subprocess.CompletedProcess[str]:
     """Run the command to completion (failing cases: the server never gets to serve)."""
     return subprocess.run(
         [sys.executable, "-m", "uvworker", *args], cwd=ROOT, env=environment(env), pass_fds=pass_fds,
@@ -50,7 +52,9 @@ def listening() -> Iterator[socket.socket]:
 
 
 @contextlib.contextmanager
-def running(*args: str, env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> Iterator[subprocess.Popen[str]]:
+def running(
+    *args: str, env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()
+) -> Iterator[subprocess.Popen[str]]:
     """A server process; on exit it gets SIGTERM and must stop cleanly."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvworker", *args], cwd=ROOT, env=environment(env), pass_fds=pass_fds,

@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         default = f"default: {show(s.default)}; " if show(s.default) else ""
         help = f"{s.help} ({default}env {s.env})".replace("%", "%%")
         if s.kind == "arg":
-            # default None: argparse would run the type on a string default
-            parser.add_argument(s.name, nargs="?", default=None, type=_argument_type(s), metavar=s.metavar, help=help)
+            parser.add_argument(  # default None: argparse would run the type on a string default
+                s.name, nargs="?", default=None, type=_argument_type(s), metavar=s.metavar, help=help
+            )
         elif s.kind == "flag":
             parser.add_argument(*s.flags, dest=s.name, action=argparse.BooleanOptionalAction, help=help)
         else:
@@ -81,5 +82,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> dict[str, A
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     from uvworker.config import Config
     from uvworker.main import launch
+    from uvworker.prefork import run_supervised, wanted
 
-    sys.exit(launch(Config(**parse(argv, os.environ))))
+    config = Config(**parse(argv, os.environ))
+    sys.exit(run_supervised(config) if wanted(config) else launch(config))
