@@ -1,0 +1,175 @@
+"""uvworker under the pre-fork supervisor: the composition of ``supervisor`` and ``Server``.
+
+The supervisor knows nothing of HTTP; this module is the only place the two meet:
+
+- ``run_supervised(config)``: the master. It binds the sockets once (or takes systemd's),
+  imports the application only with ``--preload``, maps the settings onto ``SupervisorConfig``
+  and runs the supervisor loop.
+- ``serve_worker(config, context)``: the worker target, in each forked child. It imports the
+  app (after fork, so a reload picks up new code), runs ``Server`` on the inherited sockets and
+  wires the channel: ``on_ready`` → ``ready``; ``on_tick`` → ``heartbeat`` with the requests
+  served (and ``retiring`` once the server is draining); a heartbeat right away when the worker
+  reaches its ``--max-requests``, so the master starts its replacement without waiting a tick.
+
+Retirement is driven by the master: it starts the replacement, waits for its ``ready``, then
+sends SIGTERM, which ``Server`` turns into a graceful drain (stop accepting, finish in-flight
+requests, ``Connection: close`` on the last responses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import sys
+import traceback
+from typing import TYPE_CHECKING
+
+from supervisor.config import DEFAULT_RELOAD_EXCLUDE, DEFAULT_RELOAD_INCLUDE, SupervisorConfig, SupervisorError
+from uvworker.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from supervisor.child import WorkerContext
+    from uvworker.protocols.cycle import RequestCycle
+
+logger = logging.getLogger("uvworker.error")
+
+STARTUP_FAILURE = 3
+
+
+def wanted(config: Config, environ: dict[str, str] | os._Environ[str] | None = None) -> bool:
+    """Supervisor mode: more than one worker, any recycling/reload/process option, or systemd.
+
+    Under systemd (``$NOTIFY_SOCKET`` or socket activation) the supervisor is used even for one
+    worker, because it is what speaks the notify protocol and adopts activated sockets.
+    """
+    env = os.environ if environ is None else environ
+    return bool(
+        config.workers > 1
+        or config.max_requests or config.max_lifetime or config.max_memory
+        or config.reload or config.preload or config.pid
+        or config.user is not None or config.group is not None
+        or env.get("NOTIFY_SOCKET") or env.get("LISTEN_FDS")
+    )
+
+
+def supervisor_config(config: Config) -> SupervisorConfig:
+    app = config.app if isinstance(config.app, str) else getattr(config.app, "__qualname__", "app")
+    return SupervisorConfig(
+        workers=config.workers,
+        timeout_worker=config.timeout_worker,
+        startup_timeout=max(60.0, config.timeout_worker),
+        graceful_timeout=config.timeout_graceful_shutdown,
+        max_requests=config.max_requests,
+        max_requests_jitter=config.max_requests_jitter,
+        max_lifetime=config.max_lifetime,
+        max_lifetime_jitter=config.max_lifetime_jitter,
+        max_memory=config.max_memory,
+        pidfile=config.pid,
+        user=config.user,
+        group=config.group,
+        umask=config.umask,
+        reload=config.reload,
+        reload_dirs=list(config.reload_dir),
+        reload_include=DEFAULT_RELOAD_INCLUDE + list(config.reload_include),
+        reload_exclude=DEFAULT_RELOAD_EXCLUDE + list(config.reload_exclude),
+        proc_name="uvworker",
+        label=str(app),
+        reopen_logs=_reopen_logs,
+    )
+
+
+def _reopen_logs() -> None:
+    from uvworker.logging import reopen_files
+
+    reopen_files()
+
+
+def run_supervised(config: Config) -> int:
+    """The CLI's supervisor mode: returns the exit code (0; 1 configuration error; 3 crash loop)."""
+    from uvworker.logging import configure_logging
+
+    try:
+        try:
+            configure_logging(config.log_level, config.log_config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return _supervise(config)
+    except (ConfigError, SupervisorError) as err:
+        print(f"uvworker: error: {err}", file=sys.stderr)
+        if config.log_level == "debug":
+            traceback.print_exception(err)
+        return 1
+
+
+def _supervise(config: Config) -> int:
+    from supervisor.master import run
+    from supervisor.sockets import systemd_listeners
+
+    settings = supervisor_config(config)
+    if config.umask is not None:
+        os.umask(config.umask)  # before binding: it applies to a --uds socket file
+    listeners = systemd_listeners()
+    own_uds = False
+    if listeners:
+        sockets = [listener.sock for listener in listeners]
+        logger.info("Using %d socket(s) from systemd: %s", len(listeners),
+                    ", ".join(f"{l.name} ({l.describe()})" for l in listeners))
+    else:
+        sockets = config.bind_sockets()
+        own_uds = bool(config.uds and config.fd is None)
+    try:
+        if config.preload:
+            config.load()  # imports the app in the master; workers share its pages
+            logger.info("Preloaded %s in the supervisor (SIGHUP restarts workers, not the code).", settings.label)
+        return run(functools.partial(serve_worker, config), sockets, settings, logger=logger)
+    finally:
+        for sock in sockets:
+            sock.close()
+        if own_uds:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(config.uds)
+
+
+def serve_worker(config: Config, context: WorkerContext) -> int:
+    """The worker target: serve until the master retires or stops us; the exit code."""
+    from uvworker.server import Server
+
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _reopen_logs())
+    try:
+        config.load()
+    except ConfigError as err:
+        print(f"uvworker: error: {err}", file=sys.stderr)
+        if config.log_level == "debug":
+            traceback.print_exception(err)
+        return 1
+    channel = context.channel
+    said_retiring = said_limit = False
+
+    def on_request(cycle: RequestCycle) -> None:
+        nonlocal said_limit
+        served = server.requests_served
+        if not said_limit and served >= context.requests_limit:
+            said_limit = True
+            channel.heartbeat(served)
+
+    def on_ready() -> None:
+        channel.ready()
+        if context.requests_limit and server.state is not None:
+            server.state.request_hooks.append(on_request)
+
+    def on_tick(srv: Server) -> None:
+        nonlocal said_retiring
+        if not channel.heartbeat(srv.requests_served):
+            if not srv.should_exit:
+                logger.warning("The supervisor is gone; worker %d stops.", context.number)
+                srv.should_exit = True
+        elif srv.should_exit and not said_retiring:
+            said_retiring = True
+            channel.retiring()
+
+    server = Server(config, on_ready=on_ready, on_tick=on_tick, install_signal_handlers=True)
+    server.run(sockets=context.sockets)
+    return STARTUP_FAILURE if server.startup_failed else 0
