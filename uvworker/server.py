@@ -143,6 +143,7 @@ class Server:
         state.lifespan_state = lifespan.state
         if not await lifespan.startup():
             self.startup_failed = True
+            await lifespan.shutdown()  # only reaps the app's lifespan task
             return
         try:
             if not self.should_exit:

@@ -85,13 +85,6 @@ class HTTPConnection(asyncio.Protocol):
                 waiter.set_result(None)
         self._drain_waiters.clear()
 
-    def eof_received(self) -> bool | None:
-        cycle = self.cycle
-        if cycle is None or cycle.more_body or self.is_tls:
-            return None  # close now: nothing in progress, or the request can never complete
-        self.keep_alive_allowed = False  # answer the request in flight, then close
-        return True
-
     def data_received(self, data: bytes) -> None:
         if self.phase == CLOSED:
             return
@@ -107,7 +100,7 @@ class HTTPConnection(asyncio.Protocol):
         except HTTPError as exc:
             self._reject(exc)
             return
-        if self.parser.held and not self.reading_paused:
+        if self.parser.holding_input and not self.reading_paused:
             self.pause_reading()
 
     def pause_writing(self) -> None:
@@ -205,7 +198,7 @@ class HTTPConnection(asyncio.Protocol):
             self._suspend_body_deadline()
 
     def resume_reading(self) -> None:
-        if self.reading_paused and not self.parser.held and self.phase != CLOSED:
+        if self.reading_paused and not self.parser.holding_input and self.phase != CLOSED:
             self.reading_paused = False
             self.transport.resume_reading()
 
@@ -280,10 +273,7 @@ class HTTPConnection(asyncio.Protocol):
         except HTTPError as exc:
             self._reject(exc)
             return
-        if self.cycle is None and self.phase != CLOSED:
-            if self.parser.held:
-                return
-            self.resume_reading()
+        self.resume_reading()  # unless more pipelined input is still held
 
     def _reject(self, exc: HTTPError) -> None:
         cycle = self.cycle
@@ -345,10 +335,10 @@ class HTTPConnection(asyncio.Protocol):
         return host is None or host in self.config.forwarded_allow
 
     def _read_proxy_header(self, data: bytes) -> bytes:
-        from uvworker.proxy import ProxyProtocolError, parse_proxy_protocol
+        from uvworker.proxy import V1_PREFIX, V2_SIGNATURE, ProxyProtocolError, parse_proxy_protocol
 
         buffer = self._proxy_buffer + data  # type: ignore[operator]
-        if not (buffer.startswith(b"PROXY "[: len(buffer)]) or buffer.startswith(_V2_SIGNATURE[: len(buffer)])):
+        if not (V1_PREFIX.startswith(buffer[:6]) or V2_SIGNATURE.startswith(buffer[:12])):
             self._proxy_buffer = None
             return buffer
         host = self.client[0] if self.client else None
@@ -369,8 +359,6 @@ class HTTPConnection(asyncio.Protocol):
             self._peer_trusted_for_proxy = self.config.proxy_headers and self._trusted(self.client)
         return buffer[info.consumed :]
 
-
-_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
 def _address(address: Any) -> Any:

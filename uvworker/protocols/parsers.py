@@ -19,6 +19,7 @@ adapter records later events and replays them. ``held`` tells the connection to 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 import h11
@@ -120,6 +121,11 @@ class HttptoolsAdapter:
         """Unparsed bytes after an Upgrade request (the start of another protocol)."""
         return self._unparsed
 
+    @property
+    def holding_input(self) -> bool:
+        """Input for a later request is waiting: the connection should stop reading."""
+        return self.held and bool(self._replay or self._unparsed)
+
     # -- httptools callbacks --------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._in_head = True
@@ -175,11 +181,14 @@ class H11Adapter:
         self.limits = limits
         self.held = False
         self.conn = self._new_connection()
+        self._head = bytearray()  # raw head bytes: h11 merges repeated Content-Length; we refuse them
 
     def _new_connection(self) -> h11.Connection:
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.head)
 
     def feed(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and len(self._head) < self.limits.head:
+            self._head += data
         self.conn.receive_data(data)
         if not self.held:
             self._pump()
@@ -190,6 +199,7 @@ class H11Adapter:
         data, closed = self.conn.trailing_data
         self.conn = self._new_connection()
         self.held = False
+        self._head = bytearray(data[: self.limits.head])
         if data:
             self.conn.receive_data(data)
         if closed:
@@ -199,6 +209,10 @@ class H11Adapter:
     @property
     def trailing_data(self) -> bytes:
         return self.conn.trailing_data[0]
+
+    @property
+    def holding_input(self) -> bool:
+        return self.held and bool(self.conn.trailing_data[0])
 
     def _pump(self) -> None:
         conn, sink = self.conn, self.sink
@@ -211,7 +225,11 @@ class H11Adapter:
             if kind is h11.Data:
                 sink.on_body(bytes(event.data))
             elif kind is h11.Request:
-                sink.on_head(event.method, event.target, event.http_version.decode(), list(event.headers))
+                headers = list(event.headers)
+                head, self._head = self._head, bytearray()
+                if any(name == b"content-length" for name, _ in headers):
+                    _check_raw_content_length(head)
+                sink.on_head(event.method, event.target, event.http_version.decode(), headers)
             elif kind is h11.EndOfMessage:
                 self.held = True
                 sink.on_end()
@@ -226,7 +244,17 @@ class H11Adapter:
             if end == -1 or end > self.limits.request_line:
                 return HTTPError(414, "Request-URI too long")
             return HTTPError(431, "Request header fields too large")
-        return HTTPError(exc.error_status_hint, f"Invalid HTTP request: {exc}")
+        return HTTPError(400, f"Invalid HTTP request: {exc}")  # h11 says 501 for TE; RFC 9112 §6.1 allows 400
+
+
+_CONTENT_LENGTH = re.compile(rb"\r?\ncontent-length[ \t]*:([^\r\n]*)", re.IGNORECASE)
+
+
+def _check_raw_content_length(data: bytearray) -> None:
+    end = data.find(b"\r\n\r\n")
+    values = _CONTENT_LENGTH.findall(data, 0, end if end != -1 else len(data))
+    if len(values) > 1 or (values and b"," in values[0]):
+        raise HTTPError(400, "Duplicate Content-Length")
 
 
 def make_parser(name: str, sink: Sink, limits: Limits) -> HttptoolsAdapter | H11Adapter:
