@@ -125,7 +125,7 @@ class Config:
             app = call_factory(app, name)
         if not callable(app):
             raise ConfigError(f"the application {name} is a {type(app).__name__}, not a callable")
-        return as_asgi3(app, self.interface)
+        return as_asgi3(app, self.interface, self)
 
     def bind_sockets(self) -> list[socket.socket]:
         """The listening socket: --fd, else --uds, else --host/--port."""

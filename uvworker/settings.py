@@ -228,8 +228,12 @@ SETTINGS: tuple[Setting, ...] = (
        choices=("auto", "httptools", "h11")),
     _S("loop", "auto", word, "Event loop; auto picks uvloop when it is installed.",
        choices=("auto", "uvloop", "asyncio")),
-    _S("interface", "auto", word, "Application interface; auto detects it.",
-       choices=("auto", "asgi3", "asgi2")),
+    _S("interface", "auto", word, "Application interface; auto detects it (a callable taking "
+       "environ, start_response is WSGI).", choices=("auto", "asgi3", "asgi2", "wsgi")),
+    _S("wsgi_threads", 10, integer(1), "Threads that run a WSGI application; requests beyond them "
+       "wait for a free one.", metavar="N", gunicorn="threads"),
+    _S("wsgi_queue", 1000, integer(0), "WSGI requests that may wait for a free thread; beyond this "
+       "many a request gets 503 at once (load shedding).", metavar="N"),
     _S("lifespan", "auto", word, "ASGI lifespan events: on requires the app to support them, "
        "auto uses them when it does, off skips them.", choices=("auto", "on", "off")),
     _S("root_path", "", text, "ASGI root_path, for an app mounted below a URL prefix.", metavar="PATH"),

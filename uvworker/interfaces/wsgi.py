@@ -1,0 +1,672 @@
+"""WSGI (PEP 3333) applications behind the ASGI engine, streaming both ways in bounded memory.
+
+The adapter is an ASGI application, so a WSGI app is served by the same request cycle as
+everything else: framing, keep-alive, 100-continue, timeouts and limits exist once.
+
+Rules this module keeps:
+
+* The request body is never read ahead of the app. ``wsgi.input`` asks the event loop for the
+  next piece only when the app reads, and the cycle stops reading the socket while the app
+  does not consume (64 KiB high-water), so memory per request is bounded whatever the body
+  size. A client that goes away mid-body makes ``read()`` raise ``ClientDisconnected`` (an
+  ``OSError``), never a short read the app would take for the whole body.
+* Response bytes handed to the event loop and not yet written are bounded (``PENDING_HIGH``):
+  the app's thread waits while the socket is slower than the app. ``close()`` on the app's
+  iterable is always called, in the app's thread, on success, error and disconnect alike.
+* Headers are sent with the first non-empty body chunk (or at the end), so ``start_response``
+  may be called again with ``exc_info`` until then (PEP 3333). The app's Content-Length is
+  honoured: bytes beyond it are not sent and iteration stops.
+* Bounded concurrency: ``threads`` apps run at once, ``queue`` more may wait for a thread;
+  beyond that a request is answered 503 at once.
+
+Theory of operation. Each request gets an ``Exchange`` shared by two sides:
+
+    app thread (worker pool)                     event loop (the request's ASGI task)
+    ------------------------------------------   ------------------------------------------
+    build environ, call the app, iterate    -->  ops deque: BODY(start?, data, more),
+    wsgi.input.read() -> RECEIVE op, wait        RECEIVE, FINISH(error)
+         on ``gate``                        <--  ``pump()`` sends/receives, then releases
+                                                 ``gate`` (RECEIVE, or pending bytes drained)
+
+The thread appends ops to a deque and schedules at most one wake-up of the loop at a time, so
+a small response (start + body + finish) costs a single ``call_soon_threadsafe`` and a small
+request a single job hand-off. If the pump ends early (the task is cancelled, or the engine
+refuses what the app sent) the Exchange is *detached*: later ops are settled on arrival
+(RECEIVE answered with a disconnect, pending bytes released), so the thread never waits for
+a loop that no longer listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import stat
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from uvworker.protocols.cycle import ClientDisconnected
+
+logger = logging.getLogger("uvworker.error")
+
+DEFAULT_THREADS = 10
+DEFAULT_QUEUE = 1000
+PENDING_HIGH = 256 * 1024  # response bytes queued for the loop before the app's thread waits ...
+PENDING_LOW = 64 * 1024  # ... until the loop has written the queue down to this
+FILE_BLOCK = 256 * 1024  # wsgi.file_wrapper read size: fewer, larger hand-offs
+IDLE_THREAD_TIMEOUT = 60.0  # an idle worker thread exits after this long; one is re-made on demand
+GATE_POLL = 1.0  # a waiting thread checks this often whether the event loop is gone
+
+# Op kinds (first item of an op tuple).
+BODY, RECEIVE, FINISH = 0, 1, 2
+RECEIVE_OP = (RECEIVE,)
+END_OP = (BODY, None, b"", False, 0)  # end of a body whose headers were already sent
+DISCONNECT: dict[str, Any] = {"type": "http.disconnect"}
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Callable[[bytes], None]]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+class WorkerPool:
+    """Threads that run WSGI apps; started on demand, idle ones exit after a while.
+
+    ``in_progress`` (jobs submitted and not yet finished) is only touched on the event loop,
+    so the 503 decision costs no lock. The thread count is guarded by ``lock`` so that a thread
+    timing out never strands a job just submitted.
+    """
+
+    def __init__(self, threads: int, queue_size: int) -> None:
+        self.max_threads = threads
+        self.limit = threads + queue_size
+        self.in_progress = 0
+        self.threads = 0
+        self.jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+
+    def full(self) -> bool:
+        return self.in_progress >= self.limit
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue a job (event loop only); start a thread if none may be free to take it."""
+        self.in_progress += 1
+        self.jobs.put(job)
+        if self.threads < self.max_threads and self.threads < self.in_progress:
+            with self.lock:
+                if self.threads < self.max_threads and self.threads < self.in_progress:
+                    self.threads += 1
+                    threading.Thread(target=self._work, name="uvworker-wsgi", daemon=True).start()
+
+    def done(self) -> None:
+        self.in_progress -= 1
+
+    def stop(self) -> None:
+        """Let the idle threads exit (server shutdown); busy ones exit after their job."""
+        with self.lock:
+            for _ in range(self.threads):
+                self.jobs.put(None)
+
+    def _work(self) -> None:
+        jobs = self.jobs
+        while True:
+            try:
+                job = jobs.get(timeout=IDLE_THREAD_TIMEOUT)
+            except queue.Empty:
+                with self.lock:
+                    if jobs.empty():
+                        self.threads -= 1
+                        return
+                continue
+            if job is None:
+                with self.lock:
+                    self.threads -= 1
+                return
+            job()
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: iterates a file in blocks; the server reads larger blocks itself."""
+
+    def __init__(self, filelike: Any, blksize: int = 8192) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> FileWrapper:
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+
+class InputStream:
+    """``wsgi.input``: the request body, pulled from the connection as the app reads it.
+
+    ``read(n)`` returns n bytes unless the body ends first (like a buffered file), so apps
+    that read ``CONTENT_LENGTH`` bytes in one call get them all.
+    """
+
+    __slots__ = ("_exchange", "_buffer", "_eof")
+
+    def __init__(self, exchange: Exchange, eof: bool) -> None:
+        self._exchange = exchange
+        self._buffer = bytearray()
+        self._eof = eof
+
+    def _fill(self) -> bool:
+        """Append the next piece of body to the buffer; False once the body has ended."""
+        if self._eof:
+            return False
+        data, more = self._exchange.receive_body()
+        if not more:
+            self._eof = True
+        self._buffer += data
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        buffer = self._buffer
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            size = len(buffer)
+        else:
+            while len(buffer) < size and self._fill():
+                pass
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        buffer = self._buffer
+        limit = -1 if size is None else size
+        start = 0
+        while True:
+            index = buffer.find(b"\n", start)
+            if index >= 0:
+                end = index + 1
+                break
+            if 0 <= limit <= len(buffer):
+                end = limit
+                break
+            start = len(buffer)
+            if not self._fill():
+                end = len(buffer)
+                break
+        if 0 <= limit < end:
+            end = limit
+        data = bytes(buffer[:end])
+        del buffer[:end]
+        return data
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines = []
+        total = 0
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                return lines
+
+    def __iter__(self) -> InputStream:
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
+# -- environ ----------------------------------------------------------------------------------
+
+_SERVER_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+_KEYS: dict[bytes, str] = {b"content-type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH"}
+_MAX_CACHED_KEYS = 1024
+
+
+def _environ_key(name: bytes) -> str:
+    """``HTTP_*`` key for a (lowercase) header name; "" for names with "_", which are dropped:
+    ``X_Forwarded_For`` must not be able to pose as ``X-Forwarded-For`` (both HTTP_X_...)."""
+    key = "" if b"_" in name else "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+    if len(_KEYS) < _MAX_CACHED_KEYS:
+        _KEYS[name] = key
+    return key
+
+
+def build_environ(scope: dict[str, Any], base: Environ) -> tuple[Environ, bool]:
+    """The PEP 3333 environ for an ASGI http scope (without ``wsgi.input``), and whether the
+    request has no body at all (so reading it needs no trip to the event loop)."""
+    environ = base.copy()
+    root_path: str = scope.get("root_path", "")
+    raw_path: bytes | None = scope.get("raw_path")
+    if raw_path is None:
+        raw_path = scope["path"].encode("utf-8")
+    if root_path:
+        prefix = root_path.encode("utf-8")
+        if raw_path.startswith(prefix):
+            raw_path = raw_path[len(prefix) :]
+        environ["SCRIPT_NAME"] = prefix.decode("latin-1")
+    else:
+        environ["SCRIPT_NAME"] = ""
+    # PEP 3333: PATH_INFO holds the decoded bytes of the path, one character per byte.
+    environ["PATH_INFO"] = (
+        unquote_to_bytes(raw_path).decode("latin-1") if b"%" in raw_path else raw_path.decode("latin-1")
+    )
+    environ["REQUEST_METHOD"] = scope["method"]
+    environ["QUERY_STRING"] = scope["query_string"].decode("latin-1")
+    environ["SERVER_PROTOCOL"] = _SERVER_PROTOCOLS.get(scope["http_version"]) or "HTTP/" + scope["http_version"]
+    scheme = scope.get("scheme", "http")
+    environ["wsgi.url_scheme"] = scheme
+    client = scope.get("client")
+    if client:
+        environ["REMOTE_ADDR"] = client[0]
+        environ["REMOTE_PORT"] = "" if client[1] is None else str(client[1])
+
+    keys = _KEYS
+    for name, value in scope["headers"]:
+        key = keys.get(name)
+        if key is None:
+            key = _environ_key(name)
+        if not key:
+            continue
+        text = value.decode("latin-1")
+        if key in environ:  # a repeated header: one value, comma-joined (cookies with "; ")
+            text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
+        environ[key] = text
+
+    server = scope.get("server")
+    if server and server[1] is not None:
+        environ["SERVER_NAME"] = server[0]
+        environ["SERVER_PORT"] = str(server[1])
+    else:  # a Unix socket: the Host header is the best name there is
+        host = environ.get("HTTP_HOST", "localhost")
+        name, colon, port = host.rpartition(":") if not host.endswith("]") else ("", "", "")
+        if colon and port.isdigit():
+            environ["SERVER_NAME"], environ["SERVER_PORT"] = name, port
+        else:
+            environ["SERVER_NAME"], environ["SERVER_PORT"] = host, _DEFAULT_PORTS.get(scheme, "80")
+    no_body = "HTTP_TRANSFER_ENCODING" not in environ and not environ.get("CONTENT_LENGTH", "").strip("0")
+    return environ, no_body
+
+
+# -- one request --------------------------------------------------------------------------------
+
+
+class Exchange:
+    """One WSGI request: the app's thread on one side, the request's ASGI task on the other."""
+
+    __slots__ = (
+        "app", "pool", "loop", "scope", "receive", "send", "base",
+        "ops", "wake_scheduled", "waiter", "gate", "mutex", "pending", "blocked", "receiving",
+        "received", "disconnected", "detached",
+        "status", "headers", "headers_sent", "remaining", "complete",
+    )
+
+    def __init__(self, adapter: WSGIAdapter, loop: asyncio.AbstractEventLoop, scope: dict[str, Any],
+                 receive: Any, send: Any) -> None:
+        self.app = adapter.app
+        self.pool = adapter.pool
+        self.base = adapter.base_environ
+        self.loop = loop
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.ops: deque[tuple[Any, ...]] = deque()
+        self.wake_scheduled = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.gate = threading.Lock()  # held while nobody waits; released once per wait
+        self.gate.acquire()
+        self.mutex = threading.Lock()  # guards pending/blocked, shared by both sides
+        self.pending = 0
+        self.blocked = False
+        self.receiving = False
+        self.received: dict[str, Any] | None = None
+        self.disconnected = False  # set on the loop; the thread stops producing when it sees it
+        self.detached = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] | None = None
+        self.headers_sent = False
+        self.remaining: int | None = None  # Content-Length bytes still allowed
+        self.complete = False
+
+    # -- app thread ----------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run the app and stream its response (in a pool thread; never raises)."""
+        error: BaseException | None = None
+        if not self.disconnected:
+            result: Any = None
+            try:
+                environ, no_body = build_environ(self.scope, self.base)
+                environ["wsgi.input"] = InputStream(self, no_body)
+                result = self.app(environ, self.start_response)
+                self._respond(result)
+            except BaseException as exc:
+                error = exc
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except BaseException as exc:
+                        error = error or exc
+            if error is not None and not isinstance(error, Exception):
+                # SystemExit, KeyboardInterrupt from an app must not stop the server's thread.
+                wrapped = RuntimeError(f"The WSGI application raised {error!r}")
+                wrapped.__cause__ = error
+                error = wrapped
+        self._push((FINISH, error))
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None  # no reference cycle through the traceback
+        elif self.headers is not None:
+            raise RuntimeError("start_response() was called a second time without exc_info")
+        if not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit() or status[3:4] not in ("", " "):
+            raise ValueError(f"Invalid WSGI status {status!r}: expected a string like '200 OK'")
+        encoded = []
+        remaining = None
+        try:
+            for name, value in headers:
+                pair = (name.encode("latin-1"), value.encode("latin-1"))
+                if len(name) == 14 and name.lower() == "content-length" and value.strip().isdigit():
+                    remaining = int(value)
+                encoded.append(pair)
+        except (AttributeError, TypeError, ValueError):
+            raise TypeError(f"Invalid WSGI response headers {headers!r}: expected a list of (str, str)") from None
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"WSGI response headers must be latin-1 strings: {exc}") from None
+        self.status = int(status[:3])
+        self.headers = encoded
+        self.remaining = remaining
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """The ``write()`` callable of PEP 3333: send now (bounded queue), before returning."""
+        if self.headers is None:
+            raise RuntimeError("write() was called before start_response()")
+        if self.disconnected:
+            raise ClientDisconnected("the client has disconnected")
+        if data:
+            self._emit(data, True)
+
+    def _respond(self, result: Iterable[bytes]) -> None:
+        if type(result) is list or type(result) is tuple:
+            # Already in memory: one body message, so small responses get a Content-Length.
+            if len(result) > 1:
+                self._emit(b"".join(result), False)
+            else:
+                self._emit(result[0] if result else b"", False)
+            return
+        if type(result) is FileWrapper:
+            self._send_file(result)
+            return
+        for chunk in result:
+            if chunk:
+                self._emit(chunk, True)
+                if self.complete or self.disconnected:
+                    return
+            elif self.disconnected:
+                return
+        if not self.complete:
+            self._emit(b"", False)
+
+    def _send_file(self, wrapper: FileWrapper) -> None:
+        filelike = wrapper.filelike
+        if self.remaining is None and self.headers is not None and not self.headers_sent:
+            size = _remaining_file_size(filelike)
+            if size is not None:  # a regular file: send it with a Content-Length, not chunked
+                self.headers.append((b"content-length", b"%d" % size))
+                self.remaining = size
+        block = max(wrapper.blksize, FILE_BLOCK)
+        read = filelike.read
+        while not self.disconnected:
+            data = read(block)
+            if not data:
+                break
+            self._emit(data, True)
+            if self.complete:
+                return
+        if not self.complete and not self.disconnected:
+            self._emit(b"", False)
+
+    def _emit(self, data: bytes, more: bool) -> None:
+        """Queue body bytes for the loop; the first call also carries status and headers."""
+        if type(data) is not bytes:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(f"WSGI response body chunks must be bytes, not {type(data).__name__}")
+            data = bytes(data)
+        if self.complete or self.disconnected:
+            return
+        start = None
+        if not self.headers_sent:
+            if self.headers is None:
+                raise RuntimeError("The WSGI application did not call start_response()")
+            start = (self.status, self.headers)
+            self.headers_sent = True
+        remaining = self.remaining
+        if remaining is not None:
+            if len(data) >= remaining:  # PEP 3333: never send more than the Content-Length
+                data = data[:remaining]
+                more = False
+            self.remaining = remaining - len(data)
+        if not more:
+            self.complete = True
+            if start is None and not data:
+                self._push(END_OP)
+                return
+        size = len(data) if more else 0
+        wait = False
+        if size:
+            with self.mutex:
+                self.pending += size
+                if self.pending > PENDING_HIGH:
+                    self.blocked = wait = True
+        self._push((BODY, start, data, more, size))
+        if wait:
+            self._wait()
+
+    def receive_body(self) -> tuple[bytes, bool]:
+        """The next piece of request body (for wsgi.input): (data, more)."""
+        if self.disconnected:
+            raise ClientDisconnected("the client disconnected before sending the whole request body")
+        self._push(RECEIVE_OP)
+        message = self.received if self._wait() else None
+        self.received = None
+        if message is None or message["type"] != "http.request":
+            raise ClientDisconnected("the client disconnected before sending the whole request body")
+        return message.get("body", b""), message.get("more_body", False)
+
+    def _push(self, op: tuple[Any, ...]) -> None:
+        self.ops.append(op)
+        if not self.wake_scheduled:
+            self.wake_scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the event loop is closed: the server is gone
+                self.disconnected = True
+
+    def _wait(self) -> bool:
+        """Wait for the loop to release the gate; False if the loop went away meanwhile."""
+        gate = self.gate
+        while not gate.acquire(timeout=GATE_POLL):
+            if self.loop.is_closed():
+                self.disconnected = True
+                return False
+        return True
+
+    # -- event loop ----------------------------------------------------------------------------
+    def _wake(self) -> None:
+        self.wake_scheduled = False  # before the ops are read: a later push schedules again
+        if self.detached:
+            self._settle()
+            return
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def pump(self) -> None:
+        """Carry out the thread's ops until it finishes (the request's ASGI task)."""
+        ops = self.ops
+        send = self.send
+        try:
+            while True:
+                if not ops:
+                    waiter = self.waiter = self.loop.create_future()
+                    await waiter
+                    continue
+                op = ops.popleft()
+                kind = op[0]
+                if kind == BODY:
+                    _, start, data, more, size = op
+                    if more and ops and ops[0] is END_OP:  # already known to be the last bytes
+                        ops.popleft()
+                        more = False
+                    if not self.disconnected:
+                        try:
+                            if start is not None:
+                                await send({"type": "http.response.start", "status": start[0], "headers": start[1]})
+                            await send({"type": "http.response.body", "body": data, "more_body": more})
+                        except ClientDisconnected:
+                            self.disconnected = True
+                    if size:
+                        self._sent(size)
+                elif kind == RECEIVE:
+                    self.receiving = True
+                    self.received = DISCONNECT if self.disconnected else await self.receive()
+                    self.receiving = False
+                    self.gate.release()
+                else:
+                    self.detached = True
+                    self.pool.done()
+                    if op[1] is not None:
+                        raise op[1]
+                    return
+        except BaseException:
+            self._detach()
+            raise
+
+    def _sent(self, size: int) -> None:
+        with self.mutex:
+            self.pending -= size
+            if self.blocked and self.pending <= PENDING_LOW:
+                self.blocked = False
+                self.gate.release()
+
+    def _detach(self) -> None:
+        """The pump is gone: unblock the thread now and settle whatever it sends later."""
+        if self.detached:
+            return
+        self.detached = True
+        self.disconnected = True
+        if self.receiving:
+            self.receiving = False
+            self.received = DISCONNECT
+            self.gate.release()
+        with self.mutex:
+            if self.blocked:
+                self.blocked = False
+                self.gate.release()
+        self._settle()
+
+    def _settle(self) -> None:
+        ops = self.ops
+        while ops:
+            op = ops.popleft()
+            kind = op[0]
+            if kind == RECEIVE:
+                self.received = DISCONNECT
+                self.gate.release()
+            elif kind == FINISH:
+                self.pool.done()
+                error = op[1]
+                if error is not None and not isinstance(error, OSError):
+                    logger.error("Exception in WSGI application", exc_info=error)
+            elif op[4]:  # BODY: dropped, but its bytes no longer hold the thread back
+                self._sent(op[4])
+
+
+def _remaining_file_size(filelike: Any) -> int | None:
+    try:
+        info = os.fstat(filelike.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        return max(info.st_size - filelike.tell(), 0)
+    except (AttributeError, OSError, ValueError, TypeError):
+        return None
+
+
+class WSGIAdapter:
+    """An ASGI 3 application serving the WSGI application ``app``."""
+
+    def __init__(self, app: WSGIApp, threads: int = DEFAULT_THREADS, queue_size: int = DEFAULT_QUEUE,
+                 multiprocess: bool = True) -> None:
+        self.app = app
+        self.pool = WorkerPool(threads, queue_size)
+        self.base_environ: Environ = {
+            "wsgi.version": (1, 0),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": threads > 1,
+            "wsgi.multiprocess": multiprocess,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+            "wsgi.input_terminated": True,
+        }
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if self.pool.full():
+                await _overloaded(send)
+                return
+            exchange = Exchange(self, asyncio.get_running_loop(), scope, receive, send)
+            self.pool.submit(exchange.run)
+            await exchange.pump()
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            raise RuntimeError(f"A WSGI application cannot serve {kind!r} connections")
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.pool.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+_BUSY_BODY = b"Service Unavailable: all WSGI threads are busy"
+
+
+async def _overloaded(send: Any) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": 503,
+        "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(_BUSY_BODY)),
+            (b"connection", b"close"),
+        ],
+    })
+    await send({"type": "http.response.body", "body": _BUSY_BODY})
