@@ -291,6 +291,19 @@ SETTINGS: tuple[Setting, ...] = (
        "from --proxy-allow-ips peers.", kind="flag", gunicorn="proxy_protocol"),
     _S("proxy_allow_ips", "127.0.0.1", help="Comma-separated IPs and CIDR networks allowed to send "
        "a PROXY protocol header; * allows every peer.", gunicorn="proxy_allow_ips", **_IPS),
+    # WebSocket (issue 3).
+    _S("ws", "auto", word, "WebSocket support: auto uses the websockets package when it is "
+       "installed; none serves upgrade requests to the application as plain HTTP.",
+       choices=("auto", "websockets", "none")),
+    _S("ws_max_size", 16 * 1024 * 1024, integer(1), "Largest WebSocket message in bytes; a larger "
+       "one closes the connection with code 1009.", metavar="BYTES"),
+    _S("ws_max_queue", 32, integer(1), "Received WebSocket messages that may wait for the "
+       "application; when this many wait, the server stops reading from that client.", metavar="N"),
+    _S("ws_ping_interval", 20.0, help="Send a WebSocket ping this often; 0 disables.", **_SECONDS),
+    _S("ws_ping_timeout", 20.0, help="Close a WebSocket with code 1011 when the pong to a ping "
+       "takes longer than this; 0 disables.", **_SECONDS),
+    _S("ws_per_message_deflate", True, boolean, "Negotiate permessage-deflate compression with "
+       "WebSocket clients that offer it.", metavar="BOOL"),
     # Pre-fork supervisor (issue 6); any of these but umask/timeout_worker selects supervisor mode.
     _S("workers", 1, integer(1), "Worker processes, forked by a supervisor that restarts, reloads "
        "(SIGHUP) and recycles them. WEB_CONCURRENCY is read too.", metavar="N", gunicorn="workers",
