@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("uvworker.error")
 
-TICK = 0.1  # how often the main loop looks at should_exit; the Date header changes each second
+TICK = 0.1  # how often the main loop looks at should_exit and connection deadlines
 
 
 class ServerState:
@@ -63,6 +63,14 @@ class ServerState:
         self._defaults = b""
         self._second = 0
         self.refresh_date()
+
+    def sweep(self) -> None:
+        """Once a tick: the Date header, and every connection's timeout."""
+        self.refresh_date()
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if conn.deadline:
+                conn.check_deadline(now)
 
     def refresh_date(self) -> None:
         now = int(time.time())
@@ -127,8 +135,14 @@ class Server:
             runner.run(self.serve(sockets))
 
     def retire(self) -> None:
-        """Stop gracefully: stop accepting, finish in-flight requests, then return from serve()."""
+        """Stop gracefully: stop accepting, finish in-flight requests, then return from serve().
+
+        Called on the event loop (e.g. by a request budget counted in front of the app) it
+        takes effect at once: the listeners close and every connection answers its current or
+        next request with ``Connection: close``. Called from elsewhere, within a tick."""
         self.should_exit = True
+        if self.started and self.state is not None and _running_loop() is self.state.loop:
+            self._stop_accepting()
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         from uvworker.lifespan import Lifespan
@@ -196,7 +210,7 @@ class Server:
         while not self.should_exit:
             await asyncio.sleep(TICK)
             now = time.monotonic()
-            state.refresh_date()
+            state.sweep()
             if now >= next_tick:
                 next_tick = now + 1.0
                 if self.on_tick is not None:
@@ -206,11 +220,7 @@ class Server:
         """Stop accepting, then wait (bounded) for connections to finish their work."""
         state = self.state
         assert state is not None
-        state.accepting_requests = False
-        for server in self._servers:
-            server.close()
-        for conn in list(state.connections):
-            conn.shutdown()
+        self._stop_accepting()
         timeout = self.config.timeout_graceful_shutdown
         deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         while state.connections and not self.force_exit:
@@ -220,7 +230,7 @@ class Server:
                 )
                 break
             await asyncio.sleep(TICK)
-            state.refresh_date()
+            state.sweep()
             if self.on_tick is not None:
                 self.on_tick(self)
         tasks = [conn.cycle.task for conn in state.connections if conn.cycle and conn.cycle.task]
@@ -228,6 +238,15 @@ class Server:
             conn.abort()
         if tasks:  # let cancelled apps run their cleanup before lifespan shutdown
             await asyncio.wait(tasks, timeout=5)
+
+    def _stop_accepting(self) -> None:
+        state = self.state
+        assert state is not None
+        state.accepting_requests = False
+        for server in self._servers:
+            server.close()
+        for conn in list(state.connections):
+            conn.shutdown()
 
     # -- signals ----------------------------------------------------------------------------
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -247,3 +266,10 @@ class Server:
         if self.should_exit and sig == signal.SIGTERM:
             self.force_exit = True
         self.should_exit = True
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -54,8 +54,9 @@ class HTTPConnection(asyncio.Protocol):
         self.write_paused = False
         self.reading_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._body_deadline = 0.0
+        # One deadline per connection, checked by the server's sweep (``check_deadline``) a few
+        # times a second: cheaper per request than arming and cancelling loop timers.
+        self.deadline = 0.0
         self._discarded = 0
         self._proxy_buffer: bytes | None = b"" if self.config.proxy_protocol else None
 
@@ -69,14 +70,16 @@ class HTTPConnection(asyncio.Protocol):
         self.scheme = "https" if self.is_tls else "http"
         self._peer_trusted_for_proxy = self.config.proxy_headers and self._trusted(self.client)
         self.parser = make_parser(self.state.http_parser, self, self.state.limits)
-        if not self.state.accepting_requests:
+        # A keep-alive timeout of 0 means no keep-alive: answer with Connection: close rather
+        # than close the moment the response is out, which races the client's next request.
+        if not self.state.accepting_requests or not self.config.timeout_keep_alive:
             self.keep_alive_allowed = False
-        self._set_timer(self.config.timeout_request_header)
+        self._set_deadline(self.config.timeout_request_header)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = CLOSED
         self.state.connections.discard(self)
-        self._cancel_timer()
+        self.deadline = 0.0
         if self.cycle is not None:
             self.cycle.on_disconnect()
             self._finish(self.cycle)
@@ -90,7 +93,7 @@ class HTTPConnection(asyncio.Protocol):
             return
         if self.phase == KEEP_ALIVE:
             self.phase = WAIT_HEAD
-            self._set_timer(self.config.timeout_request_header)
+            self._set_deadline(self.config.timeout_request_header)
         if self._proxy_buffer is not None:
             data = self._read_proxy_header(data)
             if not data:
@@ -127,7 +130,7 @@ class HTTPConnection(asyncio.Protocol):
                 raise HTTPError(431, "Request header field too large")
         keep_alive, expect, upgrade = check_head(http_version, headers)
         raw_path, query = split_target(target)
-        self._cancel_timer()
+        self.deadline = 0.0
         self.phase = CYCLE
         root_path = self.config.root_path
         scope: dict[str, Any] = {
@@ -174,16 +177,14 @@ class HTTPConnection(asyncio.Protocol):
                     self.close()
                 return
             cycle.on_body(data)
-            if self._body_deadline:
-                self._body_deadline += len(data) / self.config.min_request_body_rate
+            if self.deadline:
+                self.deadline += len(data) / self.config.min_request_body_rate
 
     def on_end(self) -> None:
         cycle = self.cycle
         if cycle is not None:
             cycle.on_end()
-            if self._body_deadline:
-                self._body_deadline = 0.0
-                self._cancel_timer()
+            self.deadline = 0.0
             if cycle.response_complete:  # the body was being discarded after the response
                 self.loop.call_soon(self._next_cycle, cycle)  # not from inside the parser
 
@@ -202,7 +203,8 @@ class HTTPConnection(asyncio.Protocol):
         if not self.reading_paused and self.phase != CLOSED:
             self.reading_paused = True
             self.transport.pause_reading()
-            self._suspend_body_deadline()
+            # Time the app spends not reading is not the client's fault: restart on resume.
+            self.deadline = 0.0
 
     def resume_reading(self) -> None:
         if self.reading_paused and not self.parser.holding_input and self.phase != CLOSED:
@@ -212,9 +214,8 @@ class HTTPConnection(asyncio.Protocol):
     def wait_for_body(self) -> None:
         """The app is waiting for body bytes: make sure they flow, and bound how long."""
         self.resume_reading()
-        if not self._body_deadline:
-            self._body_deadline = self.loop.time() + self.config.timeout_request_body
-            self._timer = self.loop.call_at(self._body_deadline, self._check_body_deadline)
+        if not self.deadline:
+            self._set_deadline(self.config.timeout_request_body)
 
     def on_response_complete(self, cycle: RequestCycle) -> None:
         self._finish(cycle)
@@ -254,7 +255,7 @@ class HTTPConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.phase != CLOSED:
             self.phase = CLOSED
-            self._cancel_timer()
+            self.deadline = 0.0
             self.transport.close()
 
     def abort(self) -> None:
@@ -272,9 +273,8 @@ class HTTPConnection(asyncio.Protocol):
     def _next_cycle(self, cycle: RequestCycle) -> None:
         self.cycle = None
         self.phase = KEEP_ALIVE
-        self._body_deadline = 0.0
         self._discarded = 0
-        self._set_timer(self.config.timeout_keep_alive)
+        self._set_deadline(self.config.timeout_keep_alive)
         try:
             self.parser.next_cycle()
         except HTTPError as exc:
@@ -297,39 +297,19 @@ class HTTPConnection(asyncio.Protocol):
             return
         self.send_error(exc.status, exc.reason)
 
-    def _set_timer(self, delay: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(delay, self._on_timeout)
+    def _set_deadline(self, delay: float) -> None:
+        self.deadline = self.loop.time() + delay
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timeout(self) -> None:
-        self._timer = None
-        if self.phase in (WAIT_HEAD, KEEP_ALIVE):
-            self.close()
-
-    def _suspend_body_deadline(self) -> None:
-        if self._body_deadline:
-            # Time the app spends not reading is not the client's fault: restart on resume.
-            self._body_deadline = 0.0
-            self._cancel_timer()
-
-    def _check_body_deadline(self) -> None:
-        self._timer = None
-        if not self._body_deadline or self.cycle is None:
+    def check_deadline(self, now: float) -> None:
+        """Called by the server's sweep: enforce whichever timeout the phase has running."""
+        if now < self.deadline:
             return
-        remaining = self._body_deadline - self.loop.time()
-        if remaining > 0:
-            self._timer = self.loop.call_later(remaining, self._check_body_deadline)
-            return
+        self.deadline = 0.0
         cycle = self.cycle
-        self._body_deadline = 0.0
-        if not cycle.response_started or cycle.head:
-            cycle.on_disconnect()
+        if self.phase != CYCLE or cycle is None:
+            self.close()  # header or keep-alive timeout
+        elif not cycle.response_started or cycle.head:
+            cycle.on_disconnect()  # the body stalled before any answer: 408
             cycle.response_started = cycle.response_complete = True
             cycle.status = 408
             self.send_error(408, "Request Timeout", cycle)
