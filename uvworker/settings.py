@@ -227,7 +227,7 @@ SETTINGS: tuple[Setting, ...] = (
     _S("http", "auto", word, "HTTP/1.1 parser; auto picks httptools when it is installed.",
        choices=("auto", "httptools", "h11")),
     _S("loop", "auto", word, "Event loop; auto picks uvloop when it is installed.",
-       choices=("auto", "uvloop", "asyncio")),
+       choices=("auto", "uvloop", "asyncio"), gunicorn="asgi_loop"),
     _S("interface", "auto", word, "Application interface; auto detects it (a callable taking "
        "environ, start_response is WSGI).", choices=("auto", "asgi3", "asgi2", "wsgi")),
     _S("wsgi_threads", 10, integer(1), "Threads that run a WSGI application; requests beyond them "
@@ -235,8 +235,10 @@ SETTINGS: tuple[Setting, ...] = (
     _S("wsgi_queue", 1000, integer(0), "WSGI requests that may wait for a free thread; beyond this "
        "many a request gets 503 at once (load shedding).", metavar="N"),
     _S("lifespan", "auto", word, "ASGI lifespan events: on requires the app to support them, "
-       "auto uses them when it does, off skips them.", choices=("auto", "on", "off")),
-    _S("root_path", "", text, "ASGI root_path, for an app mounted below a URL prefix.", metavar="PATH"),
+       "auto uses them when it does, off skips them.", choices=("auto", "on", "off"),
+       gunicorn="asgi_lifespan"),
+    _S("root_path", "", text, "ASGI root_path, for an app mounted below a URL prefix.", metavar="PATH",
+       gunicorn="root_path"),
     _S("proxy_headers", True, boolean, "Take the client address and scheme from X-Forwarded-For, "
        "X-Forwarded-Proto and Forwarded when the peer is in --forwarded-allow-ips.", kind="flag"),
     _S("forwarded_allow_ips", "127.0.0.1", help="Comma-separated IPs and CIDR networks trusted to "
@@ -247,7 +249,7 @@ SETTINGS: tuple[Setting, ...] = (
     _S("headers", (), header, "Add this header to every response; repeatable.",
        kind="list", flags=("--header",), metavar="NAME:VALUE"),
     _S("limit_concurrency", None, integer(1), "Beyond this many requests in flight, answer 503 at "
-       "once (load shedding); no limit by default.", metavar="N"),
+       "once (load shedding); no limit by default.", metavar="N", gunicorn="worker_connections"),
     _S("limit_request_line", 8190, integer(1), "Longest request line in bytes; longer gets 414.",
        metavar="BYTES", gunicorn="limit_request_line"),
     _S("limit_request_fields", 100, integer(1), "Most header fields in a request; more gets 431.",
