@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from uvworker import __version__
 from uvworker.protocols.cycle import ClientDisconnected
 
 logger = logging.getLogger("uvworker.error")
@@ -422,6 +423,8 @@ class Exchange:
                 self._emit(chunk, True)
                 if self.complete or self.disconnected:
                     return
+            elif type(chunk) is not bytes:
+                _as_bytes(chunk)  # b"" is fine; "" or None is an error in the app
             elif self.disconnected:
                 return
         if not self.complete:
@@ -449,9 +452,7 @@ class Exchange:
     def _emit(self, data: bytes, more: bool) -> None:
         """Queue body bytes for the loop; the first call also carries status and headers."""
         if type(data) is not bytes:
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise TypeError(f"WSGI response body chunks must be bytes, not {type(data).__name__}")
-            data = bytes(data)
+            data = _as_bytes(data)
         if self.complete or self.disconnected:
             return
         start = None
@@ -604,6 +605,12 @@ class Exchange:
                 self._sent(op[4])
 
 
+def _as_bytes(data: Any) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"WSGI response body chunks must be bytes, not {type(data).__name__}")
+    return bytes(data)
+
+
 def _remaining_file_size(filelike: Any) -> int | None:
     try:
         info = os.fstat(filelike.fileno())
@@ -622,6 +629,7 @@ class WSGIAdapter:
         self.app = app
         self.pool = WorkerPool(threads, queue_size)
         self.base_environ: Environ = {
+            "SERVER_SOFTWARE": f"uvworker/{__version__}",
             "wsgi.version": (1, 0),
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": threads > 1,
