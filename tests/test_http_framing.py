@@ -1,0 +1,195 @@
+"""Response framing as a client sees it (issue 2: HTTP/1.1 behaviour).
+
+Content-Length from the app when given, chunked on HTTP/1.1 otherwise, close-delimited for
+HTTP/1.0, no body for HEAD/204/304; a body that disagrees with its Content-Length closes the
+connection rather than desynchronising it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.http_client import Conn, build_request, parse_responses
+
+
+def parts_app(status: int = 200, headers: list[tuple[bytes, bytes]] | None = None, parts: list[bytes] | None = None) -> Any:
+    """An app that sends ``parts`` as successive body messages (the last with more_body=False)."""
+    body_parts = parts if parts is not None else [b"hello"]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers or []})
+        for i, part in enumerate(body_parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < len(body_parts) - 1})
+        if not body_parts:
+            await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+def assert_at_most_declared_prefix(data: bytes, sent: bytes) -> None:
+    """After a Content-Length mismatch the client may see: nothing; the 200 head and a prefix
+    of what the app sent (then EOF); or, if nothing had been written yet, one complete 500.
+    Never a second response, never bytes beyond the declared length."""
+    if not data:
+        return
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.count(b"HTTP/1.") == 1, data
+    if head.startswith(b"HTTP/1.1 500"):
+        (resp,) = parse_responses(data)
+        assert resp.status == 500
+        return
+    assert head.startswith(b"HTTP/1.1 200"), data
+    assert sent.startswith(body), data
+
+
+def test_app_content_length_is_used(serve: Any) -> None:
+    app = parts_app(headers=[(b"content-length", b"11")], parts=[b"hello", b" ", b"world"])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for _ in range(2):
+            conn.send(build_request())
+            resp = conn.read_response()
+            assert resp.get_all("content-length") == ["11"]
+            assert resp.get("transfer-encoding") is None
+            assert resp.body == b"hello world"
+        conn.assert_open()
+
+
+def test_chunked_on_http11_without_content_length(serve: Any) -> None:
+    app = parts_app(parts=[b"hello", b"", b" world", b""])  # empty parts must not end the body
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for _ in range(2):
+            conn.send(build_request())
+            resp = conn.read_response()
+            assert resp.chunked
+            assert resp.get("content-length") is None
+            assert resp.body == b"hello world"
+        conn.assert_open()
+
+
+def test_close_delimited_for_http10(serve: Any) -> None:
+    app = parts_app(parts=[b"hello", b" world"])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(b"GET / HTTP/1.0\r\n\r\n")
+        resp = conn.read_head()
+        assert resp.status == 200
+        assert resp.get("transfer-encoding") is None
+        assert conn.read_until_close() == b"hello world"
+
+
+def test_http10_keep_alive_without_length_is_close_delimited(serve: Any) -> None:
+    app = parts_app(parts=[b"hello", b" world"])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        resp = conn.read_head()
+        assert resp.get("transfer-encoding") is None
+        assert not resp.has_token("connection", "keep-alive")
+        assert conn.read_until_close() == b"hello world"
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [[b"hello world"], [b"hel", b"lo", b" world"]],
+    ids=["one-message", "several-messages"],
+)
+def test_body_longer_than_content_length_closes(serve: Any, parts: list[bytes]) -> None:
+    app = parts_app(headers=[(b"content-length", b"5")], parts=parts)
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request() + build_request(target="/second"))
+        data = conn.read_until_close()
+        # Whatever was sent, the stream must never carry more than the declared 5 bytes:
+        # a client reusing the connection would read the rest as the next response.
+        assert b"world" not in data
+        assert_at_most_declared_prefix(data, b"hello")
+
+
+def test_body_shorter_than_content_length_closes(serve: Any) -> None:
+    app = parts_app(headers=[(b"content-length", b"10")], parts=[b"hel", b"lo"])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request() + build_request(target="/second"))
+        data = conn.read_until_close()
+        assert_at_most_declared_prefix(data, b"hello")
+
+
+def test_head_response_has_headers_but_no_body(serve: Any) -> None:
+    app = parts_app(headers=[(b"content-length", b"5")], parts=[b"hello"])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request("HEAD") + build_request("GET"))
+        head = conn.read_response("HEAD")
+        assert head.status == 200
+        assert head.get("content-length") == "5"
+        get = conn.read_response("GET")  # would fail to parse if the HEAD body had been sent
+        assert get.status == 200 and get.body == b"hello"
+        conn.assert_open()
+
+
+def test_head_response_without_length_has_no_body(serve: Any) -> None:
+    app = parts_app(parts=[b"hello", b" world"])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request("HEAD") + build_request("GET"))
+        head = conn.read_response("HEAD")
+        assert head.status == 200
+        get = conn.read_response("GET")
+        assert get.status == 200 and get.body == b"hello world"
+        conn.assert_open()
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_no_body_statuses(serve: Any, status: int) -> None:
+    app = parts_app(status=status, parts=[])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request() + build_request(target="/2"))
+        for _ in range(2):
+            resp = conn.read_response()
+            assert resp.status == status
+            assert resp.get("transfer-encoding") is None
+            if status == 204:
+                assert resp.get("content-length") is None  # RFC 9110 §8.6: MUST NOT
+        conn.assert_open()
+
+
+def test_304_keeps_app_content_length_without_body(serve: Any) -> None:
+    app = parts_app(status=304, headers=[(b"content-length", b"5"), (b"etag", b'"x"')], parts=[])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request() + build_request(target="/2"))
+        first, second = conn.read_response(), conn.read_response()
+        assert first.status == second.status == 304
+        assert first.get("etag") == '"x"'
+        conn.assert_open()
+
+
+def test_interim_100_continue_has_no_body(serve: Any) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        message = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"3")]})
+        await send({"type": "http.response.body", "body": message["body"][:3]})
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request("POST", headers=[("Expect", "100-continue"), ("Content-Length", "3")]))
+        interim = conn.read_head()
+        assert interim.status == 100
+        assert conn.buf == b""  # nothing after the interim head until the body is sent
+        conn.send(b"abc")
+        final = conn.read_response()
+        assert (final.status, final.body) == (200, b"abc")
+
+
+def test_large_chunked_response(serve: Any) -> None:
+    chunk = bytes(range(256)) * 256  # 64 KiB
+    app = parts_app(parts=[chunk] * 32)  # 2 MiB
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request())
+        resp = conn.read_response(timeout=10)
+        assert resp.chunked
+        assert resp.body == chunk * 32
+
+
+def test_no_response_is_chunked_to_http10(serve: Any) -> None:
+    app = parts_app(parts=[b"a", b"b", b"c"])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = conn.read_until_close()
+        (resp,) = parse_responses(data)
+        assert not resp.chunked
+        assert resp.body == b"abc"

@@ -1,0 +1,222 @@
+"""Limits and hostile requests (issue 2: "Limits, timeouts and hostile clients").
+
+Every rejected request gets a 4xx with ``Connection: close`` and the connection is closed, and
+nothing after the bad request reaches the app (no request smuggling).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.http_client import Conn, Response, build_request, parse_responses, read_body, respond, wait_event
+
+
+class PathApp:
+    """Records the paths it was called with and echoes the request body."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.paths.append(scope["path"])
+        try:
+            body = await read_body(receive)
+        except ConnectionError:
+            return
+        await respond(send, body=body)
+
+
+def rejected(srv: Any, raw: bytes, status: int) -> Response:
+    """Send ``raw`` plus a valid pipelined request; expect exactly one ``status`` response
+    with Connection: close, then EOF."""
+    with Conn.open(srv.host, srv.port) as conn:
+        conn.send(raw + build_request(target="/smuggled"))
+        data = conn.read_until_close()
+    responses = parse_responses(data)
+    assert [r.status for r in responses] == [status], data
+    assert responses[0].has_token("connection", "close"), responses[0].headers
+    return responses[0]
+
+
+# -- request line and header limits ------------------------------------------------------------
+
+
+def test_request_line_too_long_414(serve: Any) -> None:
+    app = PathApp()
+    with serve(app, limit_request_line=200) as srv:
+        rejected(srv, build_request(target="/" + "a" * 300), 414)
+        # Just under the limit is fine.
+        ok = build_request(target="/" + "b" * 150, headers=[("Connection", "close")])
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(ok)
+            assert conn.read_response().status == 200
+    assert app.paths == ["/" + "b" * 150]
+
+
+def test_request_line_limit_is_on_by_default(serve: Any) -> None:
+    app = PathApp()
+    with serve(app) as srv:
+        rejected(srv, build_request(target="/" + "a" * 100_000), 414)
+    assert app.paths == []
+
+
+def test_header_field_too_large_431(serve: Any) -> None:
+    app = PathApp()
+    with serve(app, limit_request_field_size=200) as srv:
+        rejected(srv, build_request(headers=[("X-Big", "v" * 300)]), 431)
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(build_request(headers=[("X-Small", "v" * 100)]))
+            assert conn.read_response().status == 200
+    assert app.paths == ["/"]
+
+
+def test_header_field_limit_is_on_by_default(serve: Any) -> None:
+    app = PathApp()
+    with serve(app) as srv:
+        rejected(srv, build_request(headers=[("X-Big", "v" * 100_000)]), 431)
+    assert app.paths == []
+
+
+def test_too_many_header_fields_431(serve: Any) -> None:
+    app = PathApp()
+    with serve(app, limit_request_fields=10) as srv:
+        rejected(srv, build_request(headers=[(f"X-H{i}", "1") for i in range(20)]), 431)
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(build_request(headers=[(f"X-H{i}", "1") for i in range(5)]))
+            assert conn.read_response().status == 200
+    assert app.paths == ["/"]
+
+
+def test_header_count_limit_is_on_by_default(serve: Any) -> None:
+    app = PathApp()
+    with serve(app) as srv:
+        rejected(srv, build_request(headers=[(f"X-H{i}", "1") for i in range(2000)]), 431)
+    assert app.paths == []
+
+
+# -- malformed requests ------------------------------------------------------------------------
+
+MALFORMED = {
+    "garbage": b"THIS IS NOT HTTP\r\n\r\n",
+    "no-target": b"GET\r\nHost: x\r\n\r\n",
+    "bad-method-char": b"GE(T / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "extra-token": b"GET / HTTP/1.1 extra\r\nHost: x\r\n\r\n",
+    "header-without-colon": b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    "space-before-colon": b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+    "nul-in-header-value": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "space-in-target": b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("raw", list(MALFORMED.values()), ids=list(MALFORMED))
+def test_malformed_request_400(serve: Any, raw: bytes) -> None:
+    app = PathApp()
+    with serve(app) as srv:
+        rejected(srv, raw, 400)
+    assert app.paths == []
+
+
+BAD_FRAMING = {
+    "cl-not-a-number": [("Content-Length", "abc")],
+    "cl-negative": [("Content-Length", "-1")],
+    "cl-plus-sign": [("Content-Length", "+5")],
+    "cl-two-numbers": [("Content-Length", "5 5")],
+    "cl-list": [("Content-Length", "5, 5")],
+    "cl-duplicate-same": [("Content-Length", "5"), ("Content-Length", "5")],
+    "cl-duplicate-different": [("Content-Length", "5"), ("Content-Length", "6")],
+    "cl-and-te": [("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+    "te-and-cl": [("Transfer-Encoding", "chunked"), ("Content-Length", "5")],
+    "te-gzip": [("Transfer-Encoding", "gzip")],
+    "te-chunked-not-last": [("Transfer-Encoding", "chunked, gzip")],
+    "te-identity": [("Transfer-Encoding", "identity")],
+    "te-chunked-twice": [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")],
+}
+
+
+@pytest.mark.parametrize("headers", list(BAD_FRAMING.values()), ids=list(BAD_FRAMING))
+def test_ambiguous_body_framing_400(serve: Any, headers: list[tuple[str, str]]) -> None:
+    app = PathApp()
+    # The "body" is itself a request: a server that mis-frames would answer it.
+    body = b"5\r\nhello\r\n0\r\n\r\n" + build_request(target="/inner")
+    with serve(app) as srv:
+        rejected(srv, build_request("POST", headers=headers) + body, 400)
+    assert app.paths == []
+
+
+def test_http10_transfer_encoding_closes_after_the_message(serve: Any) -> None:
+    # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 request means faulty framing; the server
+    # may reject it or process it, but must close the connection after it (no keep-alive).
+    app = PathApp()
+    raw = b"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(raw + b"GET /smuggled HTTP/1.0\r\n\r\n")
+        data = conn.read_until_close()
+    responses = parse_responses(data)
+    assert len(responses) == 1 and responses[0].status in (200, 400), data
+    assert "/smuggled" not in app.paths
+
+
+def test_invalid_chunk_size_rejected(serve: Any) -> None:
+    app = PathApp()
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request("POST", headers=[("Transfer-Encoding", "chunked")]) + b"zz\r\nhello\r\n0\r\n\r\n")
+        data = conn.read_until_close()
+    # The app was already called (headers were fine); it must not see a body, and the
+    # client gets a 400 (or, at least, no success) and a closed connection.
+    for resp in parse_responses(data):
+        assert resp.status == 400, data
+
+
+def test_http11_without_host_400(serve: Any) -> None:
+    app = PathApp()
+    with serve(app) as srv:
+        rejected(srv, b"GET / HTTP/1.1\r\n\r\n", 400)
+    assert app.paths == []
+
+
+def test_http11_with_two_host_headers_400(serve: Any) -> None:
+    app = PathApp()
+    with serve(app) as srv:
+        rejected(srv, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400)
+    assert app.paths == []
+
+
+def test_http10_without_host_is_fine(serve: Any) -> None:
+    with serve(PathApp()) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(b"GET / HTTP/1.0\r\n\r\n")
+        assert conn.read_response().status == 200
+
+
+# -- load shedding -----------------------------------------------------------------------------
+
+
+def test_limit_concurrency_503(serve: Any) -> None:
+    release = threading.Event()
+    entered = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/block":
+            entered.set()
+            await wait_event(release)
+        await respond(send, body=scope["path"].encode())
+
+    with serve(app, limit_concurrency=1) as srv:
+        with Conn.open(srv.host, srv.port) as busy:
+            busy.send(build_request(target="/block"))
+            wait_for(entered.is_set)
+            with Conn.open(srv.host, srv.port) as shed:
+                shed.send(build_request(target="/shed"))
+                resp = shed.read_response(timeout=1.0)  # at once, not after the busy one
+                assert resp.status == 503
+                assert resp.has_token("connection", "close")
+                shed.read_until_close()
+            release.set()
+            assert busy.read_response().body == b"/block"
+        # Load shedding is temporary.
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(build_request(target="/after"))
+            assert conn.read_response().body == b"/after"

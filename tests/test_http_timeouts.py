@@ -1,0 +1,195 @@
+"""Timeouts against slow and idle clients (issue 2: "Limits, timeouts and hostile clients").
+
+Short settings (0.3-0.5 s) keep the tests fast; the upper bounds are generous because the
+machine running the suite may be busy. A client that is cut off may get a 408 or nothing, but
+never a response from the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import threading
+import time
+from typing import Any
+
+from tests.conftest import wait_for
+from tests.http_client import Conn, build_request, parse_responses, read_body, respond
+
+
+class CountingApp:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls = 0
+        self.delay = delay
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.calls += 1
+        try:
+            body = await read_body(receive)
+        except ConnectionError:
+            return
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        await respond(send, body=b"ok:" + body)
+
+
+def assert_cut_off(data: bytes) -> None:
+    """Whatever a timed-out client received: nothing, or one 408."""
+    if data:
+        assert [r.status for r in parse_responses(data)] == [408], data
+
+
+def trickle_until_closed(conn: Conn, data: bytes, interval: float, limit: float) -> tuple[float, bytes]:
+    """Send ``data`` one byte every ``interval`` seconds until the server closes (or answers).
+    Returns (seconds until closed, bytes received)."""
+    started = time.monotonic()
+    received = b""
+    for byte in data:
+        if time.monotonic() - started > limit:
+            raise AssertionError(f"server still reading a trickled request after {limit} s")
+        try:
+            conn.sock.send(bytes([byte]))
+        except OSError:
+            break
+        readable, _, _ = select.select([conn.sock], [], [], interval)  # the deliberate trickle pace
+        if readable:
+            received = conn.read_until_close(timeout=2.0)
+            break
+    else:
+        raise AssertionError("the whole trickled request was accepted")
+    return time.monotonic() - started, received
+
+
+def test_fresh_silent_connection_closed_after_header_timeout(serve: Any) -> None:
+    app = CountingApp()
+    with serve(app, timeout_request_header=0.4, timeout_keep_alive=5) as srv:
+        with Conn.open(srv.host, srv.port) as conn:
+            started = time.monotonic()
+            data = conn.read_until_close(timeout=3.0)
+            elapsed = time.monotonic() - started
+        assert_cut_off(data)
+        assert 0.3 <= elapsed < 2.5, elapsed
+    assert app.calls == 0
+
+
+def test_trickled_header_block_is_cut_off(serve: Any) -> None:
+    app = CountingApp()
+    request = build_request(headers=[(f"X-Slow-{i}", "v" * 20) for i in range(40)])
+    with serve(app, timeout_request_header=0.5, timeout_keep_alive=5) as srv:
+        with Conn.open(srv.host, srv.port) as conn:
+            elapsed, data = trickle_until_closed(conn, request, interval=0.02, limit=4.0)
+        assert_cut_off(data)
+        # Each byte arrives well within any idle timeout; only a whole-header deadline stops it.
+        assert 0.4 <= elapsed < 2.5, elapsed
+    assert app.calls == 0
+
+
+def test_header_timeout_applies_to_later_requests_too(serve: Any) -> None:
+    app = CountingApp()
+    with serve(app, timeout_request_header=0.5, timeout_keep_alive=5) as srv:
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(build_request())
+            assert conn.read_response().body == b"ok:"
+            elapsed, data = trickle_until_closed(conn, build_request(target="/" + "p" * 400), 0.02, 4.0)
+        assert_cut_off(data)
+        assert elapsed < 2.5, elapsed
+    assert app.calls == 1
+
+
+def test_idle_keep_alive_connection_closed(serve: Any) -> None:
+    with serve(CountingApp(), timeout_keep_alive=0.5, timeout_request_header=5) as srv:
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(build_request())
+            assert conn.read_response().status == 200
+            done = time.monotonic()
+            data = conn.read_until_close(timeout=3.0)
+            elapsed = time.monotonic() - done
+        assert data == b""  # nothing is sent on an idle connection, not even a 408
+        assert 0.35 <= elapsed < 2.5, elapsed
+
+
+def test_keep_alive_timer_restarts_with_each_request(serve: Any) -> None:
+    with serve(CountingApp(), timeout_keep_alive=0.6, timeout_request_header=5) as srv:
+        with Conn.open(srv.host, srv.port) as conn:
+            started = time.monotonic()
+            for _ in range(4):  # 4 x 0.3 s of idleness, each shorter than the keep-alive timeout
+                conn.send(build_request())
+                assert conn.read_response().status == 200
+                readable, _, _ = select.select([conn.sock], [], [], 0.3)  # deliberate idle gap
+                assert not readable, "connection closed before its keep-alive timeout"
+            assert time.monotonic() - started > 0.9
+            conn.send(build_request())
+            assert conn.read_response().status == 200
+
+
+def test_slow_app_is_not_cut_off_by_client_timeouts(serve: Any) -> None:
+    # Timeouts govern what the server waits for from the client, never the app's own time.
+    app = CountingApp(delay=0.8)
+    settings = {"timeout_keep_alive": 0.3, "timeout_request_header": 0.3, "timeout_request_body": 0.3}
+    with serve(app, **settings) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request("POST", body=b"data"))
+        resp = conn.read_response(timeout=5)
+        assert (resp.status, resp.body) == (200, b"ok:data")
+
+
+def test_stalled_body_is_cut_off(serve: Any) -> None:
+    outcome: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            body = await read_body(receive)
+        except ConnectionError:
+            outcome.append("disconnect")
+            return
+        outcome.append("body")
+        await respond(send, body=body)
+
+    with serve(app, timeout_request_body=0.5, timeout_request_header=5, timeout_keep_alive=5) as srv:
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(build_request("POST", headers=[("Content-Length", "1000")]) + b"x" * 10)
+            started = time.monotonic()
+            data = conn.read_until_close(timeout=3.0)
+            elapsed = time.monotonic() - started
+        assert_cut_off(data)
+        assert 0.35 <= elapsed < 2.5, elapsed
+        wait_for(lambda: outcome)
+    assert outcome == ["disconnect"]
+
+
+def test_crawling_body_is_cut_off(serve: Any) -> None:
+    """A body that keeps trickling (each byte well inside timeout_request_body) is cut off
+    because its rate stays under min_request_body_rate."""
+    release = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            body = await read_body(receive)
+        except ConnectionError:
+            release.set()
+            return
+        await respond(send, body=body)
+
+    settings = {"timeout_request_body": 0.5, "min_request_body_rate": 1000, "timeout_request_header": 5}
+    with serve(app, **settings) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request("POST", headers=[("Content-Length", "100000")]))
+        elapsed, data = trickle_until_closed(conn, b"b" * 100_000, interval=0.05, limit=5.0)
+        assert_cut_off(data)
+        assert elapsed < 4.0, elapsed
+        wait_for(release.is_set)
+
+
+def test_slow_clients_do_not_block_normal_clients(serve: Any) -> None:
+    with serve(CountingApp(), timeout_request_header=5) as srv:
+        slow = [Conn.open(srv.host, srv.port) for _ in range(100)]
+        try:
+            for conn in slow:
+                conn.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slo")  # never finished
+            started = time.monotonic()
+            for _ in range(20):
+                with Conn.open(srv.host, srv.port) as conn:
+                    conn.send(build_request(headers=[("Connection", "close")]))
+                    assert conn.read_response().status == 200
+            assert time.monotonic() - started < 2.0
+        finally:
+            for conn in slow:
+                conn.close()
