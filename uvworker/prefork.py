@@ -172,4 +172,5 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
 
     server = Server(config, on_ready=on_ready, on_tick=on_tick, install_signal_handlers=True)
     server.run(sockets=context.sockets)
+    channel.heartbeat(server.requests_served)  # the final count, for the master's totals
     return STARTUP_FAILURE if server.startup_failed else 0

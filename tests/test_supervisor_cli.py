@@ -1,0 +1,279 @@
+"""uvworker's supervisor mode through the real CLI (``python -m uvworker app:app --workers 2``),
+with real signals, keep-alive client load, a fake $NOTIFY_SOCKET and socket activation (issue 6)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import wait_for
+from tests.test_supervisor import FakeSystemd
+from uvworker.cli import parse
+from uvworker.config import Config
+from uvworker.prefork import wanted
+
+ROOT = Path(__file__).resolve().parent.parent
+
+APP = '''
+import os, time
+time.sleep(float(os.environ.get("APP_IMPORT_DELAY", "0")))
+if os.path.exists(os.environ.get("APP_BROKEN_FLAG", "/nonexistent")):
+    raise RuntimeError("deliberately broken deploy")
+LEAK = []
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/leak":
+        LEAK.append(os.urandom(1 << 20))
+    body = str(os.getpid()).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+'''
+
+CLEAN_ENV = ("WEB_CONCURRENCY", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+             "WATCHDOG_USEC", "FORWARDED_ALLOW_IPS")
+
+
+class Served:
+    """``uvworker app:app`` in supervisor mode on a socket this test bound (``--fd``)."""
+
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None, systemd: bool = False) -> None:
+        (tmp / "svapp.py").write_text(APP)
+        self.tmp = tmp
+        self.broken_flag = tmp / "broken"
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("UVWORKER_") and k not in CLEAN_ENV}
+        full_env |= {"APP_BROKEN_FLAG": str(self.broken_flag), "PYTHONPATH": str(ROOT)} | (env or {})
+        fd = self.sock.fileno()
+        argv = [sys.executable, "-m", "uvworker", "svapp:app", "--app-dir", str(tmp), "--no-access-log",
+                "--timeout-graceful-shutdown", "5", *args]
+        preexec = None
+        if systemd:
+            def preexec() -> None:
+                os.dup2(fd, 3)
+
+            argv = ["sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", *argv]
+            pass_fds = [3]
+        else:
+            argv += ["--fd", str(fd)]
+            pass_fds = [fd]
+        self.log_path = tmp / "server.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, pass_fds=pass_fds, preexec_fn=preexec,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.sock.close()
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        try:
+            wait_for(lambda: text in self.log, timeout)
+        except AssertionError:
+            raise AssertionError(f"{text!r} not in the log:\n{self.log}") from None
+
+    def get(self, path: str = "/") -> int:
+        response = httpx.get(self.url + path.lstrip("/"), timeout=5)
+        assert response.status_code == 200
+        return int(response.text)
+
+    def try_get(self) -> int | None:
+        try:
+            return self.get()
+        except (httpx.HTTPError, AssertionError):
+            return None
+
+    def workers(self) -> set[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        return {int(p) for p in out.stdout.split()}
+
+    def serving_pids(self, count: int, timeout: float = 10.0) -> set[int]:
+        seen: set[int] = set()
+
+        def enough() -> bool:
+            pid = self.try_get()
+            if pid:
+                seen.add(pid)
+            return len(seen) >= count
+
+        wait_for(enough, timeout)
+        return seen
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    started: list[Served] = []
+
+    def start(*args: str, **kwargs: Any) -> Served:
+        server = Served(tmp_path, *args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        leftovers = server.workers() if server.proc.poll() is None else set()
+        server.stop()
+        for pid in leftovers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class KeepAliveLoad:
+    """Clients in threads, each on one keep-alive connection, sending requests back to back."""
+
+    def __init__(self, url: str, clients: int = 4, path: str = "") -> None:
+        self.url = url + path
+        self.ok = 0
+        self.failures: list[str] = []
+        self.pids: set[int] = set()
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    response = client.get(self.url)
+                    if response.status_code != 200:
+                        raise RuntimeError(f"status {response.status_code}")
+                except Exception as exc:
+                    with self._lock:
+                        self.failures.append(repr(exc))
+                    continue
+                elapsed = time.monotonic() - started
+                with self._lock:
+                    self.ok += 1
+                    self.longest = max(self.longest, elapsed)
+                    self.pids.add(int(response.text))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(15)
+
+
+def test_supervisor_mode_is_chosen_by_workers_recycling_or_systemd() -> None:
+    def config(*argv: str) -> Config:
+        return Config(**parse(["app:app", *argv], {}))
+
+    assert not wanted(config(), {})
+    assert wanted(config("--workers", "2"), {})
+    assert wanted(config("--limit-max-requests", "50"), {})
+    assert config("--limit-max-requests", "50", "--limit-max-requests-jitter", "5").max_requests_jitter == 5
+    assert wanted(config("--max-memory", "200"), {})
+    assert wanted(config(), {"NOTIFY_SOCKET": "/run/systemd/notify"})
+    assert Config(**parse(["app:app"], {"WEB_CONCURRENCY": "3"})).workers == 3
+
+
+def test_hup_under_keepalive_load_fails_no_request(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2", env={"APP_IMPORT_DELAY": "0.5"})
+    old = server.serving_pids(2)
+    load = KeepAliveLoad(server.url)
+    wait_for(lambda: load.ok > 50)
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_log("Reload complete")
+    wait_for(lambda: len(load.pids - old) >= 2)
+    load.stop()
+    assert load.failures == []
+    wait_for(lambda: server.workers().isdisjoint(old))  # the old ones finish draining and exit
+    assert server.stop() == 0
+
+
+def test_hup_with_a_broken_deploy_keeps_the_old_workers(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2")
+    old = server.serving_pids(2)
+    server.broken_flag.write_text("")
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_log("Reload failed")
+    assert "deliberately broken deploy" in server.log
+    assert server.workers() == old
+    assert server.get() in old
+
+
+def test_max_requests_recycles_two_workers_without_failures(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2", "--max-requests", "50", "--max-requests-jitter", "10")
+    first = server.serving_pids(2)
+    load = KeepAliveLoad(server.url)
+    wait_for(lambda: len(load.pids - first) >= 3, timeout=15)  # several generations served
+    load.stop()
+    assert load.failures == []
+    assert "requests, limit" in server.log
+
+
+def test_max_memory_recycles_a_leaking_worker(served: Callable[..., Served]) -> None:
+    server = served("--workers", "1", "--max-memory", "40")
+    first = server.get()
+    for _ in range(60):
+        server.get("/leak")
+    server.wait_log("MiB, limit 40 MiB")
+    wait_for(lambda: server.try_get() not in (first, None))
+
+
+def test_killed_worker_is_replaced(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2")
+    pids = server.serving_pids(2)
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(server.workers() - pids) == 1)
+    survivors = server.serving_pids(2)
+    assert victim not in survivors
+
+
+def test_notify_sequence_with_socket_activation(served: Callable[..., Served], tmp_path: Path) -> None:
+    fake = FakeSystemd(tmp_path)
+    server = served("--workers", "2", systemd=True,
+                    env={"NOTIFY_SOCKET": fake.path, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "http",
+                         "APP_IMPORT_DELAY": "0.3"})
+    ready = fake.wait("READY=1")
+    assert server.get()  # READY=1 means answering now
+    assert f"MAINPID={server.proc.pid}" in fake.messages[ready][1]
+    assert "socket(s) from systemd: http" in server.log
+    server.proc.send_signal(signal.SIGHUP)
+    reloading = fake.wait("RELOADING=1", after=ready + 1)
+    assert "MONOTONIC_USEC=" in fake.messages[reloading][1]
+    fake.wait("READY=1", after=reloading + 1)
+    assert server.stop() == 0
+    fake.wait("STOPPING=1", after=reloading + 1)
+
+
+def test_startup_crash_loop_exits_3(served: Callable[..., Served], tmp_path: Path) -> None:
+    (tmp_path / "broken").write_text("")
+    server = served("--workers", "2")
+    assert server.proc.wait(20) == 3
+    assert "deliberately broken deploy" in server.log
+    assert server.log.count("keep failing before they are ready") == 1
+    assert "Traceback" not in server.log
