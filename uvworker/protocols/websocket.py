@@ -596,6 +596,11 @@ class WebSocketConnection(asyncio.Protocol):
         self._ping_timer = self._pong_timer = self._close_timer = None
 
     # -- lifecycle ----------------------------------------------------------------------------
+    deadline = 0.0  # the server's deadline sweep skips us: our timers are the loop's
+
+    def check_deadline(self, now: float) -> None:
+        pass
+
     def shutdown(self) -> None:
         """Retire: close an open WebSocket with 1012; one still handshaking closes on accept."""
         self._retiring = True
