@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from tests.conftest import wait_for
 from tests.http_client import Conn, build_request, parse_responses, respond
 
 
@@ -153,6 +154,17 @@ def test_date_and_server_headers_present(serve: Any) -> None:
         # The Date header may be cached for a second; allow a little more for a loaded machine.
         assert abs((datetime.now(timezone.utc) - sent).total_seconds()) < 5
         assert len(resp.get_all("date")) == 1 and len(resp.get_all("server")) == 1
+
+
+def test_date_header_is_refreshed(serve: Any) -> None:
+    with serve(echo_path_app) as srv, Conn.open(srv.host, srv.port) as conn:
+
+        def date() -> str | None:
+            conn.send(build_request())
+            return conn.read_response().get("date")
+
+        first = date()
+        wait_for(lambda: date() != first, timeout=3, interval=0.05)
 
 
 def test_no_server_and_no_date_header(serve: Any) -> None:

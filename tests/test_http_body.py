@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for
-from tests.http_client import Conn, build_request, read_body, respond, wait_event
+from tests.http_client import Conn, build_request, parse_responses, read_body, respond, wait_event
 
 MiB = 1024 * 1024
 
@@ -114,6 +114,34 @@ def test_unread_small_body_does_not_desync_the_connection(serve: Any) -> None:
         except AssertionError:  # Closed: the server chose to close instead of draining
             return
         assert second.body == b"/second"
+
+
+def test_unread_large_body_answered_then_closed_or_drained(serve: Any) -> None:
+    """An app that answers without reading a 10 MiB upload: the client still gets the answer
+    while it is sending, and the connection is then either closed or reusable, never desynced."""
+    total = 10 * MiB
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await respond(send, status=413, body=scope["path"].encode())
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request("POST", "/big", headers=[("Content-Length", str(total))]))
+        sender = threading.Thread(target=conn.send, args=(b"GET /x HTTP/1.1\r\n\r\n" * (total // 20),), daemon=True)
+        sender.start()
+        resp = conn.read_response()
+        assert (resp.status, resp.body) == (413, b"/big")
+        sender.join(timeout=10)
+        assert not sender.is_alive(), "the server neither drained nor closed: the client is stuck"
+        if resp.has_token("connection", "close"):
+            assert conn.read_until_close() == b""
+            return
+        conn.send(build_request(target="/next"))
+        try:
+            data = conn.read_until_close(timeout=3)
+        except AssertionError:  # still open: the body was drained; the next request is answered
+            return
+        for later in parse_responses(data):  # nothing from the "GET /x" lines in the body
+            assert later.body in (b"/next",), data
 
 
 # -- flow control ------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def test_crawling_body_is_cut_off(serve: Any) -> None:
 
 def test_slow_clients_do_not_block_normal_clients(serve: Any) -> None:
     with serve(CountingApp(), timeout_request_header=5) as srv:
-        slow = [Conn.open(srv.host, srv.port) for _ in range(100)]
+        slow = [Conn.open(srv.host, srv.port) for _ in range(200)]
         try:
             for conn in slow:
                 conn.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slo")  # never finished
