@@ -25,18 +25,22 @@ from uvworker.prefork import wanted
 
 ROOT = Path(__file__).resolve().parent.parent
 
-APP = '''
+APP = r'''
 import os, time
 time.sleep(float(os.environ.get("APP_IMPORT_DELAY", "0")))
 if os.path.exists(os.environ.get("APP_BROKEN_FLAG", "/nonexistent")):
     raise RuntimeError("deliberately broken deploy")
 LEAK = []
+with open(os.environ["APP_IMPORT_LOG"], "a") as log:
+    log.write(f"{os.getpid()}\n")
 
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
     if scope["path"] == "/leak":
         LEAK.append(os.urandom(1 << 20))
+    if scope["path"] == "/block":
+        time.sleep(60)  # blocks the event loop: no more heartbeats
     body = str(os.getpid()).encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", str(len(body)).encode())]})
@@ -54,11 +58,13 @@ class Served:
         (tmp / "svapp.py").write_text(APP)
         self.tmp = tmp
         self.broken_flag = tmp / "broken"
+        self.import_log = tmp / "imports"
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("UVWORKER_") and k not in CLEAN_ENV}
-        full_env |= {"APP_BROKEN_FLAG": str(self.broken_flag), "PYTHONPATH": str(ROOT)} | (env or {})
+        full_env |= {"APP_BROKEN_FLAG": str(self.broken_flag), "APP_IMPORT_LOG": str(self.import_log),
+                     "PYTHONPATH": str(ROOT)} | (env or {})
         fd = self.sock.fileno()
         argv = [sys.executable, "-m", "uvworker", "svapp:app", "--app-dir", str(tmp), "--no-access-log",
                 "--timeout-graceful-shutdown", "5", *args]
@@ -277,3 +283,38 @@ def test_startup_crash_loop_exits_3(served: Callable[..., Served], tmp_path: Pat
     assert "deliberately broken deploy" in server.log
     assert server.log.count("keep failing before they are ready") == 1
     assert "Traceback" not in server.log
+
+
+def test_hung_worker_is_aborted_with_its_stack_and_replaced(served: Callable[..., Served]) -> None:
+    server = served("--workers", "1", "--timeout-worker", "1.5")
+    first = server.get()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(server.url + "block", timeout=8)
+    server.wait_log("sent no heartbeat for 1.5 s")
+    server.wait_log('svapp.py", line')  # faulthandler's dump shows where it was stuck
+    wait_for(lambda: server.try_get() not in (first, None))
+
+
+def test_preload_imports_the_app_once_in_the_master(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2", "--preload")
+    server.serving_pids(2)
+    assert server.import_log.read_text().split() == [str(server.proc.pid)]
+
+
+def test_without_preload_each_worker_imports_the_app(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2")
+    pids = server.serving_pids(2)
+    assert {int(p) for p in server.import_log.read_text().split()} == pids
+
+
+def test_reload_restarts_workers_when_a_source_file_changes(served: Callable[..., Served], tmp_path: Path) -> None:
+    server = served("--reload", "--reload-dir", str(tmp_path))
+    first = server.get()
+
+    def edit_and_check() -> bool:
+        # Keep editing until the watcher noticed: it may start watching a moment after serving.
+        (tmp_path / "svapp.py").write_text(APP + f"\n# edit {time.monotonic()}\n")
+        return "Detected changes in" in server.log
+
+    wait_for(edit_and_check, interval=0.2)
+    wait_for(lambda: server.try_get() not in (first, None))

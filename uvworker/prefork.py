@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from supervisor.config import DEFAULT_RELOAD_EXCLUDE, DEFAULT_RELOAD_INCLUDE, SupervisorConfig, SupervisorError
@@ -32,6 +33,7 @@ from uvworker.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from supervisor.child import WorkerContext
+    from uvworker.settings import Setting
     from uvworker.protocols.cycle import RequestCycle
 
 logger = logging.getLogger("uvworker.error")
@@ -39,20 +41,33 @@ logger = logging.getLogger("uvworker.error")
 STARTUP_FAILURE = 3
 
 
-def wanted(config: Config, environ: dict[str, str] | os._Environ[str] | None = None) -> bool:
-    """Supervisor mode: more than one worker, any recycling/reload/process option, or systemd.
+# Settings that only the supervisor acts on: giving any of them (a value other than its default)
+# selects supervisor mode, as does --workers above 1.
+SUPERVISOR_SETTINGS = (
+    "max_requests", "max_requests_jitter", "max_lifetime", "max_lifetime_jitter", "max_memory",
+    "timeout_worker", "pid", "user", "group", "umask", "preload", "reload", "reload_dir",
+    "reload_include", "reload_exclude",
+)
+
+
+def wanted(config: Config, environ: Mapping[str, str] | None = None) -> bool:
+    """Supervisor mode: more than one worker, any supervisor option, or systemd.
 
     Under systemd (``$NOTIFY_SOCKET`` or socket activation) the supervisor is used even for one
     worker, because it is what speaks the notify protocol and adopts activated sockets.
     """
+    from uvworker.settings import BY_NAME
+
     env = os.environ if environ is None else environ
-    return bool(
-        config.workers > 1
-        or config.max_requests or config.max_lifetime or config.max_memory
-        or config.reload or config.preload or config.pid
-        or config.user is not None or config.group is not None
-        or env.get("NOTIFY_SOCKET") or env.get("LISTEN_FDS")
-    )
+    given = any(_given(config, BY_NAME[name]) for name in SUPERVISOR_SETTINGS)
+    return config.workers > 1 or given or bool(env.get("NOTIFY_SOCKET") or env.get("LISTEN_FDS"))
+
+
+def _given(config: Config, setting: Setting) -> bool:
+    value = getattr(config, setting.name)
+    if setting.kind == "list":
+        return bool(value)
+    return value != setting.default
 
 
 def supervisor_config(config: Config) -> SupervisorConfig:
