@@ -433,6 +433,41 @@ def test_invalid_utf8_closes_with_1007(serve: Any) -> None:
             assert raw.read_close()[0] == 1007
 
 
+def test_close_between_fragments_is_a_clean_close(serve: Any) -> None:
+    """RFC 6455 5.4: control frames may come between fragments (Autobahn 7.1.5)."""
+    rec = Recorder()
+    with serve(echo_app(rec)) as srv:
+        with RawWS(srv) as raw:
+            raw.upgrade()
+            raw.send(frame(1, b"frag", fin=False) + frame(8, struct.pack("!H", 1000)) + frame(0, b"ment"))
+            assert raw.read_close() == (1000, "")
+            assert raw.at_eof()
+        assert rec.disconnect() == {"type": "websocket.disconnect", "code": 1000, "reason": ""}
+        assert [m["type"] for m in rec.messages] == ["websocket.disconnect"]
+
+
+def test_send_after_a_protocol_failure_raises_oserror(serve: Any) -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        seen.append(await receive())
+        try:
+            await send({"type": "websocket.send", "text": "too late"})
+        except OSError as exc:
+            seen.append(exc)
+
+    with serve(app) as srv:
+        with RawWS(srv) as raw:
+            raw.upgrade()
+            raw.send(frame(0, b"continuation of nothing"))
+            assert raw.read_close()[0] == 1002
+        wait_for(lambda: len(seen) == 2)
+    assert seen[0] == {"type": "websocket.disconnect", "code": 1002, "reason": "unexpected continuation frame"}
+    assert isinstance(seen[1], OSError)
+
+
 def test_protocol_error_closes_with_1002(serve: Any) -> None:
     with serve(echo_app()) as srv, RawWS(srv) as raw:
         raw.upgrade()

@@ -68,8 +68,17 @@ try:
     from websockets.http11 import Request
     from websockets.protocol import OPEN as PROTOCOL_OPEN
     from websockets.server import ServerProtocol
+
+    class _ServerProtocol(ServerProtocol):
+        def recv_frame(self, frame: Frame) -> None:
+            if frame.opcode is CLOSE and self.current_size is not None:
+                # RFC 6455 5.4 lets control frames come between fragments; a close ends the
+                # connection and the unfinished message with it (websockets fails it with 1002).
+                self.current_size = None
+            super().recv_frame(frame)
+
 except ImportError:  # --ws auto without websockets: upgrade requests are served as HTTP
-    ServerProtocol = None  # type: ignore[assignment,misc]
+    ServerProtocol = _ServerProtocol = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from uvworker.protocols.http import HTTPConnection
@@ -149,7 +158,7 @@ class WebSocketConnection(asyncio.Protocol):
         # The protocol side.
         # The request head is parsed already: the protocol starts OPEN, expecting frames.
         extensions = enable_server_permessage_deflate(None) if config.ws_per_message_deflate else None
-        self.protocol = ServerProtocol(extensions=extensions, max_size=config.ws_max_size, state=PROTOCOL_OPEN)
+        self.protocol = _ServerProtocol(extensions=extensions, max_size=config.ws_max_size, state=PROTOCOL_OPEN)
         self._fast_send = False  # set at accept: no extension negotiated
         self._fragments: list[Any] | None = None  # pieces of a fragmented message
         self._decoder: codecs.IncrementalDecoder | None = None
@@ -274,6 +283,7 @@ class WebSocketConnection(asyncio.Protocol):
                 return False
             return self._on_fragment(frame)
         if opcode is CLOSE:  # websockets has answered it and asks for the TCP connection closed
+            self._fragments = self._decoder = None
             self._set_disconnected()
             self._wake()
         elif opcode is PONG and self._ping_payload is not None and frame.data == self._ping_payload:
@@ -328,9 +338,11 @@ class WebSocketConnection(asyncio.Protocol):
         if self.phase != CLOSED:
             if data:
                 self.transport.write(data)
-            if eof:
+            if eof:  # the connection is over, whoever ended it: tell the app now
                 self._cancel_timers()
                 self.transport.close()
+                self._set_disconnected()
+                self._wake()
 
     def write(self, data: bytes) -> None:
         """For the RequestCycle of a denial response."""
@@ -527,7 +539,9 @@ class WebSocketConnection(asyncio.Protocol):
             if data is None:
                 raise RuntimeError("A websocket.send message needs 'bytes' or 'text'")
             opcode = 0x82
-        if self._fast_send and self.protocol.state is PROTOCOL_OPEN:
+        if self.protocol.state is not PROTOCOL_OPEN:  # closing: the client's close, or a failure
+            raise ClientDisconnected("the WebSocket connection is closing")
+        if self._fast_send:
             # No extension to apply: a server frame is a header and the unmasked payload.
             length = len(data)
             if length < 126:
