@@ -144,6 +144,12 @@ class Stats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def backoff(failures: int) -> float:
+    """Delay before respawning after ``failures`` failures in a row: the first respawn is
+    immediate (a one-off crash should cost no capacity), then 0.1 s doubling up to 10 s."""
+    return 0.0 if failures <= 1 else min(MAX_BACKOFF, 0.1 * 2 ** (failures - 2))
+
+
 def describe_status(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
@@ -449,7 +455,7 @@ class Master:
             return
         if failure:
             slot.failures += 1
-            slot.next_spawn_at = now + min(MAX_BACKOFF, 0.1 * 2 ** (slot.failures - 1))
+            slot.next_spawn_at = now + backoff(slot.failures)
 
     def _on_exit(self, worker: Worker, status: int) -> None:
         self._drain(worker)
@@ -707,7 +713,7 @@ class Master:
             os.close(write_fd)
             self.log.error("Cannot fork a worker: %s.", exc.strerror)
             slot.failures += 1
-            slot.next_spawn_at = time.monotonic() + min(MAX_BACKOFF, 0.1 * 2 ** (slot.failures - 1))
+            slot.next_spawn_at = time.monotonic() + backoff(slot.failures)
             return None
         if pid == 0:
             self._become_worker(slot, read_fd, write_fd, requests_limit)
