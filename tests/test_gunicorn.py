@@ -485,6 +485,24 @@ def test_user_group_and_umask_as_gunicorn_applies_them() -> None:
         shutil.rmtree(directory)
 
 
+def test_example_configuration_serves(tmp_path: Path) -> None:
+    example = (REPO / "examples" / "gunicorn.conf.py").read_text()
+    with run_gunicorn(tmp_path, conf=example, env={"WEB_CONCURRENCY": "2"}, workers=2) as server:
+        assert server.get("/").status_code == 200  # -b on the command line wins over its bind
+        wait_for(lambda: '"GET / HTTP/1.1" 200' in server.log)
+        assert "[ERROR]" not in server.log
+
+
+def test_wsgi_application(tmp_path: Path) -> None:
+    wsgi = (
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [environ['wsgi.url_scheme'].encode(), b' ', environ['PATH_INFO'].encode()]\n"
+    )
+    with run_gunicorn(tmp_path, app=wsgi, args=("--threads", "4")) as server:
+        assert server.get("/wsgi/path").text == "http /wsgi/path"
+
+
 def test_uvworker_options_from_raw_env(tmp_path: Path) -> None:
     with run_gunicorn(tmp_path, conf='raw_env = ["UVWORKER_ROOT_PATH=/api"]\n') as server:
         assert server.info()["root_path"] == "/api"
