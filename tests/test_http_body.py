@@ -240,6 +240,33 @@ def test_response_backpressure_send_waits_while_client_does_not_read(serve: Any)
         wait_for(lambda: progress["done"])
 
 
+def test_pipelining_client_that_never_reads_is_bounded(serve: Any) -> None:
+    """A client pipelines requests and never reads the responses: once the write buffer is
+    full the server must stop taking requests off the socket (else it buffers every
+    response in memory), so the client's sends stall."""
+    calls = {"n": 0}
+    body = b"r" * 4096
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        calls["n"] += 1
+        await respond(send, body=body)
+
+    blob = build_request(target="/p") * 1000
+    bound = 16 * MiB // len(body)  # responses that may sit in socket + transport buffers
+    with serve(app) as srv, Conn.open(srv.host, srv.port, rcvbuf=65536, sndbuf=65536) as conn:
+        conn.sock.settimeout(0.5)
+        deadline = time.monotonic() + 5
+        stalled = False
+        while time.monotonic() < deadline and calls["n"] < bound:
+            try:
+                conn.sock.send(blob)
+            except socket.timeout:
+                stalled = True
+                break
+        assert calls["n"] < bound, f"server answered {calls['n']} requests nobody reads ({calls['n'] * 4} KiB buffered)"
+        assert stalled
+
+
 # -- Expect: 100-continue ----------------------------------------------------------------------
 
 
@@ -266,6 +293,13 @@ def test_100_continue_not_sent_when_app_answers_without_reading(serve: Any) -> N
         resp = conn.read_response()
         assert resp.status == 413  # the final response comes first, no "100 Continue"
         assert resp.body == b"too big"
+        # RFC 9110 §10.1.1: the client may still send the body. The server either closed
+        # (saying so) or discards it; it never reads the body as the next request.
+        conn.send(b"x" * 99_990 + b"GET /\r\n" + build_request(target="/next"))
+        if resp.has_token("connection", "close"):
+            assert conn.read_until_close() == b""
+        else:
+            assert conn.read_response().status == 413
 
 
 def test_100_continue_never_sent_to_http10(serve: Any) -> None:

@@ -139,6 +139,21 @@ def test_invalid_asgi_message_is_app_error_500(serve: Any, message: dict[str, An
             wait_for(lambda: [r for r in records if r.levelno >= 40])
 
 
+@pytest.mark.parametrize("status", [100, 103, 101])
+def test_informational_status_from_app_is_app_error(serve: Any, status: int) -> None:
+    # http.response.start starts the final response; a 1xx there would leave the client
+    # waiting for a final response that never comes.
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with capture_log():
+        with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+            conn.send(build_request())
+            resp = conn.read_final_response(timeout=2)
+            assert resp.status == 500
+
+
 BAD_HEADERS = {
     "crlf-in-value": (b"x-a", b"ok\r\nX-Injected: yes"),
     "lf-in-value": (b"x-a", b"ok\nX-Injected: yes"),

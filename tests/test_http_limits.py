@@ -57,6 +57,26 @@ def test_request_line_too_long_414(serve: Any) -> None:
     assert app.paths == ["/" + "b" * 150]
 
 
+def test_limits_are_exact(serve: Any) -> None:
+    """The limit itself is allowed, one more byte (or field) is not. The request line is
+    counted without its CRLF; a field as "Name: value"; the field count includes Host."""
+    settings = {"limit_request_line": 200, "limit_request_field_size": 100, "limit_request_fields": 5}
+    with serve(PathApp(), **settings) as srv:
+
+        def status(raw: bytes) -> int:
+            with Conn.open(srv.host, srv.port) as conn:
+                conn.send(raw)
+                return conn.read_response().status
+
+        for length, expected in ((200, 200), (201, 414)):
+            target = "/" + "a" * (length - len("GET / HTTP/1.1"))
+            assert status(build_request(target=target)) == expected, length
+        for length, expected in ((100, 200), (101, 431)):
+            assert status(build_request(headers=[("X-A", "v" * (length - len("X-A: ")))])) == expected, length
+        for count, expected in ((5, 200), (6, 431)):
+            assert status(build_request(headers=[(f"X-{i}", "1") for i in range(count - 1)])) == expected, count
+
+
 def test_request_line_limit_is_on_by_default(serve: Any) -> None:
     app = PathApp()
     with serve(app) as srv:
@@ -198,6 +218,22 @@ def test_chunk_size_beyond_64_bits_never_smuggles(serve: Any) -> None:
     for resp in parse_responses(data):
         assert resp.status == 400, data
     assert "/smuggled" not in app.paths
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", b"GET / HTTP/3.0\r\nHost: x\r\n\r\n"],
+    ids=["h2-preface", "http2-version", "http3-version"],
+)
+def test_other_major_versions_not_served(serve: Any, raw: bytes) -> None:
+    # RFC 9110 §6.2 / RFC 9112 §2.3: an HTTP/1 server does not serve other major versions
+    # (505, or 400 for the HTTP/2 preface); the app never sees such a request.
+    app = PathApp()
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(raw)
+        data = conn.read_until_close()
+    assert [r.status for r in parse_responses(data)] in ([400], [505]), data
+    assert app.paths == []
 
 
 def test_http11_without_host_400(serve: Any) -> None:

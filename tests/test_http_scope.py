@@ -71,6 +71,19 @@ def test_absolute_form_target(serve: Any) -> None:
     assert scope["query_string"] == b"a=b"
 
 
+@pytest.mark.parametrize(
+    ("target", "path", "query"),
+    [
+        ("http://example.com", "/", b""),
+        ("http://example.com?a=1", "/", b"a=1"),
+        ("http://user@example.com:81/x?y", "/x", b"y"),
+    ],
+)
+def test_absolute_form_edge_cases(serve: Any, target: str, path: str, query: bytes) -> None:
+    scope, _ = scope_for(serve, build_request("GET", target, headers=[("Host", "example.com")]))
+    assert (scope["path"], scope["query_string"]) == (path, query)
+
+
 @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
 def test_method(serve: Any, method: str) -> None:
     scope, _ = scope_for(serve, build_request(method, "/m", body=b"x" if method != "OPTIONS" else b""))
