@@ -335,23 +335,63 @@ def test_100_continue_not_sent_when_body_already_arrived(serve: Any) -> None:
 
 
 def test_disconnect_before_response(serve: Any) -> None:
-    got: list[str] = []
+    """With the body read and no response yet, receive() blocks until the client goes away,
+    then returns http.disconnect (it must not return it early)."""
+    got: list[tuple[str, bool]] = []
     waiting = threading.Event()
+    closed = threading.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         first = await receive()
-        got.append(first["type"])
+        got.append((first["type"], closed.is_set()))
         waiting.set()
         second = await asyncio.wait_for(receive(), timeout=5)
-        got.append(second["type"])
+        got.append((second["type"], closed.is_set()))
 
     with serve(app) as srv:
         conn = Conn.open(srv.host, srv.port)
         conn.send(build_request())
         wait_for(waiting.is_set)
+        closed.set()
         conn.close()
         wait_for(lambda: len(got) == 2)
-        assert got == ["http.request", "http.disconnect"]
+        assert got == [("http.request", False), ("http.disconnect", True)]
+
+
+def test_disconnect_while_streaming_response(serve: Any) -> None:
+    """An endless stream (think server-sent events) learns that the client left: receive()
+    returns http.disconnect, or send() raises OSError (ASGI spec 2.4)."""
+    outcome: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def listen() -> None:
+            message = await receive()
+            while message["type"] != "http.disconnect":
+                message = await receive()
+
+        listener = asyncio.ensure_future(listen())
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        try:
+            for _ in range(500):
+                if listener.done():
+                    outcome.append("disconnect")
+                    return
+                await send({"type": "http.response.body", "body": b"data: tick\n\n", "more_body": True})
+                await asyncio.sleep(0.01)
+            outcome.append("never noticed")
+        except OSError:
+            outcome.append("send raised")
+        finally:
+            listener.cancel()
+
+    with serve(app) as srv:
+        conn = Conn.open(srv.host, srv.port)
+        conn.send(build_request())
+        assert conn.read_head().status == 200
+        conn.read_until(b"data: tick", time.monotonic() + 3)
+        conn.close()
+        wait_for(lambda: outcome, timeout=4)
+        assert outcome[0] in ("disconnect", "send raised")
 
 
 def test_disconnect_during_body(serve: Any) -> None:

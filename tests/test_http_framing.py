@@ -193,3 +193,36 @@ def test_no_response_is_chunked_to_http10(serve: Any) -> None:
         (resp,) = parse_responses(data)
         assert not resp.chunked
         assert resp.body == b"abc"
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        {"type": "http.response.start", "status": 200, "headers": [(b"X-Upper", b"1")]},
+        {"type": "http.response.start", "status": 200, "headers": [[b"x-upper", b"1"]]},
+    ],
+    ids=["uppercase-name", "list-pairs"],
+)
+def test_asgi_header_forms_accepted(serve: Any, start: dict[str, Any]) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send(start)
+        await send({"type": "http.response.body"})  # "body" defaults to b""
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request() + build_request())
+        for _ in range(2):
+            resp = conn.read_response()
+            assert resp.status == 200
+            assert resp.get("x-upper") == "1"
+            assert resp.body == b""
+        conn.assert_open()
+
+
+def test_large_response_header(serve: Any) -> None:
+    cookie = b"c" * 100_000
+    app = parts_app(headers=[(b"set-cookie", cookie), (b"content-length", b"2")], parts=[b"ok"])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request())
+        resp = conn.read_response()
+        assert resp.get("set-cookie") == cookie.decode()
+        assert resp.body == b"ok"

@@ -96,6 +96,37 @@ def test_pipelined_request_behind_in_flight_one_is_not_dropped_silently(serve: A
         wait_for(lambda: not srv.thread.is_alive(), timeout=3)
 
 
+def test_upload_in_flight_completes_during_shutdown(serve: Any) -> None:
+    got: list[bytes] = []
+    entered = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/probe":
+            await respond(send, body=b"probe")
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            entered.set()
+            if not message.get("more_body"):
+                break
+        got.append(body)
+        await respond(send, body=body)
+
+    with serve(app, timeout_graceful_shutdown=5) as srv:
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(build_request("POST", "/up", headers=[("Content-Length", "10")]) + b"first")
+            wait_for(entered.is_set)
+            srv.server.should_exit = True
+            wait_for(lambda: shutdown_noticed(srv), timeout=3)
+            conn.send(b"-last")
+            resp = conn.read_response()
+            assert (resp.status, resp.body) == (200, b"first-last")
+            assert resp.has_token("connection", "close")
+        wait_for(lambda: not srv.thread.is_alive(), timeout=3)
+
+
 def test_idle_keep_alive_connection_closed_by_its_timeout_on_shutdown(serve: Any) -> None:
     # DESIGN: a stopping server leaves an idle keep-alive connection open (closing it races
     # with a request the client may be sending) until its keep-alive timeout.
