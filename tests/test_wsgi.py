@@ -630,3 +630,35 @@ def test_detection() -> None:
 def test_class_and_instance_apps_with_lifespan_on(serve: Any, app: Any, body: bytes) -> None:
     with serve(app, lifespan="on") as srv:  # the adapter answers lifespan itself
         assert httpx.get(srv.url).content == body
+
+
+class FakeExchange:
+    """Hands out a body in the given pieces, as the event loop would."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = list(pieces)
+
+    def receive_body(self) -> tuple[bytes, bool]:
+        return self.pieces.pop(0), len(self.pieces) > 0
+
+
+def test_input_stream_reads_like_a_buffered_file() -> None:
+    """Random reads over random piece boundaries return what io.BytesIO returns."""
+    import io
+    import random
+
+    from uvworker.interfaces.wsgi import InputStream
+
+    rng = random.Random(4)
+    for _ in range(300):
+        body = bytes(rng.choice(b"ab\n") for _ in range(rng.randrange(0, 300)))
+        cuts = sorted(rng.sample(range(len(body) + 1), k=min(len(body) + 1, rng.randrange(1, 8))))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+        stream, expected = InputStream(FakeExchange(pieces), eof=False), io.BytesIO(body)  # type: ignore[arg-type]
+        while True:
+            op, n = rng.choice(["read", "readline"]), rng.choice([-1, 0, 1, 2, 5, 17, 64, None])
+            got, want = getattr(stream, op)(n), getattr(expected, op)(n)
+            assert got == want, (op, n, pieces)
+            if op == "read" and n in (-1, None):
+                break
+        assert stream.read() == b"" and stream.readline() == b""

@@ -153,72 +153,80 @@ class InputStream:
     """``wsgi.input``: the request body, pulled from the connection as the app reads it.
 
     ``read(n)`` returns n bytes unless the body ends first (like a buffered file), so apps
-    that read ``CONTENT_LENGTH`` bytes in one call get them all.
+    that read ``CONTENT_LENGTH`` bytes in one call get them all. The piece received last is
+    kept as is and sliced (one copy), or handed over whole when the app asks for all of it.
     """
 
-    __slots__ = ("_exchange", "_buffer", "_eof")
+    __slots__ = ("_exchange", "_chunk", "_pos", "_eof")
 
     def __init__(self, exchange: Exchange, eof: bool) -> None:
         self._exchange = exchange
-        self._buffer = bytearray()
+        self._chunk = b""  # the piece being consumed, from offset _pos
+        self._pos = 0
         self._eof = eof
 
-    def _fill(self) -> bool:
-        """Append the next piece of body to the buffer; False once the body has ended."""
-        if self._eof:
-            return False
-        data, more = self._exchange.receive_body()
-        if not more:
-            self._eof = True
-        self._buffer += data
-        return True
+    def _next(self) -> bool:
+        """Replace the (consumed) current piece with the next one; False once the body ended."""
+        while not self._eof:
+            data, more = self._exchange.receive_body()
+            if not more:
+                self._eof = True
+            if data:
+                self._chunk, self._pos = data, 0
+                return True
+        self._chunk, self._pos = b"", 0
+        return False
 
     def read(self, size: int | None = -1) -> bytes:
-        buffer = self._buffer
+        chunk, pos = self._chunk, self._pos
+        available = len(chunk) - pos
         if size is None or size < 0:
-            while self._fill():
-                pass
-            size = len(buffer)
-        else:
-            while len(buffer) < size and self._fill():
-                pass
-        data = bytes(buffer[:size])
-        del buffer[:size]
-        return data
+            size = -1
+        elif available >= size:
+            if pos == 0 and available == size:
+                self._chunk = b""
+                return chunk
+            self._pos = pos + size
+            return chunk[pos : pos + size]
+        parts = [chunk[pos:]] if pos else [chunk]
+        needed = size - available
+        while (size < 0 or needed > 0) and self._next():
+            chunk = self._chunk
+            if size < 0 or len(chunk) <= needed:
+                parts.append(chunk)
+                needed -= len(chunk)
+            else:
+                parts.append(chunk[:needed])
+                self._pos = needed
+                return b"".join(parts)
+        self._chunk, self._pos = b"", 0
+        return b"".join(parts)
 
     def readline(self, size: int | None = -1) -> bytes:
-        buffer = self._buffer
         limit = -1 if size is None else size
-        start = 0
+        parts = []
+        taken = 0
         while True:
-            index = buffer.find(b"\n", start)
+            chunk, pos = self._chunk, self._pos
+            end = len(chunk) if limit < 0 else min(len(chunk), pos + limit - taken)
+            index = chunk.find(b"\n", pos, end)
             if index >= 0:
                 end = index + 1
-                break
-            if 0 <= limit <= len(buffer):
-                end = limit
-                break
-            start = len(buffer)
-            if not self._fill():
-                end = len(buffer)
-                break
-        if 0 <= limit < end:
-            end = limit
-        data = bytes(buffer[:end])
-        del buffer[:end]
-        return data
+            parts.append(chunk[pos:end])
+            taken += end - pos
+            self._pos = end
+            if index >= 0 or taken == limit or not (end == len(chunk) and self._next()):
+                return b"".join(parts)
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
         lines = []
         total = 0
-        while True:
-            line = self.readline()
-            if not line:
-                return lines
+        while line := self.readline():
             lines.append(line)
             total += len(line)
             if hint is not None and 0 < hint <= total:
-                return lines
+                break
+        return lines
 
     def __iter__(self) -> InputStream:
         return self
