@@ -58,7 +58,11 @@ def reset_process(close_fds: list[int]) -> None:
         except OSError:
             pass
     # SIGABRT from the master means "you look hung": dump every thread's stack to stderr.
-    faulthandler.enable(file=sys.stderr, all_threads=True)
+    if sys.stderr is not None:
+        try:
+            faulthandler.enable(file=sys.stderr, all_threads=True)
+        except (ValueError, OSError, AttributeError):
+            pass  # stderr without a file descriptor: no dump, the abort still works
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
 
 

@@ -8,7 +8,8 @@ Rules this module keeps
    wakes the selector, so a signal is handled within one loop iteration.
 3. Capacity first. A worker that has to go for a planned reason (reload, max requests, max
    lifetime, max memory) is retired only after its replacement has reported ``ready``. Only a
-   crash or a hang loses capacity, and only until the respawn.
+   crash or a hang loses capacity, and only until the respawn. (One exception: a worker above
+   twice its --max-memory is retired at once; its connections wait in the kernel backlog.)
 4. Never many at once: at most ``rotate_at_once`` replacements are in flight.
 5. Every timer is a deadline on the monotonic clock; the loop sleeps until the nearest one.
 6. The listening sockets stay open in the master for its whole life, and the master never
@@ -70,6 +71,9 @@ EXIT_ERROR = 1
 EXIT_STARTUP_FAILED = 3
 
 MAX_BACKOFF = 10.0
+# --max-memory: above this multiple of the limit a worker is retired without waiting for its
+# replacement (rule 3's one exception: a runaway leak must not take the machine down).
+HARD_MEMORY_FACTOR = 2.0
 
 
 class State(enum.Enum):
@@ -537,6 +541,9 @@ class Master:
                     self.log.warning("%s did not finish retiring in time; killing it.", worker.describe().capitalize())
                 worker.killed = True
                 _signal(worker, signal.SIGKILL)
+        if self._watchdog and now >= self.stats.next_watchdog_at:
+            self._notifier.notify("WATCHDOG=1")  # the loop is turning: that is what systemd asks
+            self.stats.next_watchdog_at = now + self._watchdog
         if self.phase in (Phase.STOPPING, Phase.HALTING):
             if self.stop_deadline is not None and now >= self.stop_deadline and self.workers:
                 self.log.warning("%d worker(s) did not stop in time; killing them.", len(self.workers))
@@ -556,8 +563,22 @@ class Master:
         sample = bool(cfg.max_memory) and now >= self.stats.next_memory_at
         if sample:
             self.stats.next_memory_at = now + cfg.memory_interval
+        limit = cfg.max_memory * 1024 * 1024
         for worker in self._attached():
-            if worker.state is not State.SERVING or worker.replace_reason:
+            if worker.state is not State.SERVING:
+                continue
+            used = memory.unique_memory(worker.pid) if sample else None
+            if used is not None and used > HARD_MEMORY_FACTOR * limit:
+                # A fast leak outruns "replacement first": stop feeding it now. New connections
+                # wait in the kernel backlog for the other workers or the replacement.
+                self.log.warning(
+                    "Retiring %s at once: it uses %.0f MiB, over %g times its limit of %g MiB.",
+                    worker.describe(), used / 1048576, HARD_MEMORY_FACTOR, cfg.max_memory,
+                )
+                worker.replace_reason = worker.replace_reason or "memory"
+                self._transition(worker, "retire")
+                continue
+            if worker.replace_reason:
                 continue
             reason = None
             if worker.requests_limit and worker.requests >= worker.requests_limit:
@@ -565,11 +586,9 @@ class Master:
             elif worker.lifetime_limit and worker.ready_at is not None and now - worker.ready_at >= worker.lifetime_limit:
                 reason = f"lived {now - worker.ready_at:.0f} s, limit {worker.lifetime_limit:.0f} s"
             elif sample:
-                used = memory.unique_memory(worker.pid)
-                limit = cfg.max_memory * 1024 * 1024
                 worker.memory_over = worker.memory_over + 1 if used is not None and used > limit else 0
-                if worker.memory_over >= cfg.memory_samples:
-                    reason = f"uses {used / 1048576:.0f} MiB, limit {cfg.max_memory:g} MiB"  # type: ignore[operator]
+                if worker.memory_over >= cfg.memory_samples and used is not None:
+                    reason = f"uses {used / 1048576:.0f} MiB, limit {cfg.max_memory:g} MiB"
             if reason:
                 worker.replace_reason = reason
                 self.log.info("Recycling %s: %s; starting its replacement first.", worker.describe(), reason)
@@ -608,9 +627,6 @@ class Master:
                 self._notifier.notify("READY=1", f"STATUS={self._status_text()}")
 
     def _notify_periodic(self, now: float) -> None:
-        if self._watchdog and now >= self.stats.next_watchdog_at:
-            self._notifier.notify("WATCHDOG=1")
-            self.stats.next_watchdog_at = now + self._watchdog
         if self._notifier.enabled and self.phase is not Phase.STARTING and now >= self.stats.next_status_at:
             text = self._status_text()
             if text != self.stats.last_status:

@@ -82,6 +82,7 @@ def supervisor_config(config: Config) -> SupervisorConfig:
         max_lifetime=config.max_lifetime,
         max_lifetime_jitter=config.max_lifetime_jitter,
         max_memory=config.max_memory,
+        memory_interval=0.5,
         pidfile=config.pid,
         user=config.user,
         group=config.group,

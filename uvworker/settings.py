@@ -320,7 +320,7 @@ SETTINGS: tuple[Setting, ...] = (
     _S("max_lifetime_jitter", 0.0, help="Add a random 0..SECONDS to each worker's --max-lifetime.",
        **_SECONDS),
     _S("max_memory", 0.0, number, "Replace a worker whose own memory (USS) stays above this many MiB "
-       "for 3 samples a second apart; 0 never.", metavar="MIB"),
+       "for 3 samples half a second apart (at once above twice as many); 0 never.", metavar="MIB"),
     _S("timeout_worker", 30.0, help="A worker that sends no heartbeat for this long is aborted "
        "(stack dump, then killed) and replaced.", gunicorn="timeout", **_SECONDS),
     _S("pid", None, text, "Write the supervisor's process id to this file (refused if it names a "
