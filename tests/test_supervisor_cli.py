@@ -320,3 +320,21 @@ def test_reload_restarts_workers_when_a_source_file_changes(served: Callable[...
 
     wait_for(edit_and_check, interval=0.2)
     wait_for(lambda: server.try_get() not in (first, None))
+
+
+def test_usr1_reopens_logs_and_keeps_the_workers(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2")
+    pids = server.serving_pids(2)
+    server.proc.send_signal(signal.SIGUSR1)
+    server.wait_log("Reopened log files (SIGUSR1 forwarded to 2 worker(s))")
+    assert server.serving_pids(2) == pids == server.workers()
+
+
+def test_int_stops_quickly_with_exit_code_0(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2")
+    server.serving_pids(2)
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(10) == 0
+    assert time.monotonic() - started < 3
+    assert "SIGINT: quick stop" in server.log
