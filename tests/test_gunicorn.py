@@ -102,7 +102,8 @@ def pre_request(worker, req):
 
 
 def post_request(worker, req, environ, resp):
-    _record(f"post_request {os.getpid()} {req.method} {req.path} {resp.status_code} {environ['REQUEST_METHOD']}")
+    method = environ["REQUEST_METHOD"]
+    _record(f"post_request {os.getpid()} {req.method} {req.path} {resp.status_code} {method}")
 
 
 def worker_int(worker):
@@ -121,7 +122,9 @@ def worker_exit(server, worker):
 class Gunicorn:
     """A gunicorn master started by a test, in its own session, on a socket bound here."""
 
-    def __init__(self, directory: Path, proc: subprocess.Popen[bytes], port: int, workers: int, uds: Path | None) -> None:
+    def __init__(
+        self, directory: Path, proc: subprocess.Popen[bytes], port: int, workers: int, uds: Path | None
+    ) -> None:
         self.dir = directory
         self.proc = proc
         self.port = port
@@ -289,7 +292,8 @@ def test_invalid_environment_variable_is_named() -> None:
 def test_importing_uvworker_does_not_import_gunicorn() -> None:
     code = (
         "import sys, uvworker; assert 'gunicorn' not in sys.modules; "
-        "w = uvworker.Worker; assert 'gunicorn' in sys.modules; print(w.__name__, uvworker.H11Worker.__name__)"
+        "w = uvworker.Worker; assert 'gunicorn' in sys.modules; "
+        "print(w.__name__, uvworker.H11Worker.__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["Worker", "H11Worker"]
@@ -300,7 +304,9 @@ def test_importing_uvworker_does_not_import_gunicorn() -> None:
 def test_serves_with_the_worker_class_loop_and_logs_access(tmp_path: Path, worker_class: str) -> None:
     conf = """
         accesslog = "-"
-        access_log_format = 'ACCESS %(h)s "%(r)s" %(s)s %(b)s %(D)s %({x-trace}i)s %({x-app}o)s %(m)s %(U)s %(q)s'
+        access_log_format = (
+            'ACCESS %(h)s "%(r)s" %(s)s %(b)s %(D)s %({x-trace}i)s %({x-app}o)s %(m)s %(U)s %(q)s'
+        )
         """
     with run_gunicorn(tmp_path, worker_class, conf) as server:
         response = server.get("/some/path?a=1", headers={"X-Trace": "t-42"})
@@ -320,7 +326,8 @@ def test_serves_with_the_worker_class_loop_and_logs_access(tmp_path: Path, worke
 def test_worker_connections_sheds_load_with_503(tmp_path: Path, worker_class: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    with run_gunicorn(tmp_path, worker_class, "worker_connections = 2\n") as server, ThreadPoolExecutor(3) as pool:
+    conf = "worker_connections = 2\n"
+    with run_gunicorn(tmp_path, worker_class, conf) as server, ThreadPoolExecutor(3) as pool:
         started = time.monotonic()
         statuses = sorted(pool.map(lambda _: server.get("/slow?1").status_code, range(3)))
         assert statuses == [200, 200, 503]
@@ -396,7 +403,8 @@ def test_forwarded_allow_ips_and_secure_scheme_headers(tmp_path: Path) -> None:
         assert (info["client"][0], info["scheme"]) == ("203.0.113.9", "https")
         contradiction = server.get("/", headers={"X-Scheme": "secure", "X-Forwarded-Proto": "http"})
         assert contradiction.status_code == 400
-    with run_gunicorn(tmp_path, conf='forwarded_allow_ips = "10.0.0.1"\nsecure_scheme_headers = {"X-SCHEME": "on"}\n') as server:
+    untrusted = 'forwarded_allow_ips = "10.0.0.1"\nsecure_scheme_headers = {"X-SCHEME": "on"}\n'
+    with run_gunicorn(tmp_path, conf=untrusted) as server:
         info = server.info(headers={"X-Scheme": "on", "X-Forwarded-For": "203.0.113.9"})
         assert (info["client"][0], info["scheme"]) == ("127.0.0.1", "http")  # peer not trusted
 
@@ -405,7 +413,9 @@ def test_proxy_protocol_v1_and_v2(tmp_path: Path) -> None:
     import struct
 
     conf = 'proxy_protocol = "auto"\nproxy_allow_ips = "127.0.0.1"\n'
-    v2_addresses = socket.inet_aton("198.51.100.7") + socket.inet_aton("127.0.0.1") + struct.pack("!HH", 4321, 80)
+    v2_addresses = (
+        socket.inet_aton("198.51.100.7") + socket.inet_aton("127.0.0.1") + struct.pack("!HH", 4321, 80)
+    )
     v2 = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", len(v2_addresses)) + v2_addresses
     with run_gunicorn(tmp_path, conf=conf) as server:
         for header, client in [(b"PROXY TCP4 192.0.2.1 127.0.0.1 1234 80\r\n", ["192.0.2.1", 1234]),

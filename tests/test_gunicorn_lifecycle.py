@@ -24,7 +24,9 @@ from tests.test_gunicorn import HOOKS, WORKERS, run_gunicorn
 
 
 @pytest.mark.parametrize("worker_class", WORKERS)
-def test_max_requests_is_an_exact_budget_ending_with_connection_close(tmp_path: Path, worker_class: str) -> None:
+def test_max_requests_is_an_exact_budget_ending_with_connection_close(
+    tmp_path: Path, worker_class: str
+) -> None:
     with run_gunicorn(tmp_path, worker_class, "max_requests = 5\n") as server:
         with Conn.open("127.0.0.1", server.port) as conn:
             pids = []
@@ -50,7 +52,8 @@ def test_max_requests_under_keep_alive_load_fails_no_request(tmp_path: Path, wor
             for _ in range(per_client):
                 try:
                     response = http.get("/")
-                    outcome: int | str = response.json()["pid"] if response.status_code == 200 else str(response.status_code)
+                    ok = response.status_code == 200
+                    outcome: int | str = response.json()["pid"] if ok else str(response.status_code)
                 except httpx.HTTPError as err:
                     outcome = f"{type(err).__name__}: {err}"
                 with lock:
@@ -96,7 +99,9 @@ def test_sigquit_is_quick_and_lifespan_shutdown_still_runs(tmp_path: Path, worke
 
 
 @pytest.mark.parametrize("worker_class", WORKERS)
-def test_sigterm_finishes_in_flight_work_and_graceful_timeout_bounds_a_stream(tmp_path: Path, worker_class: str) -> None:
+def test_sigterm_finishes_in_flight_work_and_graceful_timeout_bounds_a_stream(
+    tmp_path: Path, worker_class: str
+) -> None:
     with run_gunicorn(tmp_path, worker_class, "graceful_timeout = 2\n") as server:
         pid = server.info()["pid"]
         stream = Conn.open("127.0.0.1", server.port)
@@ -115,14 +120,17 @@ def test_sigterm_finishes_in_flight_work_and_graceful_timeout_bounds_a_stream(tm
         exit_time = time.monotonic() - started
         stream.close()
         slow.close()
-    print(f"\n{worker_class}: graceful_timeout 2 s: stream cut after {stream_cut:.2f} s, exit after {exit_time:.2f} s")
+    print(f"\n{worker_class}: graceful_timeout 2 s: stream cut after {stream_cut:.2f} s, "
+          f"exit after {exit_time:.2f} s")
     assert 1.2 < stream_cut < 2.5
     assert server.events("shutdown") == [f"shutdown {pid}"]  # before the arbiter's SIGKILL
     assert "was sent SIGKILL" not in server.log
 
 
 @pytest.mark.parametrize("worker_class", WORKERS)
-def test_blocked_event_loop_gets_the_worker_replaced_and_worker_abort_called(tmp_path: Path, worker_class: str) -> None:
+def test_blocked_event_loop_gets_the_worker_replaced_and_worker_abort_called(
+    tmp_path: Path, worker_class: str
+) -> None:
     with run_gunicorn(tmp_path, worker_class, HOOKS + "timeout = 2\n") as server:
         pid = server.info()["pid"]
         started = time.monotonic()
@@ -135,7 +143,8 @@ def test_blocked_event_loop_gets_the_worker_replaced_and_worker_abort_called(tmp
         assert server.info()["pid"] != pid
         replaced = time.monotonic() - started
         log = server.log
-    print(f"\n{worker_class}: timeout 2 s: worker_abort after {aborted:.2f} s, replacement serving after {replaced:.2f} s")
+    print(f"\n{worker_class}: timeout 2 s: worker_abort after {aborted:.2f} s, "
+          f"replacement serving after {replaced:.2f} s")
     assert server.events("worker_abort") == [f"worker_abort {pid}"]
     assert server.events("worker_exit")[0] == f"worker_exit {pid}"  # then its replacement's, at the stop
     assert f"WORKER TIMEOUT (pid:{pid})" in log

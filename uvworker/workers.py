@@ -46,9 +46,9 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar
 
 from gunicorn import glogging
 from gunicorn.arbiter import Arbiter
@@ -81,7 +81,7 @@ _ADAPT: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def settings_from_gunicorn(cfg: Any, environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+def settings_from_gunicorn(cfg: Any, environ: Mapping[str, str]) -> dict[str, Any]:
     """uvworker settings for a Gunicorn config: every table row with a ``gunicorn`` slot takes
     Gunicorn's value, unless Gunicorn has it at its default and ``UVWORKER_<NAME>`` is set.
 
@@ -103,7 +103,9 @@ def settings_from_gunicorn(cfg: Any, environ: dict[str, str] | os._Environ[str])
             adapt = _ADAPT.get(setting.gunicorn)
             chosen[setting.name] = setting.coerce(adapt(value) if adapt else value)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"Gunicorn setting {setting.gunicorn}={value!r} cannot be used: {err}") from None
+            raise ConfigError(
+                f"Gunicorn setting {setting.gunicorn}={value!r} cannot be used: {err}"
+            ) from None
     return chosen
 
 
@@ -118,10 +120,12 @@ class Worker(GunicornWorker):
     """uvworker under Gunicorn: httptools and uvloop when installed, else h11 and asyncio."""
 
     # uvworker settings forced by this worker class, over Gunicorn's and the environment's.
-    uvworker_settings: dict[str, Any] = {}
+    uvworker_settings: ClassVar[dict[str, Any]] = {}
 
     server: Server | None = None
     config: Config | None = None
+    _access_format: AccessLog | None = None  # set when Gunicorn's own logger class is in use
+    _log_access_enabled = False
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -161,7 +165,9 @@ class Worker(GunicornWorker):
         except (ConfigError, OSError, ValueError) as err:
             self.log.error("uvworker: %s", err)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
-        server = self.server = Server(config, on_ready=self._on_ready, on_tick=self._on_tick, install_signal_handlers=False)
+        server = self.server = Server(
+            config, on_ready=self._on_ready, on_tick=self._on_tick, install_signal_handlers=False
+        )
         with asyncio.Runner(loop_factory=config.loop_factory) as runner:
             runner.run(self._serve(server))
         if server.startup_failed:  # the app's lifespan startup failed: stop Gunicorn, not loop
@@ -188,10 +194,11 @@ class Worker(GunicornWorker):
             error_logger.addHandler(_Forward(self.log.error_log))
             error_logger.propagate = False
         error_logger.setLevel(config.log_level.upper())
-        self._access_format: AccessLog | None = None
+        self._access_format = None
         enabled = getattr(self.log, "access_log_enabled", None)
         if enabled is None:  # Gunicorn before 25
-            enabled = bool(self.cfg.accesslog or self.cfg.logconfig or self.cfg.logconfig_dict or self.cfg.syslog)
+            cfg = self.cfg
+            enabled = bool(cfg.accesslog or cfg.logconfig or cfg.logconfig_dict or cfg.syslog)
         self._log_access_enabled = bool(enabled)
         logger_class = type(self.log)
         if logger_class.access is glogging.Logger.access and logger_class.atoms is glogging.Logger.atoms:
@@ -203,9 +210,14 @@ class Worker(GunicornWorker):
         """The app, behind Gunicorn's per-request rules (only those that are on)."""
         app = config.loaded_app
         trusted: TrustedHosts = config.forwarded_allow
-        secure = {name.lower().encode("latin-1"): value.encode("latin-1") for name, value in (self.cfg.secure_scheme_headers or {}).items()}
+        secure = {
+            name.lower().encode("latin-1"): value.encode("latin-1")
+            for name, value in (self.cfg.secure_scheme_headers or {}).items()
+        }
         budget = self.max_requests < sys.maxsize
-        pre_request = self.cfg.pre_request if _hook_set(self.cfg, "pre_request") or self.log.loglevel <= logging.DEBUG else None
+        # Gunicorn's default pre_request only logs at debug level: skip it unless it would.
+        debug = getattr(self.log, "loglevel", logging.INFO) <= logging.DEBUG
+        pre_request = self.cfg.pre_request if _hook_set(self.cfg, "pre_request") or debug else None
         if not (proxy_headers or secure or budget or pre_request):
             return app
 
@@ -220,7 +232,7 @@ class Worker(GunicornWorker):
                 if scheme is _CONTRADICTION:
                     return await _reject(scope, send, "Contradictory scheme headers")
                 if scheme is not None:
-                    scope["scheme"] = scheme if scope["type"] == "http" else {"https": "wss", "http": "ws"}[scheme]
+                    scope["scheme"] = scheme if scope["type"] == "http" else _WS_SCHEMES[scheme]
             if budget:
                 self.nr += 1
                 if self.nr == self.max_requests:
@@ -268,7 +280,7 @@ class Worker(GunicornWorker):
     def _on_term(self) -> None:
         self.alive = False
         if self.server is not None:
-            self.server.handle_signal(signal.SIGTERM)
+            self.server.retire()  # graceful, even when a max_requests retirement is under way
 
     def _on_quit(self) -> None:
         if self.server is None or self.server.force_exit:
@@ -280,7 +292,8 @@ class Worker(GunicornWorker):
     def handle_abort(self, sig: int, frame: Any) -> None:
         """SIGABRT from the arbiter (heartbeat timeout): runs outside the event loop."""
         self.alive = False
-        where = "".join(traceback.format_stack(frame)) if frame is not None else "(unknown)\n"
+        # The innermost frames: where the app was stuck, not how Gunicorn got there.
+        where = "".join(traceback.format_stack(frame, limit=12)) if frame is not None else "(unknown)\n"
         self.log.critical("Worker aborted (pid: %s); the main thread was here:\n%s", self.pid, where.rstrip())
         self.cfg.worker_abort(self)
         sys.exit(1)
@@ -299,13 +312,15 @@ class Worker(GunicornWorker):
                     )
             else:  # a custom logger_class (statsd, ...): give it Gunicorn's own objects
                 request, response = GunicornRequest(cycle.scope), GunicornResponse(cycle)
-                self.log.access(response, request, wsgi_environ(cycle.scope), datetime.timedelta(seconds=duration))
+                environ = wsgi_environ(cycle.scope)
+                self.log.access(response, request, environ, datetime.timedelta(seconds=duration))
         except Exception:
             self.log.exception("Cannot write the access log line.")
 
     def _post_request(self, cycle: RequestCycle) -> None:
         try:
-            self.cfg.post_request(self, GunicornRequest(cycle.scope), wsgi_environ(cycle.scope), GunicornResponse(cycle))
+            request, environ = GunicornRequest(cycle.scope), wsgi_environ(cycle.scope)
+            self.cfg.post_request(self, request, environ, GunicornResponse(cycle))
         except Exception:
             self.log.exception("Exception in post_request hook")
 
@@ -319,8 +334,7 @@ class H11Worker(Worker):
 def _hook_set(cfg: Any, name: str) -> bool:
     """True when the Gunicorn server hook ``name`` is the user's, not Gunicorn's default."""
     setting = cfg.settings[name]
-    default = setting.default
-    return setting.get() is not getattr(default, "__func__", default) and setting.get() is not default
+    return setting.get() is not setting.default
 
 
 class _Forward(logging.Handler):
@@ -336,6 +350,7 @@ class _Forward(logging.Handler):
 
 # -- Gunicorn's secure_scheme_headers ---------------------------------------------------------
 _CONTRADICTION = "contradiction"
+_WS_SCHEMES = {"https": "wss", "http": "ws"}
 
 
 def _secure_scheme(headers: list[tuple[bytes, bytes]], secure: dict[bytes, bytes]) -> str | None:
@@ -368,7 +383,8 @@ def _error_app(text: str) -> Any:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"text/plain")]})
+            headers = [(b"content-type", b"text/plain")]
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
             await send({"type": "http.response.body", "body": body})
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1011})

@@ -1,0 +1,81 @@
+"""Hello-world requests/s under Gunicorn: uvworker.Worker vs uvicorn_worker.UvicornWorker.
+
+    python tests/benchmarks/gunicorn_hello.py [--rounds 3] [--duration 5] [--connections 50]
+
+One run starts ``gunicorn -w 1`` with each worker class in turn (interleaved, several rounds),
+the server pinned to CPU 0 and wrk to CPU 1 (``taskset``), on a loopback socket bound here and
+passed as ``fd://N``; it prints every measurement, the medians and the ratio. Needs wrk,
+taskset, gunicorn and uvicorn-worker. Both serve examples/hello.py with Gunicorn's defaults
+(no access log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+CLASSES = ["uvworker.Worker", "uvicorn_worker.UvicornWorker"]
+
+
+def measure(worker_class: str, duration: int, connections: int) -> float:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    port = sock.getsockname()[1]
+    command = ["taskset", "-c", "0", sys.executable, "-m", "gunicorn", "-w", "1", "-k", worker_class,
+               "-b", f"fd://{sock.fileno()}", "--no-control-socket", "--log-level", "warning",
+               "examples.hello:app"]
+    server = subprocess.Popen(command, cwd=REPO, pass_fds=(sock.fileno(),), start_new_session=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    sock.close()
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 20
+        while httpx.get(url, timeout=20).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{worker_class} did not start")
+        wrk = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}"]
+        subprocess.run([*wrk, "-d1s", url], capture_output=True, check=True)  # warm-up
+        out = subprocess.run([*wrk, f"-d{duration}s", url], capture_output=True, text=True, check=True).stdout
+        errors = re.search(r"Socket errors: .*|Non-2xx.*", out)
+        if errors:
+            print(f"    {worker_class}: {errors.group(0)}")
+        match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        assert match, out
+        return float(match.group(1))
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=50)
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {name: [] for name in CLASSES}
+    for round_number in range(args.rounds):
+        order = CLASSES if round_number % 2 == 0 else CLASSES[::-1]
+        for name in order:
+            rps = measure(name, args.duration, args.connections)
+            results[name].append(rps)
+            print(f"round {round_number + 1}: {name:32} {rps:10.0f} requests/s", flush=True)
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    for name, median in medians.items():
+        print(f"median {name:32} {median:10.0f} requests/s")
+    print(f"uvworker.Worker / UvicornWorker = {medians[CLASSES[0]] / medians[CLASSES[1]]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
