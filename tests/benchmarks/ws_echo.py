@@ -10,6 +10,9 @@ process, pinned to another. Rounds alternate between the servers (uvworker, uvic
 ...) so that drift in machine load hits both alike; each round opens fresh connections, warms up
 briefly, then counts echoed messages for ``--duration`` seconds. The report gives the median
 messages/s of each server per size and the ratio uvworker / uvicorn (above 1: uvworker faster).
+On a shared machine wall-clock rates swing with other load, so each round also reads the server
+process's CPU time (``/proc/<pid>/stat``) and the report adds messages per server CPU-second,
+a figure that depends much less on what else runs.
 
 The load generator is a bare asyncio protocol, not a WebSocket library, so that it is not the
 bottleneck: each connection keeps ``--window`` messages in flight, sends pre-built masked
@@ -132,7 +135,16 @@ class EchoClient(asyncio.Protocol):
             self.transport.write(self.frame * done)
 
 
-async def measure(port: int, size: int, connections: int, window: int, warmup: float, duration: float) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(
+    port: int, pid: int, size: int, connections: int, window: int, warmup: float, duration: float
+) -> tuple[float, float]:
+    """(messages/s, messages per server CPU-second) over one round."""
     loop = asyncio.get_running_loop()
     frame = masked_frame(size)
     clients: list[EchoClient] = []
@@ -143,13 +155,13 @@ async def measure(port: int, size: int, connections: int, window: int, warmup: f
         await asyncio.wait_for(ready, 10)
     await asyncio.sleep(warmup)
     start_count = sum(c.received for c in clients)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), cpu_seconds(pid)
     await asyncio.sleep(duration)
     count = sum(c.received for c in clients) - start_count
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - start_cpu
     for client in clients:
         client.transport.abort()
-    return count / elapsed
+    return count / elapsed, count / max(cpu, 0.01)
 
 
 # -- servers ------------------------------------------------------------------------------------------
@@ -203,32 +215,35 @@ def main(argv: list[str] | None = None) -> int:
     names = ("uvworker", "uvicorn")
     ports = {name: free_port() for name in names}
     procs = {name: start_server(name, ports[name], args.server_cpu) for name in names}
-    results: dict[tuple[str, int], list[float]] = {}
+    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             for size in args.sizes:
-                window = args.window if size < 4096 else max(2, args.window // 8)
+                window = args.window if size < 4096 else max(2, args.window // 4)
                 for round_ in range(args.rounds):
                     order = names if round_ % 2 == 0 else names[::-1]
                     for name in order:
-                        rate = runner.run(
-                            measure(ports[name], size, args.connections, window, args.warmup, args.duration)
-                        )
-                        results.setdefault((name, size), []).append(rate)
-                        print(f"  {size:>6} B  round {round_ + 1}  {name:<9} {rate:>10,.0f} msg/s", flush=True)
+                        rate, per_cpu = runner.run(measure(
+                            ports[name], procs[name].pid, size, args.connections, window, args.warmup, args.duration
+                        ))
+                        results.setdefault((name, size), []).append((rate, per_cpu))
+                        print(f"  {size:>6} B  round {round_ + 1}  {name:<9} {rate:>10,.0f} msg/s "
+                              f"{per_cpu:>10,.0f} msg/CPU-s", flush=True)
     finally:
         for proc in procs.values():
             proc.terminate()
             proc.wait(timeout=15)
 
     print(f"\nWebSocket echo, {args.connections} connections x {args.window} in flight (64 KiB: "
-          f"{max(2, args.window // 8)}), {args.rounds} interleaved rounds of {args.duration:g} s, "
+          f"{max(2, args.window // 4)}), {args.rounds} interleaved rounds of {args.duration:g} s, "
           f"server on CPU {args.server_cpu}, client on CPU {args.client_cpu}; medians:")
-    print(f"{'size':>8}  {'uvworker msg/s':>15}  {'uvicorn msg/s':>15}  {'ratio':>6}")
+    print(f"{'size':>8}  {'uvworker msg/s':>15}  {'uvicorn msg/s':>15}  {'ratio':>6}   "
+          f"{'uvworker msg/CPU-s':>18}  {'uvicorn msg/CPU-s':>18}  {'ratio':>6}")
     for size in args.sizes:
-        ours = statistics.median(results[("uvworker", size)])
-        theirs = statistics.median(results[("uvicorn", size)])
-        print(f"{size:>6} B  {ours:>15,.0f}  {theirs:>15,.0f}  {ours / theirs:>6.2f}")
+        ours = [statistics.median(r[i] for r in results[("uvworker", size)]) for i in (0, 1)]
+        theirs = [statistics.median(r[i] for r in results[("uvicorn", size)]) for i in (0, 1)]
+        print(f"{size:>6} B  {ours[0]:>15,.0f}  {theirs[0]:>15,.0f}  {ours[0] / theirs[0]:>6.2f}   "
+              f"{ours[1]:>18,.0f}  {theirs[1]:>18,.0f}  {ours[1] / theirs[1]:>6.2f}")
     return 0
 
 

@@ -30,9 +30,12 @@ Rules this module keeps:
   ``receive()``; when it is full the connection stops reading (backpressure), so a client that
   floods an app that does not read cannot grow server memory without bound. While reading is
   paused no keepalive ping is outstanding: an app that is slow is not the client's fault.
-* Every protocol step is followed by one ``transport.write`` of everything it produced. Data
-  messages on a connection without extensions skip the protocol object: the frame header is
-  built here, so a small message is one ``bytes`` concatenation and one write.
+* Outgoing frames are batched: what one connection produces during one turn of the event loop
+  (the echoes of every message one read delivered, pongs, a close frame) goes out in one
+  ``transport.write`` at the start of the next turn — a syscall per batch, not per message.
+  A batch that reaches ``WRITE_BATCH`` bytes is written at once, so batching never holds much.
+  Data messages on a connection without extensions skip the protocol object: the frame header
+  is built here.
 * Text is checked for UTF-8 frame by frame (an incremental decoder), so an invalid fragment
   fails the connection (1007) without waiting for the end of the message.
 * Close codes: the app's ``websocket.close`` code; 1011 when the app raises after accepting
@@ -89,6 +92,7 @@ logger = logging.getLogger("uvworker.error")
 HANDSHAKE, DENIAL, OPEN, CLOSED = range(4)
 
 EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send before the app accepts, then we stop reading
+WRITE_BATCH = 64 * 1024  # outgoing bytes held for one write before they are written at once
 CLOSE_TIMEOUT = 10.0  # how long we wait for the client's close frame after sending ours
 RETIRE_CODE = 1012  # "service restart": the client should reconnect, to another worker
 
@@ -137,6 +141,8 @@ class WebSocketConnection(asyncio.Protocol):
         self.write_paused = conn.write_paused
         self.keep_alive_allowed = False  # read by the RequestCycle of a denial response
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._out: list[bytes] = []  # frames waiting for this turn's write
+        self._out_size = 0
         self._early: list[bytes] = []
         self._early_size = 0
 
@@ -334,15 +340,34 @@ class WebSocketConnection(asyncio.Protocol):
         if not writes:
             return
         eof = not writes[-1]  # websockets.protocol.SEND_EOF == b""
-        data = writes[0] if len(writes) == 1 else b"".join(writes)
-        if self.phase != CLOSED:
+        for data in writes:
             if data:
+                self._write_frame(data)
+        if eof and self.phase != CLOSED:  # the connection is over, whoever ended it: tell the app now
+            self._write_out()
+            self._cancel_timers()
+            self.transport.close()
+            self._set_disconnected()
+            self._wake()
+
+    def _write_frame(self, data: bytes) -> None:
+        """Add to this turn's batch; written at the next turn, or now if the batch is large."""
+        out = self._out
+        if not out:
+            self.loop.call_soon(self._write_out)
+        out.append(data)
+        self._out_size += len(data)
+        if self._out_size >= WRITE_BATCH:
+            self._write_out()
+
+    def _write_out(self) -> None:
+        out = self._out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            self._out_size = 0
+            if self.phase != CLOSED:
                 self.transport.write(data)
-            if eof:  # the connection is over, whoever ended it: tell the app now
-                self._cancel_timers()
-                self.transport.close()
-                self._set_disconnected()
-                self._wake()
 
     def write(self, data: bytes) -> None:
         """For the RequestCycle of a denial response."""
@@ -375,6 +400,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _close_transport(self) -> None:
         if self.phase != CLOSED:
+            self._write_out()
             self.phase = DENIAL if self.phase == HANDSHAKE else self.phase
             self._cancel_timers()
             self.transport.close()
@@ -545,11 +571,12 @@ class WebSocketConnection(asyncio.Protocol):
             # No extension to apply: a server frame is a header and the unmasked payload.
             length = len(data)
             if length < 126:
-                self.transport.write(bytes((opcode, length)) + data)
+                self._write_frame(bytes((opcode, length)) + data)
             elif length < 65536:
-                self.transport.write(_pack_short(opcode, 126, length) + data)
-            else:
-                self.transport.write(_pack_long(opcode, 127, length) + data)
+                self._write_frame(_pack_short(opcode, 126, length) + data)
+            else:  # large: no copy into one buffer; writelines can hand both to writev
+                self._write_out()
+                self.transport.writelines((_pack_long(opcode, 127, length), data))
         else:
             if opcode == 0x81:
                 self.protocol.send_text(data)
