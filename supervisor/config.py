@@ -83,6 +83,7 @@ class SupervisorConfig:
     reload_include: list[str] = field(default_factory=lambda: list(DEFAULT_RELOAD_INCLUDE))
     reload_exclude: list[str] = field(default_factory=lambda: list(DEFAULT_RELOAD_EXCLUDE))
     reload_interval: float = 0.5
+    reload_watcher: str = "auto"  # "auto": watchfiles when installed, else "polling"
     # Process titles: "<proc_name>: master [<label>]", "<proc_name>: worker 2 [<label>]".
     proc_name: str = "supervisor"
     label: str = ""

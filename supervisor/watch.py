@@ -137,10 +137,12 @@ class WatchfilesWatcher:
         os.close(self.fd)
 
 
-def make_watcher(dirs: list[str], include: list[str], exclude: list[str]) -> PollingWatcher | WatchfilesWatcher:
+def make_watcher(
+    dirs: list[str], include: list[str], exclude: list[str], kind: str = "auto"
+) -> PollingWatcher | WatchfilesWatcher:
     path_filter = PathFilter(include, exclude)
     dirs = dirs or [os.getcwd()]
     # find_spec, not import: the master must not load watchfiles (and its threads) itself.
-    if importlib.util.find_spec("watchfiles") is None:
+    if kind == "polling" or importlib.util.find_spec("watchfiles") is None:
         return PollingWatcher(dirs, path_filter)
     return WatchfilesWatcher(dirs, path_filter)

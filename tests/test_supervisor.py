@@ -599,11 +599,12 @@ def test_second_int_kills_at_once(supervised: Callable[..., Supervised]) -> None
     sv.wait_log("Second SIGINT")
 
 
-def test_reload_on_file_change(supervised: Callable[..., Supervised], tmp_path: Path) -> None:
+@pytest.mark.parametrize("watcher", ["auto", "polling"])
+def test_reload_on_file_change(supervised: Callable[..., Supervised], tmp_path: Path, watcher: str) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "app.py").write_text("x = 1")
-    sv = supervised(workers=1, reload=True, reload_dirs=[str(src)], reload_interval=0.1)
+    sv = supervised(workers=1, reload=True, reload_dirs=[str(src)], reload_interval=0.1, reload_watcher=watcher)
     first = pid_of(sv.get())
 
     def edit_and_check() -> bool:
