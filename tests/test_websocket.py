@@ -203,6 +203,53 @@ def test_scope(serve: Any) -> None:
     assert "method" not in scope
 
 
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1, made here."""
+    pytest.importorskip("cryptography")
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    directory = tmp_path_factory.mktemp("ws-tls")
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return str(certfile), str(keyfile)
+
+
+def test_wss(serve: Any, tls_files: tuple[str, str]) -> None:
+    import ssl
+
+    certfile, keyfile = tls_files
+    rec = Recorder()
+    context = ssl.create_default_context(cafile=certfile)
+    with serve(echo_app(rec), ssl_certfile=certfile, ssl_keyfile=keyfile) as srv:
+        with connect(f"wss://127.0.0.1:{srv.port}/secure", ssl=context, proxy=None, open_timeout=5) as ws:
+            ws.send("over tls")
+            assert ws.recv() == "over tls"
+            big = os.urandom(300_000)
+            ws.send(big)
+            assert ws.recv() == big
+        assert rec.disconnect()["code"] == 1000
+    assert rec.scopes[0]["scheme"] == "wss"
+
+
 def test_scheme_from_proxy_headers(serve: Any) -> None:
     rec = Recorder()
     with serve(echo_app(rec)) as srv:
@@ -245,6 +292,18 @@ def test_bytes_right_behind_the_handshake(serve: Any) -> None:
         raw.upgrade(extra=frame(1, b"early") + frame(2, b"bird"))
         assert raw.read_frame() == (1, b"early")
         assert raw.read_frame() == (2, b"bird")
+
+
+def test_upgrade_pipelined_behind_a_request(serve: Any) -> None:
+    """The parser holds the upgrade request while the first response is written, then hands
+    the connection over, frames included."""
+    with serve(echo_app()) as srv, RawWS(srv) as raw:
+        raw.send(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n" + handshake() + frame(1, b"queued"))
+        assert raw.read_head()[::2] == (200, b"http")
+        assert raw.read_head()[0] == 101
+        assert raw.read_frame() == (1, b"queued")
+        raw.send(frame(2, b"later"))
+        assert raw.read_frame() == (2, b"later")
 
 
 # -- closing ----------------------------------------------------------------------------------------
