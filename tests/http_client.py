@@ -250,13 +250,6 @@ class Conn:
             raise AssertionError(f"unexpected bytes from the server: {data!r}")
 
 
-def request(host: str, port: int, raw: bytes, method: str = "GET", timeout: float = 3.0) -> Response:
-    """Send one raw request on a fresh connection and read one final response."""
-    with Conn.open(host, port) as conn:
-        conn.send(raw)
-        return conn.read_final_response(method, timeout)
-
-
 def parse_responses(data: bytes) -> list[Response]:
     """Split bytes received until close into responses (for pipelining/smuggling checks)."""
     conn = Conn(socket.socket())
