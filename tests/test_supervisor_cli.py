@@ -338,3 +338,128 @@ def test_int_stops_quickly_with_exit_code_0(served: Callable[..., Served]) -> No
     assert server.proc.wait(10) == 0
     assert time.monotonic() - started < 3
     assert "SIGINT: quick stop" in server.log
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 6 "Proof" numbers (not tests): python -m tests.test_supervisor_cli [proof_name ...]
+
+
+def tmpdir() -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="proof-"))
+
+
+def proof_hup_slow_import() -> None:
+    s = Served(tmpdir(), "--workers", "2", env={"APP_IMPORT_DELAY": "2"})
+    old = s.serving_pids(2, timeout=20)
+    load = KeepAliveLoad(s.url, clients=4)
+    wait_for(lambda: load.ok > 500, 20)
+    before = load.ok
+    t0 = time.monotonic()
+    s.proc.send_signal(signal.SIGHUP)
+    s.wait_log("Reload complete", 30)
+    t1 = time.monotonic()
+    wait_for(lambda: s.workers().isdisjoint(old), 20)
+    time.sleep(1)
+    load.stop()
+    print(f"HUP, 2 s import, 2 workers, 4 keep-alive clients: {load.ok} ok ({load.ok - before} after HUP), "
+          f"{len(load.failures)} failed, longest request {load.longest * 1000:.1f} ms, reload took {t1 - t0:.2f} s")
+    s.stop()
+
+
+def proof_hup_broken() -> None:
+    s = Served(tmpdir(), "--workers", "2")
+    s.serving_pids(2)
+    load = KeepAliveLoad(s.url, clients=4)
+    wait_for(lambda: load.ok > 500, 20)
+    s.broken_flag.write_text("")
+    s.proc.send_signal(signal.SIGHUP)
+    s.wait_log("Reload failed", 20)
+    after = load.ok
+    wait_for(lambda: load.ok > after + 2000, 20)
+    load.stop()
+    print(f"HUP with a broken app: reload failed and logged; {load.ok} ok ({load.ok - after} after the failure), "
+          f"{len(load.failures)} failed; still serving: {s.try_get() is not None}")
+    s.stop()
+
+
+def proof_max_requests() -> None:
+    s = Served(tmpdir(), "--workers", "2", "--max-requests", "50")
+    first = s.serving_pids(2)
+    load = KeepAliveLoad(s.url, clients=4)
+    wait_for(lambda: load.ok >= 10000, 120)
+    load.stop()
+    print(f"--max-requests 50, 2 workers: {load.ok} requests, {len(load.failures)} failed, "
+          f"{len(load.pids | first)} worker processes served")
+    s.stop()
+
+
+def proof_max_memory() -> None:
+    s = Served(tmpdir(), "--workers", "2", "--max-memory", "100")
+    s.serving_pids(2)
+    from supervisor.memory import resident_memory, unique_memory
+
+    peak_rss = 0
+    peak_uss = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_rss, peak_uss
+        while not stop.is_set():
+            for pid in s.workers():
+                peak_rss = max(peak_rss, resident_memory(pid) or 0)
+                peak_uss = max(peak_uss, unique_memory(pid) or 0)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    load = KeepAliveLoad(s.url, clients=2, path="leak")
+    wait_for(lambda: load.ok >= 2000, 180)
+    load.stop()
+    stop.set()
+    sampler.join()
+    recycled = s.log.count("MiB, limit 100 MiB")
+    print(f"--max-memory 100, 1 MiB leaked per request, 2 workers: {load.ok} requests, {len(load.failures)} failed, "
+          f"{recycled} recycles, peak RSS per worker {peak_rss / 2**20:.0f} MiB (peak USS {peak_uss / 2**20:.0f} MiB)")
+    s.stop()
+
+
+def proof_kill_worker() -> None:
+    s = Served(tmpdir(), "--workers", "2")
+    times = []
+    for _ in range(5):
+        pids = s.serving_pids(2)
+        victim = min(pids)
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        new = wait_for(lambda: s.workers() - pids, 10)
+        # replaced = the new worker answers
+        wait_for(lambda: s.try_get() in new, 10, interval=0.002)
+        times.append(time.monotonic() - t0)
+    print("SIGKILL of a worker -> replacement answering: " + ", ".join(f"{t * 1000:.0f}" for t in times) + " ms")
+    s.stop()
+
+
+def proof_ready_gap() -> None:
+    gaps = []
+    for _ in range(5):
+        tmp = tmpdir()
+        fake = FakeSystemd(tmp)
+        fake.sock.settimeout(0.001)
+        s = Served(tmp, "--workers", "2", env={"NOTIFY_SOCKET": fake.path, "APP_IMPORT_DELAY": "0.5"})
+        index = fake.wait("READY=1", timeout=20)
+        ready_at = fake.messages[index][0]
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as c:  # first request after READY=1
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert c.recv(100).startswith(b"HTTP/1.1 200")
+        first_answer = [time.monotonic()]
+        gaps.append((first_answer[0] - ready_at) * 1000)
+        s.stop()
+    print("READY=1 received -> first request answered (ms): "
+          + ", ".join(f"{g:+.1f}" for g in gaps))
+
+
+if __name__ == "__main__":
+    for proof in sys.argv[1:] or [name for name in list(globals()) if name.startswith("proof_")]:
+        globals()[proof]()
