@@ -464,12 +464,25 @@ def test_preload_app_imports_in_the_master(tmp_path: Path) -> None:
 
 
 def test_reload_restarts_the_worker_on_new_code(tmp_path: Path) -> None:
+    source = tmp_path / "app.py"
+
+    def change_to(code: str, check: Any) -> httpx.Response:
+        # Gunicorn's polling reloader compares against what it saw at its first scan, which a
+        # new worker makes a moment after it starts serving: keep writing until one notices.
+        def changed() -> httpx.Response | None:
+            source.write_text(code)
+            return response if check(response := server.get("/")) else None
+
+        return wait_for(changed, timeout=10, interval=0.3)
+
     with run_gunicorn(tmp_path, conf="reload = True\n") as server:
         first = server.info()
-        (tmp_path / "app.py").write_text(APP.replace('"x-app", b"yes"', '"x-app", b"reloaded"'))
-        response = wait_for(lambda: (r := server.get("/")).headers["x-app"] == "reloaded" and r, timeout=10)
+        reloaded = APP.replace('"x-app", b"yes"', '"x-app", b"reloaded"')
+        response = change_to(reloaded, lambda r: r.headers.get("x-app") == "reloaded")
         assert response.json()["pid"] != first["pid"]
-
+        response = change_to(APP + "\ndef broken(:\n", lambda r: r.status_code == 500)
+        assert "SyntaxError" in response.text  # served by the new worker until the file is fixed
+        change_to(APP, lambda r: r.status_code == 200)
 
 def test_user_group_and_umask_as_gunicorn_applies_them() -> None:
     if os.geteuid() != 0:
