@@ -322,6 +322,30 @@ def test_serves_with_the_worker_class_loop_and_logs_access(tmp_path: Path, worke
         assert "[ERROR]" not in server.log
 
 
+def test_custom_logger_class_gets_gunicorn_objects(tmp_path: Path) -> None:
+    conf = """
+        import os
+        from gunicorn.glogging import Logger
+
+        class RecordingLogger(Logger):  # as statsd-style loggers do: read, then log as usual
+            def access(self, resp, req, environ, request_time):
+                with open(os.environ["EVENTS"], "a") as events:
+                    events.write(f"access {resp.status} {resp.sent} {req.method} {req.uri} "
+                                 f"{environ['RAW_URI']} {environ['HTTP_X_TRACE']} "
+                                 f"{request_time.total_seconds() < 5}\\n")
+                super().access(resp, req, environ, request_time)
+
+        logger_class = RecordingLogger
+        accesslog = "-"
+        access_log_format = 'ACCESS %(h)s "%(r)s" %(s)s %(B)s %({x-trace}i)s %({x-app}o)s'
+        """
+    with run_gunicorn(tmp_path, conf=conf) as server:
+        length = len(server.get("/x?y=1", headers={"X-Trace": "t-7"}).content)
+        line = wait_for(lambda: next((ln for ln in server.log.splitlines() if ln.startswith("ACCESS")), None))
+    assert line == f'ACCESS 127.0.0.1 "GET /x?y=1 HTTP/1.1" 200 {length} t-7 yes'
+    assert server.events("access") == [f"access 200 OK {length} GET /x?y=1 /x?y=1 t-7 True"]
+
+
 @pytest.mark.parametrize("worker_class", WORKERS)
 def test_worker_connections_sheds_load_with_503(tmp_path: Path, worker_class: str) -> None:
     from concurrent.futures import ThreadPoolExecutor

@@ -79,19 +79,24 @@ def test_max_requests_under_keep_alive_load_fails_no_request(tmp_path: Path, wor
     assert max(served.values()) <= 50 + clients
 
 
-@pytest.mark.parametrize("worker_class", WORKERS)
-def test_sigquit_is_quick_and_lifespan_shutdown_still_runs(tmp_path: Path, worker_class: str) -> None:
+@pytest.mark.parametrize(
+    ("worker_class", "sig"),
+    [(WORKERS[0], signal.SIGQUIT), (WORKERS[1], signal.SIGQUIT), (WORKERS[0], signal.SIGINT)],
+)
+def test_quit_and_int_are_quick_and_lifespan_shutdown_still_runs(
+    tmp_path: Path, worker_class: str, sig: int
+) -> None:
     with run_gunicorn(tmp_path, worker_class, HOOKS) as server:
         pid = server.info()["pid"]
         with Conn.open("127.0.0.1", server.port) as conn:
             conn.send(build_request("GET", "/slow?10"))
             wait_for(lambda: server.events("pre_request"))
             started = time.monotonic()
-            server.signal(signal.SIGQUIT)
+            server.signal(sig)
             conn.closed_within(3)  # not answered: a quick stop does not wait for it
             assert server.wait_exit(5) == 0
             quit_time = time.monotonic() - started
-    print(f"\n{worker_class}: SIGQUIT to exit with a request in flight: {quit_time:.2f} s")
+    print(f"\n{worker_class}: {signal.Signals(sig).name} to exit with a request in flight: {quit_time:.2f} s")
     assert quit_time < 2
     assert server.events("worker_int") == [f"worker_int {pid}"]
     assert server.events("shutdown") == [f"shutdown {pid}"]
