@@ -105,8 +105,9 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
     """Request target → (raw path, query string); absolute-form targets lose scheme and host."""
     if target[:1] != b"/":
         if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
-            start = target.find(b"/", target.find(b"//") + 2)
-            target = target[start:] if start != -1 else b"/"
+            authority = target.find(b"//") + 2
+            ends = [i for i in (target.find(b"/", authority), target.find(b"?", authority)) if i != -1]
+            target = target[min(ends) :] if ends else b"/"
             if target[:1] != b"/":
                 target = b"/" + target
         elif target != b"*":
@@ -225,8 +226,8 @@ class RequestCycle:
         status = message["status"]
         if type(status) is not int or not 100 <= status <= 599:
             raise RuntimeError(f"Invalid HTTP status {status!r}")
-        if status == 101:
-            raise RuntimeError("A 101 response can only be sent by upgrading to a WebSocket")
+        if status < 200:
+            raise RuntimeError(f"Status {status} cannot be sent as a response; 1xx are the server's to send")
         headers = message.get("headers", ())
         conn = self.conn
         parts = [STATUS_LINES[status]]

@@ -107,7 +107,9 @@ class HTTPConnection(asyncio.Protocol):
             self.pause_reading()
 
     def pause_writing(self) -> None:
+        # The client is not reading what we send: stop reading (and answering) what it sends.
         self.write_paused = True
+        self.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -115,11 +117,19 @@ class HTTPConnection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
         self._drain_waiters.clear()
+        if self.phase == KEEP_ALIVE and self.cycle is None and self.parser.held:
+            self._next_cycle()  # answer the pipelined requests we held back
+        else:
+            self.resume_reading()
 
     # -- parser events ----------------------------------------------------------------------
     def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers) -> None:
         state = self.state
         limits = state.limits
+        if http_version != "1.1" and http_version != "1.0":
+            if http_version[:2] != "1.":
+                raise HTTPError(505, "HTTP Version Not Supported")
+            http_version = "1.1"  # RFC 9110 §2.5: a later 1.x minor version is served as 1.1
         if len(method) + len(target) + 10 > limits.request_line:
             raise HTTPError(414, "Request-URI too long")
         field_size = limits.field_size
@@ -186,7 +196,7 @@ class HTTPConnection(asyncio.Protocol):
             cycle.on_end()
             self.deadline = 0.0
             if cycle.response_complete:  # the body was being discarded after the response
-                self.loop.call_soon(self._next_cycle, cycle)  # not from inside the parser
+                self.loop.call_soon(self._next_cycle)  # not from inside the parser
 
     # -- called by the cycle --------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -207,7 +217,7 @@ class HTTPConnection(asyncio.Protocol):
             self.deadline = 0.0
 
     def resume_reading(self) -> None:
-        if self.reading_paused and not self.parser.holding_input and self.phase != CLOSED:
+        if self.reading_paused and not self.write_paused and not self.parser.holding_input and self.phase != CLOSED:
             self.reading_paused = False
             self.transport.resume_reading()
 
@@ -222,7 +232,7 @@ class HTTPConnection(asyncio.Protocol):
         if not cycle.keep_alive or self.phase == CLOSED:
             self.close()
         elif not cycle.more_body:
-            self._next_cycle(cycle)
+            self._next_cycle()
         else:
             # The app answered without reading the whole body: read and drop the rest (bounded
             # by the body deadline) so that the connection can be reused.
@@ -270,11 +280,13 @@ class HTTPConnection(asyncio.Protocol):
             cycle.finished = True
             self.state.request_done(cycle)
 
-    def _next_cycle(self, cycle: RequestCycle) -> None:
+    def _next_cycle(self) -> None:
         self.cycle = None
         self.phase = KEEP_ALIVE
         self._discarded = 0
         self._set_deadline(self.config.timeout_keep_alive)
+        if self.write_paused:
+            return  # resume_writing() continues once the client reads its responses
         try:
             self.parser.next_cycle()
         except HTTPError as exc:
