@@ -34,10 +34,20 @@ def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [BODY]
 
 
+async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The same response from an ASGI app: the engine's ceiling, for reference."""
+    if scope["type"] == "http":
+        headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(BODY))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": BODY})
+
+
 SERVERS: dict[str, list[str]] = {
     "uvworker": ["-m", "uvworker", APP, "--fd", "{fd}", "--no-access-log", "--log-level", "warning",
                  "--http", "httptools", "--loop", "uvloop"],
     # uvicorn --fd takes any inherited socket for a Unix one (no TCP_NODELAY): give it a port.
+    "uvworker-asgi": ["-m", "uvworker", APP.replace(":app", ":asgi_app"), "--fd", "{fd}", "--no-access-log",
+                      "--log-level", "warning", "--http", "httptools", "--loop", "uvloop", "--lifespan", "off"],
     "uvicorn-wsgi": ["-m", "uvicorn", "--interface", "wsgi", "--port", "{port}", "--no-access-log",
                      "--log-level", "warning", "--http", "httptools", "--loop", "uvloop", APP],
     "gunicorn-gthread": ["-m", "gunicorn", "-k", "gthread", "--threads", "10", "--workers", "1",
@@ -93,7 +103,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--servers", default=",".join(name for name in SERVERS if name != "uvworker-asgi"),
+                        help=f"comma-separated, from: {', '.join(SERVERS)}")
     parser.add_argument("--uvworker-args", default="", help="extra uvworker options, e.g. '--wsgi-threads 4'")
     args = parser.parse_args()
     if not shutil.which("wrk"):

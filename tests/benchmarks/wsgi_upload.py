@@ -13,7 +13,8 @@ CPU 0 while the client runs on CPU 1 (when there are two). Measured, per server 
   (the kernel's own peak) across the case, which no sampling can miss.
 
 Cases: one 1 GiB upload with Content-Length, the same chunked, and 50 concurrent 20 MiB
-uploads. Rounds interleave the servers; the table shows medians. Peers: ``gunicorn`` (sync
+uploads, each on a freshly started server. Rounds interleave the servers; the table shows
+medians. Peers: ``gunicorn`` (sync
 worker, one process) and ``uvicorn --interface wsgi`` (which reads the whole body into memory
 before calling the app: its RSS growth is the size of the upload).
 """
@@ -249,12 +250,12 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for round_ in range(args.rounds):
         for name in names if round_ % 2 == 0 else reversed(names):  # interleaved
-            with running(name) as server:
-                for case, size, concurrent in cases:
+            for case, size, concurrent in cases:
+                with running(name) as server:  # a fresh process: VmHWM starts from this case
                     result = run_case(server, case, size, concurrent)
-                    results.setdefault((case, name), []).append(result)
-                    print(f"round {round_ + 1} {name:14} {case:16} {result['mbps']:8.0f} MB/s "
-                          f"rss +{result['rss']:7.1f} MiB  hwm +{result['hwm']:7.1f} MiB", flush=True)
+                results.setdefault((case, name), []).append(result)
+                print(f"round {round_ + 1} {name:14} {case:16} {result['mbps']:8.0f} MB/s "
+                      f"rss +{result['rss']:7.1f} MiB  hwm +{result['hwm']:7.1f} MiB", flush=True)
     print(f"\nmedians of {args.rounds} round(s); single upload {args.size_mib} MiB, app reads {READ_SIZE // 1024} KiB at a time")
     print(f"{'case':16} {'server':14} {'MB/s':>8} {'peak RSS growth':>16} {'VmHWM growth':>13}")
     for case, _, _ in cases:
