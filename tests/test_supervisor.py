@@ -635,3 +635,20 @@ def test_recycling_keeps_the_old_worker_until_a_replacement_is_ready(
     assert pid_of(sv.get()) == first
     sv.mode_file.write_text("ok")
     wait_for(lambda: (b := try_get(sv.port)) and pid_of(b) != first)
+
+
+def test_workers_leave_when_the_master_dies(supervised: Callable[..., Supervised]) -> None:
+    sv = supervised(workers=2)
+    pids = sv.pids(2)
+    sv.proc.kill()
+    sv.proc.wait(5)
+    wait_for(lambda: not any(alive(pid) for pid in pids))  # their next heartbeat finds no master
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its reaper)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import wait_for
-from tests.test_supervisor import FakeSystemd
+from tests.test_supervisor import FakeSystemd, alive
 from uvworker.cli import parse
 from uvworker.config import Config
 from uvworker.prefork import wanted
@@ -338,6 +338,14 @@ def test_int_stops_quickly_with_exit_code_0(served: Callable[..., Served]) -> No
     assert server.proc.wait(10) == 0
     assert time.monotonic() - started < 3
     assert "SIGINT: quick stop" in server.log
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2")
+    pids = server.serving_pids(2)
+    server.proc.kill()
+    server.proc.wait(5)
+    wait_for(lambda: not any(alive(pid) for pid in pids))  # at their next heartbeat
 
 
 # ---------------------------------------------------------------------------------------------
