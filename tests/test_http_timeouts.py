@@ -109,15 +109,16 @@ def test_idle_keep_alive_connection_closed(serve: Any) -> None:
 
 
 def test_keep_alive_timer_restarts_with_each_request(serve: Any) -> None:
-    with serve(CountingApp(), timeout_keep_alive=0.6, timeout_request_header=5) as srv:
+    # Wide margins (1.5 s timeout, 0.3 s gaps): a busy CI machine may delay the client's reads.
+    with serve(CountingApp(), timeout_keep_alive=1.5, timeout_request_header=5) as srv:
         with Conn.open(srv.host, srv.port) as conn:
             started = time.monotonic()
-            for _ in range(4):  # 4 x 0.3 s of idleness, each shorter than the keep-alive timeout
+            for _ in range(6):  # 6 x 0.3 s of idleness, each shorter than the keep-alive timeout
                 conn.send(build_request())
                 assert conn.read_response().status == 200
                 readable, _, _ = select.select([conn.sock], [], [], 0.3)  # deliberate idle gap
                 assert not readable, "connection closed before its keep-alive timeout"
-            assert time.monotonic() - started > 0.9
+            assert time.monotonic() - started > 1.8  # longer than one keep-alive timeout
             conn.send(build_request())
             assert conn.read_response().status == 200
 
