@@ -662,3 +662,60 @@ def test_input_stream_reads_like_a_buffered_file() -> None:
             if op == "read" and n in (-1, None):
                 break
         assert stream.read() == b"" and stream.readline() == b""
+
+
+# -- shutdown --------------------------------------------------------------------------------------
+
+
+def test_graceful_shutdown_finishes_the_request_in_the_thread(serve: Any) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def app(environ: Environ, start_response: Any) -> list[bytes]:
+        started.set()
+        release.wait(10)
+        return text_response(start_response, b"finished")
+
+    with serve(app, lifespan="on") as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request())
+        wait_for(started.is_set)
+        srv.server.should_exit = True
+        conn.assert_open(0.1)
+        release.set()
+        resp = conn.read_response()
+        assert (resp.status, resp.body) == (200, b"finished")
+        assert resp.has_token("connection", "close")
+        srv.thread.join(10)
+        assert not srv.thread.is_alive()
+        pool = srv.config.loaded_app.pool
+        wait_for(lambda: pool.threads == 0)  # lifespan shutdown let the idle threads go
+
+
+def test_shutdown_timeout_does_not_wait_for_a_stuck_app(serve: Any) -> None:
+    release = threading.Event()
+    started = threading.Event()
+    closed = threading.Event()
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            release.wait(10)
+            yield b"too late"
+
+        def close(self) -> None:
+            closed.set()
+
+    def app(environ: Environ, start_response: Any) -> Body:
+        started.set()
+        start_response("200 OK", [])
+        return Body()
+
+    with serve(app, timeout_graceful_shutdown=0.2) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request())
+        wait_for(started.is_set)
+        srv.server.should_exit = True
+        srv.thread.join(10)
+        assert not srv.thread.is_alive(), "the server waited for a stuck WSGI app"
+        assert conn.read_until_close() == b""
+        assert not closed.is_set()
+        release.set()
+        wait_for(closed.is_set)  # the app's thread still finishes and closes its iterable
