@@ -42,7 +42,7 @@ STARTUP_FAILURE = 3
 
 
 # Settings that only the supervisor acts on: giving any of them (a value other than its default)
-# selects supervisor mode, as does --workers above 1.
+# selects supervisor mode, as does --workers (even 1: one supervised, restarted worker).
 SUPERVISOR_SETTINGS = (
     "max_requests", "max_requests_jitter", "max_lifetime", "max_lifetime_jitter", "max_memory",
     "timeout_worker", "pid", "user", "group", "umask", "preload", "reload", "reload_dir",
@@ -51,7 +51,7 @@ SUPERVISOR_SETTINGS = (
 
 
 def wanted(config: Config, environ: Mapping[str, str] | None = None) -> bool:
-    """Supervisor mode: more than one worker, any supervisor option, or systemd.
+    """Supervisor mode: --workers given, any other supervisor option, or systemd.
 
     Under systemd (``$NOTIFY_SOCKET`` or socket activation) the supervisor is used even for one
     worker, because it is what speaks the notify protocol and adopts activated sockets.
@@ -60,7 +60,7 @@ def wanted(config: Config, environ: Mapping[str, str] | None = None) -> bool:
 
     env = os.environ if environ is None else environ
     given = any(_given(config, BY_NAME[name]) for name in SUPERVISOR_SETTINGS)
-    return config.workers > 1 or given or bool(env.get("NOTIFY_SOCKET") or env.get("LISTEN_FDS"))
+    return config.workers is not None or given or bool(env.get("NOTIFY_SOCKET") or env.get("LISTEN_FDS"))
 
 
 def _given(config: Config, setting: Setting) -> bool:

@@ -306,10 +306,10 @@ SETTINGS: tuple[Setting, ...] = (
        "takes longer than this; 0 disables.", **_SECONDS),
     _S("ws_per_message_deflate", True, boolean, "Negotiate permessage-deflate compression with "
        "WebSocket clients that offer it.", metavar="BOOL"),
-    # Pre-fork supervisor (issue 6); any of these but umask/timeout_worker selects supervisor mode.
-    _S("workers", 1, integer(1), "Worker processes, forked by a supervisor that restarts, reloads "
-       "(SIGHUP) and recycles them. WEB_CONCURRENCY is read too.", metavar="N", gunicorn="workers",
-       also_env=("WEB_CONCURRENCY",)),
+    # Pre-fork supervisor (issue 6): giving any of these selects supervisor mode (uvworker.prefork).
+    _S("workers", None, integer(1), "Worker processes, forked by a supervisor that restarts, reloads "
+       "(SIGHUP) and recycles them; unset, one process serves without a supervisor. "
+       "WEB_CONCURRENCY is read too.", metavar="N", gunicorn="workers", also_env=("WEB_CONCURRENCY",)),
     _S("max_requests", 0, integer(0), "Replace a worker after it served about this many requests "
        "(its replacement starts first); 0 never.", flags=("--max-requests", "--limit-max-requests"),
        metavar="N", gunicorn="max_requests"),
