@@ -57,38 +57,57 @@ class ClientDisconnected(OSError):
     """Raised by ``send()`` once the client has gone (ASGI spec 2.4)."""
 
 
-def check_head(http_version: str, headers: Headers) -> tuple[bool, bool, bytes | None]:
-    """Validate a request head; return (keep_alive, expect_continue, upgrade protocol).
+_HOST, _LENGTH, _ENCODING, _CONNECTION, _EXPECT, _UPGRADE, _PROXY = range(7)
+_HEADS = {
+    b"host": _HOST,
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _ENCODING,
+    b"connection": _CONNECTION,
+    b"expect": _EXPECT,
+    b"upgrade": _UPGRADE,
+    b"forwarded": _PROXY,
+    b"x-forwarded-for": _PROXY,
+    b"x-forwarded-proto": _PROXY,
+}
 
-    Raises HTTPError(400) for heads that could be read two ways by two parsers.
+
+def check_head(http_version: str, headers: Headers) -> tuple[bool, bool, bytes | None, bool]:
+    """Validate a request head in one pass over its fields.
+
+    Returns (keep_alive, expect_continue, upgrade protocol or None, has proxy headers); raises
+    HTTPError(400) for heads that two parsers could frame two ways (request smuggling).
     """
     hosts = lengths = 0
-    chunked = te = False
+    chunked = te = expect = proxied = connection_upgrade = False
     keep_alive = http_version == "1.1"
-    expect = False
     upgrade: bytes | None = None
-    connection_upgrade = False
+    get = _HEADS.get
     for name, value in headers:
-        if name == b"host":
+        kind = get(name)
+        if kind is None:
+            continue
+        if kind == _HOST:
             hosts += 1
-        elif name == b"content-length":
+        elif kind == _LENGTH:
             lengths += 1
             if not value.isdigit():
                 raise HTTPError(400, "Invalid Content-Length")
-        elif name == b"transfer-encoding":
+        elif kind == _ENCODING:
             te = True
             chunked = value.lower().rstrip().endswith(b"chunked")
-        elif name == b"connection":
+        elif kind == _CONNECTION:
             tokens = value.lower()
             if b"close" in tokens:
                 keep_alive = False
             elif b"keep-alive" in tokens:
                 keep_alive = True
             connection_upgrade = b"upgrade" in tokens
-        elif name == b"expect":
+        elif kind == _EXPECT:
             expect = value.lower() == b"100-continue"
-        elif name == b"upgrade":
+        elif kind == _UPGRADE:
             upgrade = value.lower()
+        else:
+            proxied = True
     if lengths > 1:
         raise HTTPError(400, "Duplicate Content-Length")
     if te:
@@ -98,7 +117,7 @@ def check_head(http_version: str, headers: Headers) -> tuple[bool, bool, bytes |
             raise HTTPError(400, "Unsupported Transfer-Encoding")
     if http_version == "1.1" and hosts != 1:
         raise HTTPError(400, "Missing Host header" if not hosts else "Duplicate Host header")
-    return keep_alive, expect and http_version == "1.1", upgrade if connection_upgrade else None
+    return keep_alive, expect and http_version == "1.1", upgrade if connection_upgrade else None, proxied
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:

@@ -125,20 +125,11 @@ class HTTPConnection(asyncio.Protocol):
     # -- parser events ----------------------------------------------------------------------
     def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers) -> None:
         state = self.state
-        limits = state.limits
         if http_version != "1.1" and http_version != "1.0":
             if http_version[:2] != "1.":
                 raise HTTPError(505, "HTTP Version Not Supported")
             http_version = "1.1"  # RFC 9110 §2.5: a later 1.x minor version is served as 1.1
-        if len(method) + len(target) + 10 > limits.request_line:
-            raise HTTPError(414, "Request-URI too long")
-        field_size = limits.field_size
-        if len(headers) > limits.fields:
-            raise HTTPError(431, "Too many request header fields")
-        for name, value in headers:
-            if len(name) + len(value) + 2 > field_size:
-                raise HTTPError(431, "Request header field too large")
-        keep_alive, expect, upgrade = check_head(http_version, headers)
+        keep_alive, expect, upgrade, proxied = check_head(http_version, headers)
         raw_path, query = split_target(target)
         self.deadline = 0.0
         self.phase = CYCLE
@@ -158,7 +149,7 @@ class HTTPConnection(asyncio.Protocol):
             "headers": headers,
             "state": state.lifespan_state.copy(),
         }
-        if self._peer_trusted_for_proxy:
+        if proxied and self._peer_trusted_for_proxy:
             state.apply_proxy_headers(scope, self.config.forwarded_allow)
         if upgrade == b"websocket" and method == b"GET" and http_version == "1.1" and self.config.ws != "none":
             from uvworker.protocols.websocket import upgrade_to_websocket

@@ -134,39 +134,47 @@ class HttptoolsAdapter:
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.limits.request_line:
+        if len(self._url) > self.limits.request_line:  # early guard; exact check at the head's end
             raise HTTPError(414, "Request-URI too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             return  # a trailer field: tolerated, not passed on
         headers = self._headers
-        if len(headers) >= self.limits.fields:
+        limits = self.limits
+        if len(headers) >= limits.fields:
             raise HTTPError(431, "Too many request header fields")
+        if len(name) + len(value) + 2 > limits.field_size:
+            raise HTTPError(431, "Request header field too large")
         headers.append((name.lower(), value.strip(b" \t")))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
         parser = self.parser
-        event = (self.sink.on_head, parser.get_method(), self._url, parser.get_http_version(), self._headers)
-        self._emit(event)
+        method = parser.get_method()
+        if len(method) + len(self._url) + 10 > self.limits.request_line:
+            raise HTTPError(414, "Request-URI too long")
+        if self.held:
+            self._replay.append((self.sink.on_head, method, self._url, parser.get_http_version(), self._headers))
+        else:
+            self.sink.on_head(method, self._url, parser.get_http_version(), self._headers)
 
     def on_body(self, body: bytes) -> None:
-        self._emit((self.sink.on_body, body))
+        if self.held:
+            self._replay.append((self.sink.on_body, body))
+        else:
+            self.sink.on_body(body)
 
     def on_message_complete(self) -> None:
-        self._emit((self._complete,))
+        if self.held:
+            self._replay.append((self._complete,))
+        else:
+            self._complete()
 
     def _complete(self) -> None:
         self.held = True  # anything after this belongs to the next request
         self.sink.on_end()
-
-    def _emit(self, event: tuple[Any, ...]) -> None:
-        if self.held:
-            self._replay.append(event)
-        else:
-            event[0](*event[1:])
 
 
 def _bad(exc: BaseException) -> HTTPError:
@@ -226,9 +234,7 @@ class H11Adapter:
                 sink.on_body(bytes(event.data))
             elif kind is h11.Request:
                 headers = list(event.headers)
-                head, self._head = self._head, bytearray()
-                if any(name == b"content-length" for name, _ in headers):
-                    _check_raw_content_length(head)
+                self._check_limits(event.method, event.target, headers)
                 sink.on_head(event.method, event.target, event.http_version.decode(), headers)
             elif kind is h11.EndOfMessage:
                 self.held = True
@@ -236,6 +242,20 @@ class H11Adapter:
                 return
             else:  # NEED_DATA, PAUSED, ConnectionClosed: nothing more to deliver now
                 return
+
+    def _check_limits(self, method: bytes, target: bytes, headers: Headers) -> None:
+        """What httptools' adapter checks as the head arrives; h11 gives us the whole head."""
+        limits = self.limits
+        head, self._head = self._head, bytearray()
+        if len(method) + len(target) + 10 > limits.request_line:
+            raise HTTPError(414, "Request-URI too long")
+        if len(headers) > limits.fields:
+            raise HTTPError(431, "Too many request header fields")
+        for name, value in headers:
+            if len(name) + len(value) + 2 > limits.field_size:
+                raise HTTPError(431, "Request header field too large")
+            if name == b"content-length":
+                _check_raw_content_length(head)
 
     def _error(self, exc: h11.RemoteProtocolError) -> HTTPError:
         if exc.error_status_hint == 431:
