@@ -1,0 +1,286 @@
+"""The benchmark suite: uvworker against uvicorn (and Gunicorn for WSGI), in one run.
+
+    python tests/benchmarks/run.py                  # everything, 3 rounds (about 10 minutes)
+    python tests/benchmarks/run.py --quick          # 1 round, short runs: checks the suite works
+    python tests/benchmarks/run.py hello ws         # only rows whose id starts with these
+    python tests/benchmarks/run.py --list           # the row ids
+
+Needs Linux, ``taskset`` and ``wrk`` (``apt-get install -y wrk``) and the ``bench`` extra
+(``pip install -e '.[bench]'``). Nothing but 127.0.0.1 is a target.
+
+How it measures. Rows are grouped by the servers they compare; a group's servers run side by
+side for the whole group (memory rows: a fresh server per measurement), each a subprocess with
+one worker, access log off, uvloop and the same parser, pinned to ``--server-cpu`` while every
+load generator (wrk, and this process for the Python clients) runs on ``--client-cpu``. Each
+round measures every row on every server, alternating the server order from round to round
+(A, B, then B, A, ...) so that drift in the machine's load hits all alike. The table gives
+medians over the rounds: the row's figure, the ratio uvworker / peer (above 1 is faster for
+rates; for memory rows lower is better, so a ratio below 1 favours uvworker), wrk's p99
+latency, and the server's CPU time per request or message, read from /proc, which depends much
+less than requests/s on what else the machine runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make ``tests.benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.benchmarks.suite import loads
+from tests.benchmarks.suite.loads import Sample
+from tests.benchmarks.suite.servers import RunningServer, ServerSpec, asgi_server, wsgi_server
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Plan:
+    rounds: int = 3
+    duration: int = 5  # seconds measured per wrk run (wrk takes whole seconds)
+    warmup: int = 1  # seconds of wrk before each measured run (0: none)
+    ws_duration: float = 3.0
+    idle_connections: int = 2000
+    upload_bytes: int = 1024 * MiB
+    server_cpu: int | None = 0
+    client_cpu: int | None = 1
+
+    def wrk(self, server: RunningServer, path: str, connections: int, **options: object) -> Sample:
+        return loads.wrk(server, path, connections=connections, duration=self.duration, warmup=self.warmup,
+                         client_cpu=self.client_cpu, **options)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    title: str
+    unit: str
+    measure: Callable[[RunningServer, Plan], Sample]
+    lower_is_better: bool = False
+
+
+@dataclass
+class Group:
+    servers: list[ServerSpec]  # the first is uvworker; the others are its peers
+    rows: list[Row]
+    fresh: bool = False  # a new server process for every measurement (memory rows)
+
+
+def hello(connections: int) -> Callable[[RunningServer, Plan], Sample]:
+    return lambda server, plan: plan.wrk(server, "/", connections)
+
+
+def groups() -> dict[str, Group]:
+    close = ("Connection: close",)
+    rows_httptools = [
+        Row("hello-64-httptools", "hello world, keep-alive, 64 conn, httptools", "req/s", hello(64)),
+        Row("hello-1024-httptools", "hello world, keep-alive, 1024 conn, httptools", "req/s", hello(1024)),
+        Row("close-64", "hello world, new connection per request, 64 conn", "req/s",
+            lambda server, plan: plan.wrk(server, "/", 64, headers=close)),
+        Row("stream-16x1k", "streamed response, 16 x 1 KiB, 64 conn", "req/s",
+            lambda server, plan: plan.wrk(server, "/stream", 64)),
+        Row("big-1m", "1 MiB response, 64 conn", "req/s", lambda server, plan: plan.wrk(server, "/big", 64)),
+        Row("post-64k", "POST 64 KiB body, 64 conn", "req/s",
+            lambda server, plan: plan.wrk(server, "/post", 64, script=loads.POST_SCRIPT)),
+        Row("ws-32", "WebSocket echo, 32 B messages", "msg/s",
+            lambda server, plan: loads.websocket_echo(server, 32, duration=plan.ws_duration, warmup=plan.warmup)),
+        Row("ws-64k", "WebSocket echo, 64 KiB messages", "msg/s",
+            lambda server, plan: loads.websocket_echo(server, 65536, duration=plan.ws_duration, warmup=plan.warmup)),
+    ]
+    rows_h11 = [
+        Row("hello-64-h11", "hello world, keep-alive, 64 conn, h11", "req/s", hello(64)),
+        Row("hello-1024-h11", "hello world, keep-alive, 1024 conn, h11", "req/s", hello(1024)),
+    ]
+    idle = lambda server, plan: loads.idle_connections(server, plan.idle_connections)  # noqa: E731
+    rows_memory = [
+        Row("memory-idle-httptools", "memory per idle keep-alive connection (2,000 open), httptools",
+            "KiB", idle, lower_is_better=True),
+        Row("memory-idle-h11", "memory per idle keep-alive connection (2,000 open), h11",
+            "KiB", idle, lower_is_better=True),
+        Row("memory-upload-1g", "peak RSS growth during one 1 GiB upload", "MiB",
+            lambda server, plan: loads.upload(server, plan.upload_bytes), lower_is_better=True),
+    ]
+    uvworker_wsgi = wsgi_server("uvworker")
+    return {
+        "asgi-httptools": Group([asgi_server("uvworker", "httptools"), asgi_server("uvicorn", "httptools")],
+                                rows_httptools),
+        "asgi-h11": Group([asgi_server("uvworker", "h11"), asgi_server("uvicorn", "h11")], rows_h11),
+        "wsgi": Group([uvworker_wsgi, wsgi_server("uvicorn"), wsgi_server("gunicorn")],
+                      [Row("wsgi-hello", "WSGI hello world, keep-alive, 64 conn", "req/s", hello(64))]),
+        "memory-httptools": Group([asgi_server("uvworker", "httptools"), asgi_server("uvicorn", "httptools")],
+                                  [rows_memory[0], rows_memory[2]], fresh=True),
+        "memory-h11": Group([asgi_server("uvworker", "h11"), asgi_server("uvicorn", "h11")],
+                            [rows_memory[1]], fresh=True),
+    }
+
+
+def selected(row_id: str, patterns: list[str]) -> bool:
+    return not patterns or any(
+        row_id == p or row_id.startswith(p + "-") or fnmatch.fnmatch(row_id, p) for p in patterns
+    )
+
+
+# -- running ----------------------------------------------------------------------------------------
+@dataclass
+class Results:
+    samples: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)
+
+    def add(self, row: Row, server: str, sample: Sample) -> None:
+        self.samples.setdefault((row.id, server), []).append(sample)
+
+    def median(self, row_id: str, server: str, metric: str) -> float | None:
+        values = [getattr(s, metric) for s in self.samples.get((row_id, server), [])]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+
+def run_group(group: Group, rows: list[Row], plan: Plan, results: Results) -> None:
+    running: dict[str, RunningServer] = {}
+    try:
+        if not group.fresh:
+            for spec in group.servers:
+                running[spec.name] = RunningServer(spec, plan.server_cpu)
+        for round_ in range(plan.rounds):
+            order = group.servers if round_ % 2 == 0 else group.servers[::-1]
+            for row in rows:
+                for spec in order:
+                    if group.fresh:
+                        with RunningServer(spec, plan.server_cpu) as server:
+                            sample = row.measure(server, plan)
+                    else:
+                        sample = row.measure(running[spec.name], plan)
+                    results.add(row, spec.name, sample)
+                    log(round_, plan, row, spec.name, sample)
+    finally:
+        for server in running.values():
+            server.stop()
+
+
+def log(round_: int, plan: Plan, row: Row, server: str, sample: Sample) -> None:
+    parts = [f"round {round_ + 1}/{plan.rounds}", f"{row.id:22}", f"{server:24}", f"{sample.value:>12,.1f} {row.unit}"]
+    if sample.p99_ms is not None:
+        parts.append(f"p99 {sample.p99_ms:8.2f} ms")
+    if sample.cpu_us is not None:
+        parts.append(f"CPU {sample.cpu_us:7.1f} us")
+    if sample.note:
+        parts.append(sample.note)
+    print("  ".join(parts), flush=True)
+
+
+# -- report -----------------------------------------------------------------------------------------
+def figure(value: float | None, unit: str) -> str:
+    if value is None:
+        return "–"
+    if unit in ("req/s", "msg/s"):
+        return f"{value:,.0f}"
+    return f"{value:,.1f} {unit}"
+
+
+def markdown(all_groups: dict[str, Group], chosen: dict[str, list[Row]], results: Results) -> str:
+    lines = [
+        "| Scenario | Compared with | uvworker | peer | uvworker / peer | p99 uvworker | p99 peer | CPU/req uvworker | CPU/req peer |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, rows in chosen.items():
+        ours, *peers = [spec.name for spec in all_groups[name].servers]
+        for row in rows:
+            for peer in peers:
+                mine, theirs = results.median(row.id, ours, "value"), results.median(row.id, peer, "value")
+                ratio = f"{mine / theirs:.2f}×" if mine is not None and theirs else "–"
+                title = row.title + (f" ({row.unit}, lower is better)" if row.lower_is_better else f" ({row.unit})")
+                cells = [title, peer, figure(mine, row.unit), figure(theirs, row.unit), ratio]
+                for metric, unit in (("p99_ms", "ms"), ("cpu_us", "µs")):
+                    for server in (ours, peer):
+                        value = results.median(row.id, server, metric)
+                        cells.append("–" if value is None else f"{value:.2f} {unit}" if unit == "ms" else f"{value:.1f} {unit}")
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine(plan: Plan) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    versions = []
+    for package in ("uvicorn", "gunicorn", "httptools", "uvloop", "h11", "websockets"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    pinned = (f"server pinned to CPU {plan.server_cpu}, load generator to CPU {plan.client_cpu}"
+              if plan.server_cpu is not None else "nothing pinned (fewer than 2 CPUs)")
+    return (f"{time.strftime('%Y-%m-%d', time.gmtime())}; {os.cpu_count()} × {cpu}, Linux {platform.release()}; "
+            f"Python {platform.python_version()}; {', '.join(versions)}; {pinned}; medians of {plan.rounds} "
+            f"interleaved round(s), wrk runs of {plan.duration:g} s after {plan.warmup:g} s of warm-up.")
+
+
+# -- command line -------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark uvworker against uvicorn and Gunicorn.")
+    parser.add_argument("rows", nargs="*", metavar="ROW",
+                        help="run only these rows: an id, an id prefix (hello, ws, memory) or a glob (*h11)")
+    parser.add_argument("--quick", action="store_true", help="1 round of short runs: checks that the suite works")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick: 1)")
+    parser.add_argument("--duration", type=int, help="seconds per wrk run (default 5; --quick: 2)")
+    parser.add_argument("--server-cpu", type=int, default=0)
+    parser.add_argument("--client-cpu", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write every sample to this file")
+    parser.add_argument("--list", action="store_true", help="list the row ids and exit")
+    args = parser.parse_args(argv)
+
+    all_groups = groups()
+    if args.list:
+        for name, group in all_groups.items():
+            for row in group.rows:
+                print(f"{row.id:24} {row.title}  [{', '.join(s.name for s in group.servers)}]")
+        return 0
+    chosen = {name: [row for row in group.rows if selected(row.id, args.rows)] for name, group in all_groups.items()}
+    chosen = {name: rows for name, rows in chosen.items() if rows}
+    if not chosen:
+        parser.error(f"no row matches {' '.join(args.rows)}; see --list")
+    if not shutil.which("wrk"):
+        raise SystemExit("The suite needs wrk: apt-get install -y wrk")
+    if not shutil.which("taskset"):
+        raise SystemExit("The suite needs taskset (util-linux).")
+
+    plan = Plan()
+    if args.quick:
+        plan = Plan(rounds=1, duration=2, warmup=1, ws_duration=1.0)
+    plan.rounds = args.rounds or plan.rounds
+    plan.duration = args.duration or plan.duration
+    cpus = os.sched_getaffinity(0)
+    if {args.server_cpu, args.client_cpu} <= cpus and args.server_cpu != args.client_cpu:
+        plan.server_cpu, plan.client_cpu = args.server_cpu, args.client_cpu
+        os.sched_setaffinity(0, {args.client_cpu})  # this process is a load generator too
+    else:
+        print(f"warning: CPUs {args.server_cpu} and {args.client_cpu} are not both available; not pinning",
+              file=sys.stderr)
+        plan.server_cpu = plan.client_cpu = None
+    loads.raise_fd_limit(plan.idle_connections * 2 + 1024)  # servers inherit it
+
+    started = time.monotonic()
+    results = Results()
+    for name, rows in chosen.items():
+        run_group(all_groups[name], rows, plan, results)
+    print(f"\nfinished in {(time.monotonic() - started) / 60:.1f} min\n")
+    print(machine(plan) + "\n")
+    print(markdown(all_groups, chosen, results))
+    if args.json:
+        raw = {f"{row_id} | {server}": [asdict(s) for s in samples] for (row_id, server), samples in results.samples.items()}
+        args.json.write_text(json.dumps({"machine": machine(plan), "samples": raw}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

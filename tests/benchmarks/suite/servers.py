@@ -1,0 +1,152 @@
+"""The servers under test: how each is started, pinned, found ready, measured and stopped.
+
+Every server is a subprocess started as ``taskset -c CPU python -m ...`` on a free loopback port
+(found by binding port 0), with one worker, no access log, uvloop and the parser named in its
+spec. uvworker and uvicorn get the same options where both have them (keep-alive timeout,
+lifespan off, log level); uvicorn runs WebSockets on the same ``websockets`` sans-I/O engine
+uvworker uses. For Gunicorn the app runs in the one worker process, a child of the master: CPU
+time and RSS are read from that child.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.benchmarks.ws_echo import cpu_seconds
+from tests.benchmarks.wsgi_upload import status_kib
+
+ROOT = Path(__file__).resolve().parents[3]
+ASGI_APP = "tests.benchmarks.suite.apps:app"
+WSGI_APP = "tests.benchmarks.wsgi_hello:app"
+WSGI_THREADS = 10  # uvworker's default --wsgi-threads; Gunicorn gthread gets the same
+KEEP_ALIVE = "60"  # seconds: longer than any idle hold in the suite
+START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str  # as shown in the table: "uvworker", "uvicorn", "gunicorn gthread", ...
+    argv: tuple[str, ...]  # after ``python``; "{port}" is replaced by the port
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def asgi_server(name: str, parser: str) -> ServerSpec:
+    """uvworker or uvicorn serving ``apps.app`` with ``parser`` on uvloop."""
+    common = ("--host", "127.0.0.1", "--port", "{port}", "--http", parser, "--loop", "uvloop",
+              "--lifespan", "off", "--no-access-log", "--log-level", "warning",
+              "--timeout-keep-alive", KEEP_ALIVE)
+    if name == "uvworker":
+        return ServerSpec("uvworker", ("-m", "uvworker", ASGI_APP, *common))
+    if name == "uvicorn":
+        return ServerSpec("uvicorn", ("-m", "uvicorn", ASGI_APP, *common, "--ws", "websockets-sansio"))
+    raise ValueError(f"Unknown ASGI server {name!r}.")
+
+
+def wsgi_server(name: str) -> ServerSpec:
+    """A server running ``wsgi_hello.app`` with WSGI_THREADS threads where threads apply."""
+    common = ("--host", "127.0.0.1", "--port", "{port}", "--http", "httptools", "--loop", "uvloop",
+              "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", KEEP_ALIVE)
+    if name == "uvworker":
+        return ServerSpec("uvworker", ("-m", "uvworker", WSGI_APP, "--interface", "wsgi",
+                                       "--wsgi-threads", str(WSGI_THREADS), "--lifespan", "off", *common))
+    if name == "uvicorn":
+        return ServerSpec("uvicorn --interface wsgi", ("-m", "uvicorn", WSGI_APP, "--interface", "wsgi", *common))
+    if name == "gunicorn":
+        return ServerSpec("gunicorn gthread", (
+            "-m", "gunicorn", "-k", "gthread", "--threads", str(WSGI_THREADS), "--workers", "1",
+            "--bind", "127.0.0.1:{port}", "--keep-alive", KEEP_ALIVE, "--log-level", "warning", WSGI_APP))
+    raise ValueError(f"Unknown WSGI server {name!r}.")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pinning(cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+
+class RunningServer:
+    """A started server. ``pid`` is the process that runs the app; ``address`` its socket."""
+
+    def __init__(self, spec: ServerSpec, cpu: int | None) -> None:
+        self.spec = spec
+        self.name = spec.name
+        port = free_port()
+        self.address = ("127.0.0.1", port)
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = tempfile.TemporaryFile()
+        argv = [arg.replace("{port}", str(port)) for arg in spec.argv]
+        self.proc = subprocess.Popen([*pinning(cpu), sys.executable, *argv], cwd=ROOT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.pid = self._app_pid()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with status {self.proc.returncode}: {self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=2) as response:
+                    response.read()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not answer within {START_TIMEOUT:g} s: {self.output()}") from None
+                time.sleep(0.05)
+
+    def _app_pid(self) -> int:
+        """The server process itself, or its one worker (Gunicorn's master forks it)."""
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return int(children[0]) if children else self.proc.pid
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace").strip()[-2000:]
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss_kib(self) -> int:
+        return status_kib(self.pid, "VmRSS")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
