@@ -18,6 +18,9 @@ Rules this module keeps:
   honoured: bytes beyond it are not sent and iteration stops.
 * Bounded concurrency: ``threads`` apps run at once, ``queue`` more may wait for a thread;
   beyond that a request is answered 503 at once.
+* environ: PATH_INFO is the percent-decoded raw path, one character per byte (latin-1), below
+  SCRIPT_NAME (the root path); repeated headers are joined with "," (Cookie with "; "); header
+  names containing "_" are dropped, so ``X_Forwarded_For`` cannot pose as ``X-Forwarded-For``.
 
 Theory of operation. Each request gets an ``Exchange`` shared by two sides:
 
