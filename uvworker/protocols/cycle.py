@@ -53,6 +53,32 @@ def _status_line(status: int) -> bytes:
 STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
 
 
+# What a response header from the app means to the framing (0: nothing, pass it on).
+_RESP_LENGTH, _RESP_CONNECTION, _RESP_ENCODING, _RESP_DEFAULTED = range(1, 5)
+_RESPONSE_HEADS = {
+    b"content-length": _RESP_LENGTH,
+    b"connection": _RESP_CONNECTION,
+    b"transfer-encoding": _RESP_ENCODING,
+    b"server": _RESP_DEFAULTED,
+    b"date": _RESP_DEFAULTED,
+}
+# Validated, encoded response header lines, keyed by the app's (name, value) tuple: most apps
+# send the same few headers on every response. Bounded: cleared when full.
+_HEADER_LINES: dict[tuple[bytes, bytes], tuple[bytes, int]] = {}
+
+
+def _header_line(name: bytes, value: bytes) -> tuple[bytes, int]:
+    """Validate one response header from the app; return its wire line and what it means to us."""
+    if not _TOKEN(name):
+        raise RuntimeError(f"Invalid HTTP header name {name!r}")
+    if _BAD_VALUE(value):
+        raise RuntimeError(f"Invalid HTTP header value {value!r}")
+    kind = _RESPONSE_HEADS.get(name.lower(), 0)
+    if kind == _RESP_LENGTH and not value.strip().isdigit():
+        raise RuntimeError(f"Invalid Content-Length {value!r}")
+    return b"%s: %s\r\n" % (name, value), kind
+
+
 class ClientDisconnected(OSError):
     """Raised by ``send()`` once the client has gone (ASGI spec 2.4)."""
 
@@ -144,45 +170,40 @@ def decode_path(raw_path: bytes) -> str:
 class RequestCycle:
     """The ASGI side of one request: ``receive`` and ``send`` for the app."""
 
-    __slots__ = (
-        "conn", "scope", "keep_alive", "expect_continue", "head_request", "http10",
-        "chunks", "buffered", "more_body", "final_delivered", "disconnected", "waiter",
-        "response_started", "response_complete", "status", "response_headers", "head",
-        "chunked", "remaining", "no_body", "bytes_sent", "start_time", "start_clock", "task", "finished",
-    )
+    # Class-level defaults: a new cycle stores only what differs per request (hot path).
+    chunks: list[bytes] | tuple[()] = ()
+    buffered = 0
+    more_body = True
+    final_delivered = False
+    disconnected = False
+    waiter: asyncio.Future[None] | None = None
+    response_started = False
+    response_complete = False
+    status = 0
+    response_headers: Headers = []
+    head = b""
+    chunked = False
+    remaining: int | None = None
+    no_body = False
+    bytes_sent = 0
+    task: asyncio.Task[None] | None = None
+    finished = False
 
     def __init__(self, conn: HTTPConnection, scope: dict[str, Any], keep_alive: bool, expect_continue: bool) -> None:
         self.conn = conn
         self.scope = scope
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
-        self.head_request = scope["method"] == "HEAD"
-        self.http10 = scope["http_version"] == "1.0"
-        self.chunks: list[bytes] = []
-        self.buffered = 0
-        self.more_body = True
-        self.final_delivered = False
-        self.disconnected = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.response_started = False
-        self.response_complete = False
-        self.status = 0
-        self.response_headers: Headers = []
-        self.head = b""
-        self.chunked = False
-        self.remaining: int | None = None
-        self.no_body = False
-        self.bytes_sent = 0
         self.start_time = time.time()
         self.start_clock = time.perf_counter()
-        self.task: asyncio.Task[None] | None = None
-        self.finished = False
 
     # -- events from the connection ---------------------------------------------------
     def on_body(self, data: bytes) -> None:
         if self.response_complete or self.disconnected:
             return  # being discarded: the response is out, the rest of the body is not wanted
-        self.chunks.append(data)
+        if not self.chunks:
+            self.chunks = []
+        self.chunks.append(data)  # type: ignore[union-attr]
         self.buffered += len(data)
         if self.buffered > BODY_HIGH_WATER:
             self.conn.pause_reading()
@@ -219,7 +240,7 @@ class RequestCycle:
             return {"type": "http.disconnect"}
         chunks = self.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
+        self.chunks = ()
         if self.buffered > BODY_HIGH_WATER:
             self.conn.resume_reading()
         self.buffered = 0
@@ -251,31 +272,36 @@ class RequestCycle:
         conn = self.conn
         parts = [STATUS_LINES[status]]
         override_defaults = False
-        for name, value in headers:
-            if not _TOKEN(name):
-                raise RuntimeError(f"Invalid HTTP header name {name!r}")
-            if _BAD_VALUE(value):
-                raise RuntimeError(f"Invalid HTTP header value {value!r}")
-            lname = name.lower()
-            if lname == b"content-length":
-                if not value.strip().isdigit():
-                    raise RuntimeError(f"Invalid Content-Length {value!r}")
-                self.remaining = int(value)
-            elif lname == b"transfer-encoding":
-                continue  # framing is ours to choose
-            elif lname == b"connection":
-                if b"close" in value.lower():
-                    self.keep_alive = False
-                continue  # written by us below, once
-            elif lname == b"server" or lname == b"date":
-                override_defaults = True
-            parts.append(b"%s: %s\r\n" % (name, value))
+        lines = _HEADER_LINES
+        for pair in headers:
+            try:
+                line, kind = lines[pair]
+            except (KeyError, TypeError):  # new, or not a hashable (name, value) tuple
+                line, kind = _header_line(*pair)
+                if type(pair) is tuple:
+                    if len(lines) >= 4096:
+                        lines.clear()
+                    lines[pair] = line, kind
+            if kind:
+                if kind == _RESP_LENGTH:
+                    self.remaining = int(pair[1])
+                elif kind == _RESP_CONNECTION:
+                    if b"close" in pair[1].lower():
+                        self.keep_alive = False
+                    continue  # written by us, once
+                elif kind == _RESP_ENCODING:
+                    continue  # framing is ours to choose
+                else:
+                    override_defaults = True
+            parts.append(line)
         parts.insert(1, conn.state.head_defaults(headers if override_defaults else None))
         self.status = status
         self.response_headers = headers if type(headers) is list else list(headers)
-        self.no_body = self.head_request or status < 200 or status in NO_BODY_STATUSES
-        if status < 200 or status in NO_BODY_STATUSES:
+        if status in NO_BODY_STATUSES:
+            self.no_body = True
             self.remaining = None
+        elif self.scope["method"] == "HEAD":
+            self.no_body = True
         if self.expect_continue:
             # The app answered without reading the body the client may still send: close after.
             self.expect_continue = False
@@ -323,7 +349,7 @@ class RequestCycle:
         elif self.remaining is None:
             if not more_body:
                 framing = b"content-length: %d\r\n" % len(body)
-            elif not self.http10:
+            elif self.scope["http_version"] != "1.0":
                 self.chunked = True
                 framing = b"transfer-encoding: chunked\r\n"
                 body = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
@@ -331,7 +357,7 @@ class RequestCycle:
                 self.keep_alive = False  # close-delimited: the end of the body is the close
         if not self.keep_alive:
             framing += b"connection: close\r\n"
-        elif self.http10:
+        elif self.scope["http_version"] == "1.0":
             framing += b"connection: keep-alive\r\n"
         return b"%s%s\r\n%s" % (head, framing, body)
 
