@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import struct
 import time
 from collections.abc import Callable, Iterator

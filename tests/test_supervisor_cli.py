@@ -483,3 +483,31 @@ def proof_ready_gap() -> None:
 if __name__ == "__main__":
     for proof in sys.argv[1:] or [name for name in list(globals()) if name.startswith("proof_")]:
         globals()[proof]()
+
+
+def test_run_from_python_with_workers_is_supervised(tmp_path: Path) -> None:
+    """``uvworker.run(app, workers=2)`` forks two workers, like the CLI."""
+    (tmp_path / "svapp.py").write_text(APP)
+    sock = socket.create_server(("127.0.0.1", 0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UVWORKER_") and k not in CLEAN_ENV}
+    env |= {"APP_IMPORT_LOG": str(tmp_path / "imports"), "PYTHONPATH": str(ROOT)}
+    code = (f"import uvworker; uvworker.run('svapp:app', app_dir={str(tmp_path)!r}, fd={sock.fileno()}, "
+            "workers=2, access_log=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, pass_fds=[sock.fileno()])
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    sock.close()
+    try:
+        seen: set[int] = set()
+
+        def two_workers() -> bool:
+            try:
+                seen.add(int(httpx.get(url, timeout=5).text))
+            except httpx.HTTPError:
+                pass
+            return len(seen) >= 2
+
+        wait_for(two_workers, timeout=15)
+        assert proc.pid not in seen  # answered by forked workers, not the process that called run()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0

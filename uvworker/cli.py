@@ -82,7 +82,6 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> dict[str, A
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     from uvworker.config import Config
     from uvworker.main import launch
-    from uvworker.prefork import run_supervised, wanted
 
     config = Config(**parse(argv, os.environ))
-    sys.exit(run_supervised(config) if wanted(config) else launch(config))
+    sys.exit(launch(config))

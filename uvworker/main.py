@@ -26,22 +26,30 @@ def run(app: Any, **settings: Any) -> None:
 def launch(config: Config) -> int:
     """Run ``config`` until shutdown and return the process exit code.
 
-    This is the one place that decides how to run (today: a single process). A ConfigError is
-    one line on stderr, with its traceback at --log-level debug.
+    This is the one place that decides how to run: one process, or a supervisor forking
+    workers (``uvworker.prefork.wanted``). A mistake in the configuration is one line on
+    stderr, with its traceback at --log-level debug.
     """
+    from supervisor.config import SupervisorError
     from uvworker.logging import configure_logging
+    from uvworker.prefork import supervise, wanted
 
     try:
         try:
             configure_logging(config.log_level, config.log_config)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        return serve(config)
-    except ConfigError as err:
-        print(f"uvworker: error: {err}", file=sys.stderr)
-        if config.log_level == "debug":
-            traceback.print_exception(err)
-        return 1
+        return supervise(config) if wanted(config) else serve(config)
+    except (ConfigError, SupervisorError) as err:
+        return report(err, config)
+
+
+def report(err: Exception, config: Config) -> int:
+    """A user's mistake: one line on stderr (the traceback only at --log-level debug); exit 1."""
+    print(f"uvworker: error: {err}", file=sys.stderr)
+    if config.log_level == "debug":
+        traceback.print_exception(err)
+    return 1
 
 
 def serve(config: Config) -> int:

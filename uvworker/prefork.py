@@ -2,7 +2,7 @@
 
 The supervisor knows nothing of HTTP; this module is the only place the two meet:
 
-- ``run_supervised(config)``: the master. It binds the sockets once (or takes systemd's),
+- ``supervise(config)``: the master. It binds the sockets once (or takes systemd's),
   imports the application only with ``--preload``, maps the settings onto ``SupervisorConfig``
   and runs the supervisor loop.
 - ``serve_worker(config, context)``: the worker target, in each forked child. It imports the
@@ -23,12 +23,10 @@ import functools
 import logging
 import os
 import signal
-import sys
-import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from supervisor.config import DEFAULT_RELOAD_EXCLUDE, DEFAULT_RELOAD_INCLUDE, SupervisorConfig, SupervisorError
+from supervisor.config import DEFAULT_RELOAD_EXCLUDE, DEFAULT_RELOAD_INCLUDE, SupervisorConfig
 from uvworker.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -103,24 +101,11 @@ def _reopen_logs() -> None:
     reopen_files()
 
 
-def run_supervised(config: Config) -> int:
-    """The CLI's supervisor mode: returns the exit code (0; 1 configuration error; 3 crash loop)."""
-    from uvworker.logging import configure_logging
+def supervise(config: Config) -> int:
+    """Run the master until it stops; its exit code (0, or 3 for a crash loop at startup).
 
-    try:
-        try:
-            configure_logging(config.log_level, config.log_config)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-        return _supervise(config)
-    except (ConfigError, SupervisorError) as err:
-        print(f"uvworker: error: {err}", file=sys.stderr)
-        if config.log_level == "debug":
-            traceback.print_exception(err)
-        return 1
-
-
-def _supervise(config: Config) -> int:
+    Raises ConfigError or SupervisorError for mistakes the caller reports as one line.
+    """
     from supervisor.master import run
     from supervisor.sockets import systemd_listeners
 
@@ -173,10 +158,9 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     try:
         config.load()
     except ConfigError as err:
-        print(f"uvworker: error: {err}", file=sys.stderr)
-        if config.log_level == "debug":
-            traceback.print_exception(err)
-        return 1
+        from uvworker.main import report
+
+        return report(err, config)
     channel = context.channel
     said_retiring = said_limit = False
 
