@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("uvworker.error")
 
 WAIT_HEAD, KEEP_ALIVE, CYCLE, CLOSED = range(4)
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 MAX_DISCARD = 4 * 1024 * 1024  # unread request body we drop to keep a connection, at most
 
 
@@ -141,7 +142,7 @@ class HTTPConnection(asyncio.Protocol):
             "server": self.server,
             "client": self.client,
             "scheme": self.scheme,
-            "method": method.decode("ascii"),
+            "method": _METHODS.get(method) or method.decode("ascii"),
             "root_path": root_path,
             "path": root_path + decode_path(raw_path) if root_path else decode_path(raw_path),
             "raw_path": root_path.encode() + raw_path if root_path else raw_path,
