@@ -253,13 +253,14 @@ def test_gunicorn_defaults_map_to_uvworker_settings() -> None:
     assert settings["proxy_protocol"] is False
     assert settings["timeout_graceful_shutdown"] == 29.0  # a second left for lifespan shutdown
     assert settings["log_level"] == "info"
+    assert settings["wsgi_threads"] == 10  # Gunicorn's threads=1 would serialise WSGI requests
 
 
 def test_gunicorn_values_are_adapted() -> None:
     cfg = GunicornConfig()
     for name, value in [("keepalive", 0), ("limit_request_line", 0), ("limit_request_field_size", 0),
                         ("limit_request_fields", 100000), ("proxy_protocol", "v2"), ("loglevel", "DEBUG"),
-                        ("worker_connections", 3), ("graceful_timeout", 2)]:
+                        ("worker_connections", 3), ("graceful_timeout", 2), ("threads", 4)]:
         cfg.set(name, value)
     settings = settings_from_gunicorn(cfg, {})
     assert settings["timeout_keep_alive"] == 0.0
@@ -270,6 +271,7 @@ def test_gunicorn_values_are_adapted() -> None:
     assert settings["log_level"] == "debug"
     assert settings["limit_concurrency"] == 3
     assert settings["timeout_graceful_shutdown"] == 1.6
+    assert settings["wsgi_threads"] == 4
 
 
 def test_environment_fills_in_what_gunicorn_leaves_at_its_default() -> None:

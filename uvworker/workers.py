@@ -77,6 +77,9 @@ _ADAPT: dict[str, Callable[[Any], Any]] = {
     "limit_request_field_size": lambda v: v if v > 0 else 8190,
     "proxy_protocol": lambda v: v not in (False, None, "off"),  # v1, v2, auto: both accepted
     "cert_reqs": int,
+    # Gunicorn's default of 1 thread suits its sync worker; here it would serialise every WSGI
+    # request of the worker, so only an explicit --threads above 1 replaces our default.
+    "threads": lambda v: v if v > 1 else BY_NAME["wsgi_threads"].default,
     "loglevel": lambda v: v.lower() if v.lower() in BY_NAME["log_level"].choices else "info",
 }
 
