@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make ``tests.benchmarks`` impo
 
 from tests.benchmarks.suite import loads
 from tests.benchmarks.suite.loads import Sample
-from tests.benchmarks.suite.servers import RunningServer, ServerSpec, asgi_server, wsgi_server
+from tests.benchmarks.suite.servers import ROOT, RunningServer, ServerSpec, asgi_server, uvworker_tree, wsgi_server
 
 MiB = 1024 * 1024
 
@@ -82,7 +82,8 @@ def hello(connections: int) -> Callable[[RunningServer, Plan], Sample]:
     return lambda server, plan: plan.wrk(server, "/", connections)
 
 
-def groups() -> dict[str, Group]:
+def groups(tree: Path) -> dict[str, Group]:
+    """Every row, by the servers it compares; uvworker is imported from ``tree``."""
     close = ("Connection: close",)
     rows_httptools = [
         Row("hello-64-httptools", "hello world, keep-alive, 64 conn, httptools", "req/s", hello(64)),
@@ -112,17 +113,15 @@ def groups() -> dict[str, Group]:
         Row("memory-upload-1g", "peak RSS growth during one 1 GiB upload", "MiB",
             lambda server, plan: loads.upload(server, plan.upload_bytes), lower_is_better=True),
     ]
-    uvworker_wsgi = wsgi_server("uvworker")
+    httptools = [asgi_server("uvworker", "httptools", tree), asgi_server("uvicorn", "httptools")]
+    h11 = [asgi_server("uvworker", "h11", tree), asgi_server("uvicorn", "h11")]
+    wsgi = [wsgi_server("uvworker", tree), wsgi_server("uvicorn"), wsgi_server("gunicorn")]
     return {
-        "asgi-httptools": Group([asgi_server("uvworker", "httptools"), asgi_server("uvicorn", "httptools")],
-                                rows_httptools),
-        "asgi-h11": Group([asgi_server("uvworker", "h11"), asgi_server("uvicorn", "h11")], rows_h11),
-        "wsgi": Group([uvworker_wsgi, wsgi_server("uvicorn"), wsgi_server("gunicorn")],
-                      [Row("wsgi-hello", "WSGI hello world, keep-alive, 64 conn", "req/s", hello(64))]),
-        "memory-httptools": Group([asgi_server("uvworker", "httptools"), asgi_server("uvicorn", "httptools")],
-                                  [rows_memory[0], rows_memory[2]], fresh=True),
-        "memory-h11": Group([asgi_server("uvworker", "h11"), asgi_server("uvicorn", "h11")],
-                            [rows_memory[1]], fresh=True),
+        "asgi-httptools": Group(httptools, rows_httptools),
+        "asgi-h11": Group(h11, rows_h11),
+        "wsgi": Group(wsgi, [Row("wsgi-hello", "WSGI hello world, keep-alive, 64 conn", "req/s", hello(64))]),
+        "memory-httptools": Group(httptools, [rows_memory[0], rows_memory[2]], fresh=True),
+        "memory-h11": Group(h11, [rows_memory[1]], fresh=True),
     }
 
 
@@ -235,11 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, help="seconds per wrk run (default 5; --quick: 2)")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
+    parser.add_argument("--commit", help="measure uvworker as of this git commit instead of the work tree")
     parser.add_argument("--json", type=Path, help="also write every sample to this file")
     parser.add_argument("--list", action="store_true", help="list the row ids and exit")
     args = parser.parse_args(argv)
 
-    all_groups = groups()
+    all_groups = groups(ROOT)
     if args.list:
         for name, group in all_groups.items():
             for row in group.rows:
@@ -271,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     results = Results()
-    for name, rows in chosen.items():
-        run_group(all_groups[name], rows, plan, results)
+    with uvworker_tree(args.commit) as tree:
+        all_groups = groups(tree)
+        for name, rows in chosen.items():
+            run_group(all_groups[name], rows, plan, results)
     print(f"\nfinished in {(time.monotonic() - started) / 60:.1f} min\n")
-    print(machine(plan) + "\n")
+    print(machine(plan) + (f" uvworker as of commit {args.commit}." if args.commit else "") + "\n")
     print(markdown(all_groups, chosen, results))
     if args.json:
         raw = {f"{row_id} | {server}": [asdict(s) for s in samples] for (row_id, server), samples in results.samples.items()}

@@ -10,6 +10,7 @@ time and RSS are read from that child.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,30 +37,46 @@ START_TIMEOUT = 30.0
 class ServerSpec:
     name: str  # as shown in the table: "uvworker", "uvicorn", "gunicorn gthread", ...
     argv: tuple[str, ...]  # after ``python``; "{port}" is replaced by the port
+    tree: Path = ROOT  # where ``uvworker`` is imported from (another commit: see uvworker_tree)
 
     def __str__(self) -> str:
         return self.name
 
 
-def asgi_server(name: str, parser: str) -> ServerSpec:
+@contextlib.contextmanager
+def uvworker_tree(commit: str | None) -> Iterator[Path]:
+    """The uvworker (and supervisor) packages as of ``commit`` (``git archive`` into a temporary directory), so
+    that two versions can be measured in one run; without a commit, this work tree."""
+    if not commit:
+        yield ROOT
+        return
+    with tempfile.TemporaryDirectory(prefix="uvworker-") as tmp:
+        archive = subprocess.run(["git", "archive", commit, "uvworker", "supervisor"], cwd=ROOT, capture_output=True, check=False)
+        if archive.returncode != 0:
+            raise SystemExit(f"Cannot read uvworker at {commit}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        yield Path(tmp)
+
+
+def asgi_server(name: str, parser: str, tree: Path = ROOT) -> ServerSpec:
     """uvworker or uvicorn serving ``apps.app`` with ``parser`` on uvloop."""
     common = ("--host", "127.0.0.1", "--port", "{port}", "--http", parser, "--loop", "uvloop",
               "--lifespan", "off", "--no-access-log", "--log-level", "warning",
               "--timeout-keep-alive", KEEP_ALIVE)
     if name == "uvworker":
-        return ServerSpec("uvworker", ("-m", "uvworker", ASGI_APP, *common))
+        return ServerSpec("uvworker", ("-m", "uvworker", ASGI_APP, *common), tree)
     if name == "uvicorn":
         return ServerSpec("uvicorn", ("-m", "uvicorn", ASGI_APP, *common, "--ws", "websockets-sansio"))
     raise ValueError(f"Unknown ASGI server {name!r}.")
 
 
-def wsgi_server(name: str) -> ServerSpec:
+def wsgi_server(name: str, tree: Path = ROOT) -> ServerSpec:
     """A server running ``wsgi_hello.app`` with WSGI_THREADS threads where threads apply."""
     common = ("--host", "127.0.0.1", "--port", "{port}", "--http", "httptools", "--loop", "uvloop",
               "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", KEEP_ALIVE)
     if name == "uvworker":
         return ServerSpec("uvworker", ("-m", "uvworker", WSGI_APP, "--interface", "wsgi",
-                                       "--wsgi-threads", str(WSGI_THREADS), "--lifespan", "off", *common))
+                                       "--wsgi-threads", str(WSGI_THREADS), "--lifespan", "off", *common), tree)
     if name == "uvicorn":
         return ServerSpec("uvicorn --interface wsgi", ("-m", "uvicorn", WSGI_APP, "--interface", "wsgi", *common))
     if name == "gunicorn":
@@ -89,8 +107,11 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{port}"
         self._log = tempfile.TemporaryFile()
         argv = [arg.replace("{port}", str(port)) for arg in spec.argv]
-        self.proc = subprocess.Popen([*pinning(cpu), sys.executable, *argv], cwd=ROOT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # ``python -m`` puts the working directory first on sys.path: uvworker comes from the
+        # spec's tree, the benchmark apps (tests.benchmarks...) from this checkout.
+        path = os.pathsep.join(dict.fromkeys([str(spec.tree), str(ROOT)]))
+        self.proc = subprocess.Popen([*pinning(cpu), sys.executable, *argv], cwd=spec.tree,
+                                     env={**os.environ, "PYTHONPATH": path},
                                      stdout=self._log, stderr=subprocess.STDOUT)
         try:
             self._wait_ready()
