@@ -20,6 +20,7 @@ import asyncio
 import re
 import resource
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +76,22 @@ def _run(command: list[str], duration: float) -> str:
     return done.stdout
 
 
+def client_loop() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop for the Python clients when it is there: the client must not be the bottleneck."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
 # -- WebSocket ----------------------------------------------------------------------------------------
 def websocket_echo(server: RunningServer, size: int, *, duration: float, warmup: float) -> Sample:
     """Echoed messages/s over ws_echo's connections and window (its defaults)."""
     connections, window = 4, 16 if size < 4096 else 4
-    rate, per_cpu = asyncio.run(ws_echo.measure(server.address[1], server.pid, size, connections, window,
-                                                warmup, duration))
+    with asyncio.Runner(loop_factory=client_loop()) as runner:
+        rate, per_cpu = runner.run(ws_echo.measure(server.address[1], server.pid, size, connections, window,
+                                                   warmup, duration))
     return Sample(value=rate, cpu_us=1e6 / per_cpu)
 
 
@@ -149,7 +160,8 @@ async def _hold(server: RunningServer, count: int, timeout: float) -> tuple[int,
 
 def idle_connections(server: RunningServer, count: int, *, timeout: float = 60) -> Sample:
     """RSS growth per idle keep-alive connection, in KiB."""
-    before, held, fds = asyncio.run(_hold(server, count, timeout))
+    with asyncio.Runner(loop_factory=client_loop()) as runner:
+        before, held, fds = runner.run(_hold(server, count, timeout))
     if fds < count:
         raise RuntimeError(f"{server.name} held only {fds} open files with {count} connections open")
     return Sample(value=(held - before) / count, note=f"RSS {before / 1024:.1f} -> {held / 1024:.1f} MiB")
