@@ -83,12 +83,15 @@ def test_auto_picks_the_fast_packages_when_installed() -> None:
 def test_missing_optional_packages(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "httptools", None)  # makes the import fail
     monkeypatch.setitem(sys.modules, "uvloop", None)
+    monkeypatch.setitem(sys.modules, "websockets", None)
     config = loaded()
     assert (config.http_parser, config.loop_factory) == ("h11", asyncio.new_event_loop)
     with pytest.raises(ConfigError, match=r"^--http httptools needs the httptools package"):
         loaded(http="httptools")
     with pytest.raises(ConfigError, match=r"^--loop uvloop needs the uvloop package"):
         loaded(loop="uvloop")
+    with pytest.raises(ConfigError, match=r"^--ws websockets needs the websockets package"):
+        loaded(ws="websockets")
 
 
 # The application: import, factory, interface ------------------------------------------------

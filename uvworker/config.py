@@ -67,6 +67,8 @@ class Config:
         from uvworker.proxy import TrustedHosts
 
         self.http_parser = self._http_parser()
+        if self.ws == "websockets":
+            _require("websockets", "--ws websockets")
         self.loop_factory = self._loop_factory()
         self.ssl_context = self._ssl_context()
         self.default_headers = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in self.headers]
