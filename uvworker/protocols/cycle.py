@@ -79,6 +79,14 @@ def _header_line(name: bytes, value: bytes) -> tuple[bytes, int]:
     return b"%s: %s\r\n" % (name, value), kind
 
 
+def error_response(status: int, reason: str, defaults: bytes, extra: bytes = b"") -> bytes:
+    """A complete plain-text answer from the server itself, closing the connection."""
+    body = reason.encode()
+    return b"%s%s%scontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
+        STATUS_LINES[status], defaults, extra, len(body), body
+    )
+
+
 class ClientDisconnected(OSError):
     """Raised by ``send()`` once the client has gone (ASGI spec 2.4)."""
 

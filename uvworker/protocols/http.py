@@ -31,7 +31,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from uvworker.protocols.cycle import STATUS_LINES, RequestCycle, check_head, decode_path, split_target
+from uvworker.protocols.cycle import RequestCycle, check_head, decode_path, error_response, split_target
 from uvworker.protocols.parsers import Headers, HTTPError, make_parser
 
 if TYPE_CHECKING:
@@ -237,13 +237,9 @@ class HTTPConnection(asyncio.Protocol):
         self.close()
 
     def send_error(self, status: int, reason: str, cycle: RequestCycle | None = None) -> None:
-        body = reason.encode()
-        self.write(
-            b"%s%scontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (STATUS_LINES[status], self.state.head_defaults(None), len(body), body)
-        )
+        self.write(error_response(status, reason, self.state.head_defaults(None)))
         if cycle is not None:
-            cycle.bytes_sent = len(body)
+            cycle.bytes_sent = len(reason.encode())
             self._finish(cycle)
         self.close()
 

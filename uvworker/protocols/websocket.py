@@ -61,7 +61,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from uvworker.protocols.cycle import STATUS_LINES, ClientDisconnected, RequestCycle
+from uvworker.protocols.cycle import ClientDisconnected, RequestCycle, error_response
 
 try:
     from websockets.datastructures import Headers
@@ -382,13 +382,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     def send_error(self, status: int, reason: str, cycle: RequestCycle | None = None, extra: bytes = b"") -> None:
         """An HTTP answer instead of the upgrade; the connection closes after it."""
-        body = reason.encode()
-        self.write(
-            b"%s%s%scontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (STATUS_LINES[status], self.state.head_defaults(None), extra, len(body), body)
-        )
+        self.write(error_response(status, reason, self.state.head_defaults(None), extra))
         self.status = status
-        self.bytes_sent = len(body)
+        self.bytes_sent = len(reason.encode())
         self._denial = None
         self._close_transport()
 
