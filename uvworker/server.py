@@ -221,6 +221,11 @@ class Server:
         state = self.state
         assert state is not None
         self._stop_accepting()
+        if state.connections:
+            logger.info(
+                "Shutting down: %d connection(s) open, %d request(s) in flight.",
+                len(state.connections), state.active_requests,
+            )
         timeout = self.config.timeout_graceful_shutdown
         deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         while state.connections and not self.force_exit:
