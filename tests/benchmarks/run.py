@@ -4,6 +4,7 @@
     python tests/benchmarks/run.py --quick          # 1 round, short runs: checks the suite works
     python tests/benchmarks/run.py hello ws         # only rows whose id starts with these
     python tests/benchmarks/run.py --list           # the row ids
+    python tests/benchmarks/run.py --commit HEAD~5  # uvworker as of an older commit (before/after)
 
 Needs Linux, ``taskset`` and ``wrk`` (``apt-get install -y wrk``) and the ``bench`` extra
 (``pip install -e '.[bench]'``). Nothing but 127.0.0.1 is a target.
@@ -187,6 +188,12 @@ def figure(value: float | None, unit: str) -> str:
     return f"{value:,.1f} {unit}"
 
 
+def milliseconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.2f} ms"
+
+
 def markdown(all_groups: dict[str, Group], chosen: dict[str, list[Row]], results: Results) -> str:
     lines = [
         "| Scenario | Compared with | uvworker | peer | uvworker / peer | p99 uvworker | p99 peer | CPU/req uvworker | CPU/req peer |",
@@ -200,10 +207,11 @@ def markdown(all_groups: dict[str, Group], chosen: dict[str, list[Row]], results
                 ratio = f"{mine / theirs:.2f}×" if mine is not None and theirs else "–"
                 title = row.title + (f" ({row.unit}, lower is better)" if row.lower_is_better else f" ({row.unit})")
                 cells = [title, peer, figure(mine, row.unit), figure(theirs, row.unit), ratio]
-                for metric, unit in (("p99_ms", "ms"), ("cpu_us", "µs")):
-                    for server in (ours, peer):
-                        value = results.median(row.id, server, metric)
-                        cells.append("–" if value is None else f"{value:.2f} {unit}" if unit == "ms" else f"{value:.1f} {unit}")
+                for server in (ours, peer):
+                    cells.append(milliseconds(results.median(row.id, server, "p99_ms")))
+                for server in (ours, peer):
+                    cpu = results.median(row.id, server, "cpu_us")
+                    cells.append("–" if cpu is None else f"{cpu:.1f} µs")
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

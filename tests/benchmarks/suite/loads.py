@@ -51,9 +51,10 @@ def wrk(server: RunningServer, path: str, *, connections: int, duration: int, wa
     url = server.url + path
     if warmup > 0:
         _run(command + [f"-d{warmup}s", url], warmup)
-    cpu_before = server.cpu_seconds()
+    cpu_before, retransmits_before = server.cpu_seconds(), tcp_retransmits()
     out = _run(command + ["--latency", f"-d{duration}s", url], duration)
     cpu = server.cpu_seconds() - cpu_before
+    retransmits = tcp_retransmits() - retransmits_before
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
     p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m|h)\s*$", out, re.M)
@@ -61,12 +62,20 @@ def wrk(server: RunningServer, path: str, *, connections: int, duration: int, wa
         raise RuntimeError(f"Unexpected wrk output:\n{out}")
     requests = int(total.group(1))
     problems = re.findall(r"(Socket errors:.*|Non-2xx or 3xx responses:.*)", out)
+    if retransmits:  # on loopback these stall a request by the retransmission timeout (1 s, 3 s)
+        problems.append(f"{retransmits} TCP retransmissions on the machine")
     return Sample(
         value=float(rate.group(1)),
         p99_ms=float(p99.group(1)) * _UNITS[p99.group(2)],
         cpu_us=cpu / requests * 1e6 if requests else None,
         note="; ".join(problem.strip() for problem in problems),
     )
+
+
+def tcp_retransmits() -> int:
+    """Segments the kernel has retransmitted so far (all sockets; this machine's loopback)."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("RetransSegs")])
 
 
 def _run(command: list[str], duration: float) -> str:
