@@ -10,6 +10,7 @@ mistakes, which the CLI prints as one line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import importlib.util
 import os
@@ -80,6 +81,19 @@ class Config:
             raise ConfigError(str(err)) from err
         self.loaded_app = self._load_app()
         self.loaded = True
+
+    def warm_imports(self) -> None:
+        """Import the server's modules and the chosen loop and parser, never the app: called in
+        a process that forks workers (our supervisor, Gunicorn's arbiter), so that every worker
+        starts with them loaded, shares those pages, and needs no read access to them after
+        switching to --user. The server's own code is therefore not reloaded by SIGHUP."""
+        import uvworker.lifespan  # noqa: F401
+        import uvworker.server  # noqa: F401
+
+        for name, setting in (("uvloop", self.loop), ("httptools", self.http)):
+            if setting in ("auto", name):
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(name)
 
     def _http_parser(self) -> str:
         if self.http == "auto":

@@ -122,7 +122,7 @@ def supervise(config: Config) -> int:
         sockets = config.bind_sockets()
         own_uds = bool(config.uds and config.fd is None)
     try:
-        _warm_imports(config)
+        config.warm_imports()
         if config.preload:
             config.load()  # imports the app in the master; workers share its pages
             logger.info("Preloaded %s in the supervisor (SIGHUP restarts workers, not the code).", settings.label)
@@ -133,21 +133,6 @@ def supervise(config: Config) -> int:
         if own_uds:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(config.uds)
-
-
-def _warm_imports(config: Config) -> None:
-    """Import the server's own modules (never the app) in the master, so that every fork starts
-    with them loaded: a replacement worker is ready sooner and shares those pages. uvworker's
-    own code is therefore not reloaded by SIGHUP; the application's is."""
-    import importlib
-
-    import uvworker.lifespan  # noqa: F401
-    import uvworker.server  # noqa: F401
-
-    for name, setting in (("uvloop", config.loop), ("httptools", config.http)):
-        if setting in ("auto", name):
-            with contextlib.suppress(ImportError):
-                importlib.import_module(name)
 
 
 def serve_worker(config: Config, context: WorkerContext) -> int:

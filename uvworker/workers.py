@@ -134,10 +134,11 @@ class Worker(GunicornWorker):
     def check_config(cls, cfg: Any, log: Any) -> None:
         """Run by the arbiter before it forks: stop Gunicorn at once on settings we cannot use."""
         try:
-            Config(None, **(settings_from_gunicorn(cfg, os.environ) | cls.uvworker_settings))
+            config = Config(None, **(settings_from_gunicorn(cfg, os.environ) | cls.uvworker_settings))
             AccessLog(cfg.access_log_format)
         except (ConfigError, ValueError, TypeError) as err:
             raise RuntimeError(f"uvworker: {err}") from None
+        config.warm_imports()  # in the arbiter, before workers fork and switch user
         if "h2" in (getattr(cfg, "http_protocols", None) or ()):
             raise RuntimeError("uvworker speaks HTTP/1.1: remove h2 from http_protocols.")
         if 0 < cfg.timeout < 2:
