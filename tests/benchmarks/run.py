@@ -42,7 +42,14 @@ if __package__ in (None, ""):  # run as a script: make ``tests.benchmarks`` impo
 
 from tests.benchmarks.suite import loads
 from tests.benchmarks.suite.loads import Sample
-from tests.benchmarks.suite.servers import ROOT, RunningServer, ServerSpec, asgi_server, uvworker_tree, wsgi_server
+from tests.benchmarks.suite.servers import (
+    ROOT,
+    RunningServer,
+    ServerSpec,
+    asgi_server,
+    uvworker_tree,
+    wsgi_server,
+)
 
 MiB = 1024 * 1024
 
@@ -105,7 +112,7 @@ def groups(tree: Path) -> dict[str, Group]:
         Row("hello-64-h11", "hello world, keep-alive, 64 conn, h11", "req/s", hello(64)),
         Row("hello-1024-h11", "hello world, keep-alive, 1024 conn, h11", "req/s", hello(1024)),
     ]
-    idle = lambda server, plan: loads.idle_connections(server, plan.idle_connections)  # noqa: E731
+    idle = lambda server, plan: loads.idle_connections(server, plan.idle_connections)
     rows_memory = [
         Row("memory-idle-httptools", "memory per idle keep-alive connection (2,000 open), httptools",
             "KiB", idle, lower_is_better=True),
@@ -195,10 +202,9 @@ def milliseconds(value: float | None) -> str:
 
 
 def markdown(all_groups: dict[str, Group], chosen: dict[str, list[Row]], results: Results) -> str:
-    lines = [
-        "| Scenario | Compared with | uvworker | peer | uvworker / peer | p99 uvworker | p99 peer | CPU/req uvworker | CPU/req peer |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+    columns = ["Scenario", "Compared with", "uvworker", "peer", "uvworker / peer", "p99 uvworker", "p99 peer",
+               "CPU/req uvworker", "CPU/req peer"]
+    lines = ["| " + " | ".join(columns) + " |", "|---|---|" + "--:|" * (len(columns) - 2)]
     for name, rows in chosen.items():
         ours, *peers = [spec.name for spec in all_groups[name].servers]
         for row in rows:
@@ -287,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     print(machine(plan) + (f" uvworker as of commit {args.commit}." if args.commit else "") + "\n")
     print(markdown(all_groups, chosen, results))
     if args.json:
-        raw = {f"{row_id} | {server}": [asdict(s) for s in samples] for (row_id, server), samples in results.samples.items()}
+        raw = {f"{row_id} | {server}": [asdict(sample) for sample in samples]
+               for (row_id, server), samples in results.samples.items()}
         args.json.write_text(json.dumps({"machine": machine(plan), "samples": raw}, indent=1))
     return 0
 

@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from tests.benchmarks.ws_echo import cpu_seconds
 from tests.benchmarks.wsgi_upload import status_kib
@@ -51,7 +52,8 @@ def uvworker_tree(commit: str | None) -> Iterator[Path]:
         yield ROOT
         return
     with tempfile.TemporaryDirectory(prefix="uvworker-") as tmp:
-        archive = subprocess.run(["git", "archive", commit, "uvworker", "supervisor"], cwd=ROOT, capture_output=True, check=False)
+        archive = subprocess.run(["git", "archive", commit, "uvworker", "supervisor"], cwd=ROOT,
+                                 capture_output=True, check=False)
         if archive.returncode != 0:
             raise SystemExit(f"Cannot read uvworker at {commit}: {archive.stderr.decode().strip()}")
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
@@ -105,7 +107,7 @@ class RunningServer:
         port = free_port()
         self.address = ("127.0.0.1", port)
         self.url = f"http://127.0.0.1:{port}"
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - the server's output, closed by stop()
         argv = [arg.replace("{port}", str(port)) for arg in spec.argv]
         # ``python -m`` puts the working directory first on sys.path: uvworker comes from the
         # spec's tree, the benchmark apps (tests.benchmarks...) from this checkout.
@@ -131,7 +133,9 @@ class RunningServer:
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name} did not answer within {START_TIMEOUT:g} s: {self.output()}") from None
+                    raise RuntimeError(
+                        f"{self.name} did not answer within {START_TIMEOUT:g} s: {self.output()}"
+                    ) from None
                 time.sleep(0.05)
 
     def _app_pid(self) -> int:
@@ -165,7 +169,7 @@ class RunningServer:
                 self.proc.wait(5)
         self._log.close()
 
-    def __enter__(self) -> RunningServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
