@@ -340,7 +340,10 @@ class RequestCycle:
                 raise RuntimeError("Response body does not match the Content-Length header")
         if data:
             self.bytes_sent += len(body)
-            conn.write(data)
+            if more_body:
+                conn.write_soon(data)
+            else:
+                conn.write(data)
         if not more_body:
             self.response_complete = True
             self._wake()

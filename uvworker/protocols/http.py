@@ -42,6 +42,7 @@ logger = logging.getLogger("uvworker.error")
 WAIT_HEAD, KEEP_ALIVE, CYCLE, CLOSED = range(4)
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 MAX_DISCARD = 4 * 1024 * 1024  # unread request body we drop to keep a connection, at most
+WRITE_BATCH = 64 * 1024  # streamed response bytes that may wait for the end of a loop turn
 
 
 class HTTPConnection(asyncio.Protocol):
@@ -59,6 +60,8 @@ class HTTPConnection(asyncio.Protocol):
         # times a second: cheaper per request than arming and cancelling loop timers.
         self.deadline = 0.0
         self._discarded = 0
+        self._batch: list[bytes] = []
+        self._batch_size = 0
         self._proxy_buffer: bytes | None = b"" if self.config.proxy_protocol else None
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -192,8 +195,34 @@ class HTTPConnection(asyncio.Protocol):
 
     # -- called by the cycle --------------------------------------------------------------
     def write(self, data: bytes) -> None:
+        """Write now, after whatever write_soon() batched."""
         if self.phase != CLOSED:
+            if self._batch:
+                self._batch.append(data)
+                data = self._take_batch()
             self.transport.write(data)
+
+    def write_soon(self, data: bytes) -> None:
+        """A piece of a streamed response: the pieces sent in one loop turn go out in one write
+        (at most WRITE_BATCH bytes wait, so send() still meets backpressure)."""
+        if self.phase != CLOSED:
+            batch = self._batch
+            if not batch:
+                self.loop.call_soon(self._flush)
+            batch.append(data)
+            self._batch_size += len(data)
+            if self._batch_size >= WRITE_BATCH:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._batch and self.phase != CLOSED:
+            self.transport.write(self._take_batch())
+
+    def _take_batch(self) -> bytes:
+        data = b"".join(self._batch)
+        self._batch.clear()
+        self._batch_size = 0
+        return data
 
     async def drain(self) -> None:
         if self.write_paused and self.phase != CLOSED:
@@ -252,6 +281,7 @@ class HTTPConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.phase != CLOSED:
+            self._flush()
             self.phase = CLOSED
             self.deadline = 0.0
             self.transport.close()

@@ -370,9 +370,13 @@ class WebSocketConnection(asyncio.Protocol):
                 self.transport.write(data)
 
     def write(self, data: bytes) -> None:
-        """For the RequestCycle of a denial response."""
-        if self.phase != CLOSED:
-            self.transport.write(data)
+        """For the RequestCycle of a denial response: now, after what write_soon() batched."""
+        self._write_frame(data)
+        self._write_out()
+
+    def write_soon(self, data: bytes) -> None:
+        """For the RequestCycle of a denial response: a streamed piece of its body."""
+        self._write_frame(data)
 
     async def drain(self) -> None:
         if self.write_paused and self.phase != CLOSED:
