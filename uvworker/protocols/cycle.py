@@ -262,7 +262,9 @@ class RequestCycle:
                 raise ClientDisconnected("the client has disconnected")
             raise RuntimeError(f"Unexpected ASGI message {kind!r}")
         if kind == "http.response.body" and self.response_started and not self.response_complete:
-            await self._send_body(message.get("body", b""), message.get("more_body", False))
+            self._send_body(message.get("body", b""), message.get("more_body", False))
+            if self.conn.write_paused and not self.response_complete:
+                await self.conn.drain()
         elif kind == "http.response.start" and not self.response_started:
             self._start_response(message)
         elif self.response_complete:
@@ -319,7 +321,7 @@ class RequestCycle:
         self.head = b"".join(parts)
         self.response_started = True
 
-    async def _send_body(self, body: bytes, more_body: bool) -> None:
+    def _send_body(self, body: bytes, more_body: bool) -> None:
         conn = self.conn
         if self.head:
             data = self._frame_head(body, more_body)
@@ -346,10 +348,9 @@ class RequestCycle:
                 conn.write(data)
         if not more_body:
             self.response_complete = True
-            self._wake()
+            if self.waiter is not None:
+                self._wake()
             conn.on_response_complete(self)
-        elif conn.write_paused:
-            await conn.drain()
 
     def _frame_head(self, body: bytes, more_body: bool) -> bytes:
         """Choose the framing and return head + first body bytes as one buffer."""

@@ -310,7 +310,8 @@ class HTTPConnection(asyncio.Protocol):
         except HTTPError as exc:
             self._reject(exc)
             return
-        self.resume_reading()  # unless more pipelined input is still held
+        if self.reading_paused:
+            self.resume_reading()  # unless more pipelined input is still held
 
     def _reject(self, exc: HTTPError) -> None:
         cycle = self.cycle

@@ -127,11 +127,6 @@ class HttptoolsAdapter:
         return self.held and bool(self._replay or self._unparsed)
 
     # -- httptools callbacks --------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._url = b""
-        self._headers = []
-
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self.limits.request_line:  # early guard; exact check at the head's end
@@ -149,16 +144,19 @@ class HttptoolsAdapter:
         headers.append((name.lower(), value.strip(b" \t")))
 
     def on_headers_complete(self) -> None:
+        # The next head starts afresh (no on_message_begin callback: one call less a request).
+        url, headers = self._url, self._headers
+        self._url, self._headers = b"", []
         self._in_head = False
         self._head_bytes = 0
         parser = self.parser
         method = parser.get_method()
-        if len(method) + len(self._url) + 10 > self.limits.request_line:
+        if len(method) + len(url) + 10 > self.limits.request_line:
             raise HTTPError(414, "Request-URI too long")
         if self.held:
-            self._replay.append((self.sink.on_head, method, self._url, parser.get_http_version(), self._headers))
+            self._replay.append((self.sink.on_head, method, url, parser.get_http_version(), headers))
         else:
-            self.sink.on_head(method, self._url, parser.get_http_version(), self._headers)
+            self.sink.on_head(method, url, parser.get_http_version(), headers)
 
     def on_body(self, body: bytes) -> None:
         if self.held:
@@ -167,6 +165,7 @@ class HttptoolsAdapter:
             self.sink.on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True  # parse-time state: what follows is the next head
         if self.held:
             self._replay.append((self._complete,))
         else:
