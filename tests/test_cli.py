@@ -233,3 +233,25 @@ def test_unix_socket(tmp_path: Path) -> None:
 
             assert wait_for(answered, timeout=10).text == "Hello, world!\n"
     assert not path.exists()  # removed on shutdown
+
+
+def test_single_process_signals_hup_ignored_usr1_reopens_logs(tmp_path: Path) -> None:
+    """Without --workers, SIGHUP does not kill the server (it is logged), and SIGUSR1 reopens
+    log files so that a rotated access log is written anew."""
+    access = tmp_path / "access.log"
+    log_config = tmp_path / "logging.json"
+    log_config.write_text(json.dumps({
+        "version": 1,
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(access)}},
+        "loggers": {"uvworker.access": {"handlers": ["file"], "level": "INFO", "propagate": False}},
+    }))
+    with serve_fd("examples.hello:app", "--log-config", str(log_config)) as (proc, url):
+        assert httpx.get(url + "/before", timeout=10).status_code == 200
+        wait_for(lambda: "/before" in access.read_text())
+        proc.send_signal(signal.SIGHUP)
+        access.rename(tmp_path / "access.log.1")  # what logrotate does
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: access.exists())
+        assert httpx.get(url + "/after", timeout=10).status_code == 200
+        wait_for(lambda: "/after" in access.read_text())
+        assert proc.poll() is None

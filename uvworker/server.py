@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from uvworker.logging import reopen_files
 from uvworker.protocols.http import HTTPConnection
 from uvworker.protocols.parsers import Headers, Limits
 
@@ -259,6 +260,9 @@ class Server:
             return
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(sig, self.handle_signal, sig)
+        loop.add_signal_handler(signal.SIGUSR1, reopen_files)
+        # Without a supervisor there is nothing to reload onto: say so instead of dying.
+        loop.add_signal_handler(signal.SIGHUP, logger.warning, "SIGHUP ignored: reloading needs --workers.")
 
     def handle_signal(self, sig: int) -> None:
         """TERM: graceful. INT: graceful, a second one quick. QUIT: quick."""
