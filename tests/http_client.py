@@ -19,7 +19,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 NO_BODY_STATUSES = {204, 304}
@@ -248,6 +248,23 @@ class Conn:
                 data = b""
             assert data, "server closed the connection"
             raise AssertionError(f"unexpected bytes from the server: {data!r}")
+
+
+def wait_until_stalled(progress: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) -> None:
+    """Wait until ``progress()`` stops changing for ``quiet`` seconds: backpressure has reached
+    the app. Fails the test if it keeps changing past ``timeout``."""
+    from tests.conftest import wait_for
+
+    last = {"value": -1, "since": time.monotonic()}
+
+    def stalled() -> bool:
+        now, value = time.monotonic(), progress()
+        if value != last["value"]:
+            last.update(value=value, since=now)
+            return False
+        return now - last["since"] > quiet
+
+    wait_for(stalled, timeout=timeout)
 
 
 def parse_responses(data: bytes) -> list[Response]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for
-from tests.http_client import Conn, build_request, parse_responses, read_body, respond, wait_event
+from tests.http_client import Conn, build_request, parse_responses, read_body, respond, wait_event, wait_until_stalled
 
 MiB = 1024 * 1024
 
@@ -223,16 +223,7 @@ def test_response_backpressure_send_waits_while_client_does_not_read(serve: Any)
 
     with serve(app) as srv, Conn.open(srv.host, srv.port, rcvbuf=65536) as conn:
         conn.send(build_request())
-        last = {"value": -1, "since": time.monotonic()}
-
-        def stalled() -> bool:
-            now, value = time.monotonic(), progress["sent"]
-            if value != last["value"]:
-                last.update(value=value, since=now)
-                return False
-            return now - last["since"] > 0.3
-
-        wait_for(stalled, timeout=10)
+        wait_until_stalled(lambda: progress["sent"])
         assert not progress["done"]
         assert progress["sent"] < 8 * MiB, f"app wrote {progress['sent'] / MiB:.1f} MiB to a client that reads nothing"
         resp = conn.read_response(timeout=20)

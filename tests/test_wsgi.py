@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import wait_for
-from tests.http_client import Conn, build_request, capture_log, error_tracebacks
+from tests.http_client import Conn, build_request, capture_log, error_tracebacks, wait_until_stalled
 from uvworker.config import Config
 from uvworker.interfaces import detect_interface
 from uvworker.interfaces.wsgi import FileWrapper, WSGIAdapter
@@ -378,16 +378,7 @@ def test_response_backpressure_app_thread_waits_for_slow_client(serve: Any) -> N
 
     with serve(app) as srv, Conn.open(srv.host, srv.port, rcvbuf=65536) as conn:
         conn.send(build_request())
-        last = {"value": -1, "since": time.monotonic()}
-
-        def stalled() -> bool:
-            now, value = time.monotonic(), progress["chunks"]
-            if value != last["value"]:
-                last.update(value=value, since=now)
-                return False
-            return now - last["since"] > 0.3
-
-        wait_for(stalled, timeout=10)
+        wait_until_stalled(lambda: progress["chunks"])
         produced = progress["chunks"] * len(chunk)
         assert produced < 8 * MiB, f"app produced {produced / MiB:.1f} MiB for a client that reads nothing"
         conn.read_head()
