@@ -331,8 +331,8 @@ def test_client_close_code_reaches_the_app(serve: Any) -> None:
         assert rec.messages[0] == {"type": "websocket.receive", "text": "one"}
 
 
-def test_lost_connection_is_1006_and_send_raises_oserror(serve: Any) -> None:
-    seen: list[Any] = []
+def send_after_the_end(seen: list[Any]) -> Any:
+    """An app that records the message ending the connection, then what a send() raises."""
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
         await receive()
@@ -343,6 +343,12 @@ def test_lost_connection_is_1006_and_send_raises_oserror(serve: Any) -> None:
         except OSError as exc:
             seen.append(exc)
 
+    return app
+
+
+def test_lost_connection_is_1006_and_send_raises_oserror(serve: Any) -> None:
+    seen: list[Any] = []
+    app = send_after_the_end(seen)
     with serve(app) as srv:
         with RawWS(srv) as raw:
             raw.upgrade()
@@ -507,15 +513,7 @@ def test_close_between_fragments_is_a_clean_close(serve: Any) -> None:
 
 def test_send_after_a_protocol_failure_raises_oserror(serve: Any) -> None:
     seen: list[Any] = []
-
-    async def app(scope: Scope, receive: Any, send: Any) -> None:
-        await receive()
-        await send({"type": "websocket.accept"})
-        seen.append(await receive())
-        try:
-            await send({"type": "websocket.send", "text": "too late"})
-        except OSError as exc:
-            seen.append(exc)
+    app = send_after_the_end(seen)
 
     with serve(app) as srv:
         with RawWS(srv) as raw:
