@@ -377,16 +377,14 @@ class RequestCycle:
     async def run_asgi(self, app: Any) -> None:
         try:
             await app(self.scope, self.receive, self.send)
-        except BaseException as exc:
+        except Exception as exc:
             if isinstance(exc, ClientDisconnected) or (self.disconnected and isinstance(exc, OSError)):
-                return
-            if isinstance(exc, asyncio.CancelledError):
-                self.conn.abort_response(self)
-                raise
+                return  # the app noticed the client left: nothing to report
             logger.error("Exception in ASGI application", exc_info=exc)
             self._fail()
-            if not isinstance(exc, Exception):
-                raise
+        except BaseException:  # cancelled, or the process is exiting: not the app's error
+            self.conn.abort_response(self)
+            raise
         else:
             if not self.response_complete and not self.disconnected:
                 if not self.response_started:
