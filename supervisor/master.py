@@ -467,7 +467,7 @@ class Master:
         self.stats.requests_of_exited += worker.requests
         how = describe_status(status)
         if worker.state is State.RETIRING:
-            self.log.info("%s %s after retiring (%d requests served).", worker.describe().capitalize(), how, worker.requests)
+            self.log.info("%s %s after retiring (%d request(s) served).", worker.describe().capitalize(), how, worker.requests)
             return
         if worker.state is State.ABORTING:
             self.log.warning("%s %s after it was found hung.", worker.describe().capitalize(), how)
