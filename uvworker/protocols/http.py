@@ -93,11 +93,11 @@ class HTTPConnection(asyncio.Protocol):
         self._drain_waiters.clear()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase == CLOSED:
+        phase = self.phase
+        if phase == CLOSED:
             return
-        if self.phase == KEEP_ALIVE:
+        if phase == KEEP_ALIVE:
             self.phase = WAIT_HEAD
-            self._set_deadline(self.config.timeout_request_header)
         if self._proxy_buffer is not None:
             data = self._read_proxy_header(data)
             if not data:
@@ -107,6 +107,10 @@ class HTTPConnection(asyncio.Protocol):
         except HTTPError as exc:
             self._reject(exc)
             return
+        if phase == KEEP_ALIVE and self.phase == WAIT_HEAD:
+            # A new request has begun but its head is not complete: the header timeout runs.
+            # (Set only now: most heads arrive whole, and on_head clears the deadline anyway.)
+            self._set_deadline(self.config.timeout_request_header)
         if self.parser.holding_input and not self.reading_paused:
             self.pause_reading()
 
