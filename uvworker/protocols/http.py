@@ -1,13 +1,16 @@
-"""The HTTP/1.1 connection: bytes in, bytes out, timers and flow control.
+"""The HTTP/1.1 connection: bytes in, bytes out, deadlines and flow control.
 
 Theory of operation. A connection is always in one of these phases:
 
-    phase          timer running              left by
+    phase          deadline running           left by
     -------------  -------------------------  ----------------------------------------------
-    WAIT_HEAD      timeout_request_header     a complete head → BODY/RESPONSE (a cycle runs)
+    WAIT_HEAD      timeout_request_header     a complete head → CYCLE (the app runs)
     KEEP_ALIVE     timeout_keep_alive         the first byte of the next request → WAIT_HEAD
     CYCLE          body deadline, if waiting  the response completes → KEEP_ALIVE, or close
                    for body the app asked for
+    CLOSED         none                       (final)
+
+The server's sweep enforces the deadline a few times a second (``check_deadline``).
 
 A fresh connection starts in WAIT_HEAD, so a client that connects and never sends a request
 is cut off by the header timeout, and one that trickles its head is cut off by the same
