@@ -16,6 +16,8 @@ from typing import Any
 from tests.conftest import wait_for
 from tests.http_client import Conn, build_request, parse_responses, read_body, respond
 
+MiB = 1024 * 1024
+
 
 class CountingApp:
     def __init__(self, delay: float = 0.0) -> None:
@@ -194,3 +196,35 @@ def test_slow_clients_do_not_block_normal_clients(serve: Any) -> None:
         finally:
             for conn in slow:
                 conn.close()
+
+
+def test_client_that_never_reads_its_responses_is_cut_off(serve: Any) -> None:
+    """Pipelined requests, responses never read: once the server has stopped answering (write
+    backpressure), the connection is dropped at the keep-alive timeout, not kept forever with
+    its unsent responses."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await respond(send, body=b"r" * 4096)
+
+    with serve(app, timeout_keep_alive=0.3) as srv, Conn.open(srv.host, srv.port, rcvbuf=65536, sndbuf=65536) as conn:
+        conn.sock.settimeout(0.5)
+        blob = build_request() * 500
+        sent = 0
+        try:
+            for _ in range(400):  # until our sends stall: the server stopped reading
+                conn.sock.sendall(blob)
+                sent += 500
+        except (TimeoutError, ConnectionError):
+            pass
+        # Without reading anything, the server lets go of the connection (and its buffers).
+        wait_for(lambda: not srv.server.state.connections, timeout=5)
+        conn.sock.settimeout(10)
+        received = 0
+        try:
+            while data := conn.sock.recv(1 << 20):  # what was already sent, then the end
+                received += len(data)
+        except ConnectionResetError:
+            pass
+    assert sent >= 1000, "the client's sends never stalled"
+    # Cut off: far fewer responses than requests sent (each response is over 4 KiB).
+    assert received < 8 * MiB < sent * 4096, (received, sent)

@@ -241,8 +241,10 @@ class HTTPConnection(asyncio.Protocol):
         if not self.reading_paused and self.phase != CLOSED:
             self.reading_paused = True
             self.transport.pause_reading()
-            # Time the app spends not reading is not the client's fault: restart on resume.
-            self.deadline = 0.0
+            if self.phase == CYCLE:
+                # Time the app spends not reading the body is not the client's fault: the body
+                # deadline restarts when the app asks for more.
+                self.deadline = 0.0
 
     def resume_reading(self) -> None:
         if self.reading_paused and not self.write_paused and not self.parser.holding_input and self.phase != CLOSED:
@@ -345,7 +347,9 @@ class HTTPConnection(asyncio.Protocol):
         self.deadline = 0.0
         cycle = self.cycle
         if self.phase != CYCLE or cycle is None:
-            self.close()  # header or keep-alive timeout
+            # Header or keep-alive timeout. A client that stopped reading our responses would
+            # keep a graceful close waiting for the flush forever: abort those.
+            self.abort() if self.write_paused else self.close()
         elif not cycle.response_started or cycle.head:
             cycle.on_disconnect()  # the body stalled before any answer: 408
             cycle.response_started = cycle.response_complete = True
