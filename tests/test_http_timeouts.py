@@ -228,3 +228,39 @@ def test_client_that_never_reads_its_responses_is_cut_off(serve: Any) -> None:
     assert sent >= 1000, "the client's sends never stalled"
     # Cut off: far fewer responses than requests sent (each response is over 4 KiB).
     assert received < 8 * MiB < sent * 4096, (received, sent)
+
+
+def test_slow_but_steady_body_survives_without_a_minimum_rate(serve: Any) -> None:
+    """min_request_body_rate=0: the body deadline only bounds a stall, so a body whose pieces
+    come every 0.2 s (inside a 0.5 s timeout) arrives whole, over several timeouts."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await respond(send, body=await read_body(receive))
+
+    settings = {"timeout_request_body": 0.5, "min_request_body_rate": 0, "timeout_request_header": 5}
+    with serve(app, **settings) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request("POST", headers=[("Content-Length", "8")]))
+        for piece in (b"ab", b"cd", b"ef", b"gh"):
+            select.select([conn.sock], [], [], 0.2)  # the deliberate pace, well inside the timeout
+            conn.send(piece)
+        response = conn.read_response()
+        assert (response.status, response.body) == (200, b"abcdefgh")
+
+
+def test_client_that_stops_reading_a_streamed_response_is_cut_off(serve: Any) -> None:
+    """timeout_send: the app streams, the client reads nothing; the server drops the connection
+    and the app's send() stops waiting (it raises an OSError) instead of hanging forever."""
+    outcome: list[BaseException] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:
+                await send({"type": "http.response.body", "body": b"s" * 65536, "more_body": True})
+        except OSError as exc:
+            outcome.append(exc)
+
+    with serve(app, timeout_send=0.5) as srv, Conn.open(srv.host, srv.port, rcvbuf=65536) as conn:
+        conn.send(build_request())
+        wait_for(lambda: outcome, timeout=10)
+        wait_for(lambda: not srv.server.state.connections)

@@ -265,6 +265,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("min_request_body_rate", 500.0, number, "Each RATE bytes of request body received extend "
        "--timeout-request-body by a second, so slow but steady uploads survive; 0 disables.",
        metavar="RATE"),
+    _S("timeout_send", 60.0, help="Close a connection whose client has taken none of the response "
+       "for this long while the server waits to send more.", **_SECONDS),
     _S("timeout_graceful_shutdown", 30.0, help="On shutdown, wait this long for in-flight requests "
        "to finish before closing their connections.", gunicorn="graceful_timeout", **_SECONDS),
     _S("ssl_keyfile", None, text, "TLS private key file (PEM).", metavar="FILE", gunicorn="keyfile"),

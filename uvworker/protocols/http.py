@@ -118,12 +118,17 @@ class HTTPConnection(asyncio.Protocol):
             self.pause_reading()
 
     def pause_writing(self) -> None:
-        # The client is not reading what we send: stop reading (and answering) what it sends.
+        # The client is not reading what we send: stop reading (and answering) what it sends,
+        # and give it timeout_send to take some of it.
         self.write_paused = True
         self.pause_reading()
+        if self.phase == CYCLE:
+            self._set_deadline(self.config.timeout_send)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.phase == CYCLE:
+            self.deadline = 0.0  # a body deadline, if any, is set again when the app asks for body
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -190,7 +195,11 @@ class HTTPConnection(asyncio.Protocol):
                 return
             cycle.on_body(data)
             if self.deadline:
-                self.deadline += len(data) / self.config.min_request_body_rate
+                rate = self.config.min_request_body_rate
+                if rate:  # slow but steady bodies earn time
+                    self.deadline += len(data) / rate
+                else:  # no rate: the deadline only bounds a stall
+                    self._set_deadline(self.config.timeout_request_body)
 
     def on_end(self) -> None:
         cycle = self.cycle
@@ -295,11 +304,16 @@ class HTTPConnection(asyncio.Protocol):
             self.deadline = 0.0
             self.transport.close()
 
-    def abort(self) -> None:
-        if self.cycle is not None and self.cycle.task is not None:
-            self.cycle.task.cancel()
+    def _drop(self) -> None:
+        """Close now, discarding unsent bytes: the client is not reading them."""
         self.phase = CLOSED
         self.transport.abort()
+
+    def abort(self) -> None:
+        """Shutdown's last resort: cancel the app and drop the connection."""
+        if self.cycle is not None and self.cycle.task is not None:
+            self.cycle.task.cancel()
+        self._drop()
 
     # -- internals ------------------------------------------------------------------------
     def _finish(self, cycle: RequestCycle) -> None:
@@ -349,15 +363,15 @@ class HTTPConnection(asyncio.Protocol):
         if self.phase != CYCLE or cycle is None:
             # Header or keep-alive timeout. A client that stopped reading our responses would
             # keep a graceful close waiting for the flush forever: abort those.
-            self.abort() if self.write_paused else self.close()
+            self._drop() if self.write_paused else self.close()
         elif not cycle.response_started or cycle.head:
             cycle.on_disconnect()  # the body stalled before any answer: 408
             cycle.response_started = cycle.response_complete = True
             cycle.status = 408
             self.send_error(408, "Request Timeout", cycle)
-        else:
+        else:  # the body stalled after the answer began, or the client stopped reading it
             cycle.on_disconnect()
-            self.close()
+            self._drop() if self.write_paused else self.close()
 
     def _trusted(self, address: tuple[str, int] | None) -> bool:
         host = address[0] if address else None
