@@ -347,9 +347,12 @@ class Master:
             if worker is not None:
                 self._on_exit(worker, status)
             elif self._watcher is not None and pid == getattr(self._watcher, "pid", None):
-                self.log.warning("The file watcher process %s; falling back to polling.", describe_status(status))
                 self._selector_unregister_fd(self._watcher.fileno())
                 self._watcher.close()
+                self._watcher = None
+                if self.phase in (Phase.STOPPING, Phase.HALTING):
+                    continue  # it shares our fate (a signal to the process group): nothing to replace
+                self.log.warning("The file watcher process %s; falling back to polling.", describe_status(status))
                 from supervisor.watch import PathFilter, PollingWatcher
 
                 cfg = self.config
