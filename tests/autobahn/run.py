@@ -16,8 +16,8 @@ alone), once.
 For each parser it starts ``uvworker tests.autobahn.echo:app`` on a free 127.0.0.1 port, runs
 ``wstest -m fuzzingclient`` with ``fuzzingclient.json`` (cases, options), reads the report and
 prints a summary per behaviour. The exit status is 1 when any case FAILED or was UNIMPLEMENTED,
-or the server died. HTML reports are kept under ``--outdir`` (default
-``/tmp/uvworker-autobahn``).
+or the server died. HTML reports are kept under ``--outdir`` (default: ``uvworker-autobahn``
+in the system's temporary directory).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", choices=("httptools", "h11", "both"), default="both")
     parser.add_argument("--cases", nargs="*", default=[], help="case patterns, e.g. '6.*' (default: the spec's)")
     parser.add_argument("--all", action="store_true", help="also the permessage-deflate cases 12.* and 13.*")
-    parser.add_argument("--outdir", type=Path, default=Path("/tmp/uvworker-autobahn"))
+    parser.add_argument("--outdir", type=Path, default=Path(tempfile.gettempdir()) / "uvworker-autobahn")
     parser.add_argument("--require", action="store_true", help="fail (status 2) when no Python 2.7 is found")
     args = parser.parse_args(argv)
 
