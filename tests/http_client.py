@@ -250,6 +250,22 @@ class Conn:
             raise AssertionError(f"unexpected bytes from the server: {data!r}")
 
 
+def send_body(conn: Conn, total: int, sent: int = 0, stall: float | None = 0.5, limit: float = 10.0) -> int:
+    """Send body bytes until ``total`` have gone, or (with ``stall``) until a send makes no
+    progress for ``stall`` seconds because the server stopped reading; returns bytes sent."""
+    chunk = b"x" * 65536
+    conn.sock.settimeout(stall if stall is not None else limit)
+    deadline = time.monotonic() + limit
+    while sent < total and time.monotonic() < deadline:
+        try:
+            sent += conn.sock.send(chunk[: min(len(chunk), total - sent)])
+        except socket.timeout:
+            if stall is None:
+                raise
+            break
+    return sent
+
+
 def wait_until_stalled(progress: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) -> None:
     """Wait until ``progress()`` stops changing for ``quiet`` seconds: backpressure has reached
     the app. Fails the test if it keeps changing past ``timeout``."""

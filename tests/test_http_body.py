@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for
-from tests.http_client import Conn, build_request, parse_responses, read_body, respond, wait_event, wait_until_stalled
+from tests.http_client import Conn, build_request, parse_responses, read_body, respond, wait_event, send_body, wait_until_stalled
 
 MiB = 1024 * 1024
 
@@ -164,24 +164,14 @@ def test_upload_backpressure_when_app_does_not_read(serve: Any) -> None:
                 break
         await respond(send, body=str(received).encode())
 
-    chunk = b"x" * 65536
     with serve(app) as srv, Conn.open(srv.host, srv.port, sndbuf=65536) as conn:
         conn.send(build_request("POST", "/upload", headers=[("Content-Length", str(total))]))
-        sent = 0
-        conn.sock.settimeout(0.5)
-        deadline = time.monotonic() + 10
-        while sent < total and time.monotonic() < deadline:
-            try:
-                sent += conn.sock.send(chunk[: min(len(chunk), total - sent)])
-            except socket.timeout:
-                break  # the send stalled for 0.5 s: the server stopped reading
+        sent = send_body(conn, total)
         # Loopback socket buffers can reach a few MiB; a server that buffers the upload in
         # memory would have taken all 50 MiB here.
         assert sent < 4 * MiB, f"server accepted {sent / MiB:.1f} MiB from an app that reads nothing"
         release.set()
-        conn.sock.settimeout(10)
-        while sent < total:
-            sent += conn.sock.send(chunk[: min(len(chunk), total - sent)])
+        send_body(conn, total, sent, stall=None)
         resp = conn.read_response(timeout=10)
         assert resp.status == 200
         assert resp.body == str(total).encode()

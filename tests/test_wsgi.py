@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import sys
 import threading
 import time
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import wait_for
-from tests.http_client import Conn, build_request, capture_log, error_tracebacks, wait_until_stalled
+from tests.http_client import Conn, build_request, capture_log, error_tracebacks, send_body, wait_until_stalled
 from uvworker.config import Config
 from uvworker.interfaces import detect_interface
 from uvworker.interfaces.wsgi import FileWrapper, WSGIAdapter
@@ -214,22 +213,12 @@ def test_upload_backpressure_when_app_does_not_read(serve: Any) -> None:
             received += len(chunk)
         return text_response(start_response, str(received).encode())
 
-    chunk = b"x" * 65536
     with serve(app) as srv, Conn.open(srv.host, srv.port, sndbuf=65536) as conn:
         conn.send(build_request("POST", "/upload", headers=[("Content-Length", str(total))]))
-        sent = 0
-        conn.sock.settimeout(0.5)
-        deadline = time.monotonic() + 10
-        while sent < total and time.monotonic() < deadline:
-            try:
-                sent += conn.sock.send(chunk[: min(len(chunk), total - sent)])
-            except socket.timeout:
-                break  # stalled for 0.5 s: the server stopped reading
+        sent = send_body(conn, total)
         assert sent < 4 * MiB, f"server accepted {sent / MiB:.1f} MiB for an app that reads nothing yet"
         release.set()
-        conn.sock.settimeout(10)
-        while sent < total:
-            sent += conn.sock.send(chunk[: min(len(chunk), total - sent)])
+        send_body(conn, total, sent, stall=None)
         resp = conn.read_response(timeout=10)
     assert (resp.status, resp.body) == (200, str(total).encode())
 
