@@ -276,6 +276,36 @@ def test_fragmented_messages_are_assembled(serve: Any) -> None:
         assert raw.read_frame() == (1, "aéb".encode())
 
 
+def test_frames_split_anywhere_across_reads(serve: Any) -> None:
+    """Frame headers, masks and payloads cut at arbitrary points (and 300 KiB spanning many
+    reads) come out as the same messages: the server's reader joins what straddles reads."""
+    big = os.urandom(300 * 1024)
+    stream = (
+        frame(1, b"first")
+        + frame(2, b"")
+        + frame(9, b"ping!")
+        + frame(2, big[:70000], fin=False)
+        + frame(9, b"")
+        + frame(0, big[70000:])
+        + frame(2, bytes(range(200)))
+        + frame(1, "ünïcode".encode())
+    )
+    messages = [(1, b"first"), (2, b""), (2, big), (2, bytes(range(200))), (1, "ünïcode".encode())]
+    pongs = [(10, b"ping!"), (10, b"")]  # answered at once, so ahead of some echoes
+    with serve(echo_app()) as srv, RawWS(srv) as raw:
+        raw.upgrade()
+        raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sizes, pos = [1, 2, 3, 5, 7, 11, 4096, 65536], 0
+        for i in range(len(stream)):
+            if pos >= len(stream):
+                break
+            raw.send(stream[pos : pos + sizes[i % len(sizes)]])
+            pos += sizes[i % len(sizes)]
+        frames = [raw.read_frame() for _ in range(len(messages) + len(pongs))]
+        assert [f for f in frames if f[0] != 10] == messages
+        assert [f for f in frames if f[0] == 10] == pongs
+
+
 def test_subprotocol_and_accept_headers(serve: Any) -> None:
     app = echo_app(subprotocol="two", headers=[(b"x-ws", b"yes")])
     with serve(app) as srv, ws_connect(srv, subprotocols=["one", "two"]) as ws:

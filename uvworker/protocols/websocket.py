@@ -36,6 +36,8 @@ Rules this module keeps:
   A batch that reaches ``WRITE_BATCH`` bytes is written at once, so batching never holds much.
   Data messages on a connection without extensions skip the protocol object: the frame header
   is built here.
+* Incoming bytes reach the protocol's frame parser through :class:`_PayloadReader`, which
+  slices frames out of the reads instead of copying them into one buffer first.
 * Text is checked for UTF-8 frame by frame (an incremental decoder), so an invalid fragment
   fails the connection (1007) without waiting for the end of the message.
 * Close codes: the app's ``websocket.close`` code; 1011 when the app raises after accepting
@@ -59,6 +61,7 @@ import re
 import struct
 import time
 from collections import deque
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from uvworker.protocols.cycle import ClientDisconnected, RequestCycle, error_response
@@ -73,6 +76,13 @@ try:
     from websockets.server import ServerProtocol
 
     class _ServerProtocol(ServerProtocol):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            # Restart the frame parser on a reader that does not copy payloads twice.
+            self.reader = _PayloadReader()  # type: ignore[assignment]
+            self.parser = self.parse()
+            next(self.parser)
+
         def recv_frame(self, frame: Frame) -> None:
             if frame.opcode is CLOSE and self.current_size is not None:
                 # RFC 6455 5.4 lets control frames come between fragments; a close ends the
@@ -82,6 +92,77 @@ try:
 
 except ImportError:  # --ws auto without websockets: upgrade requests are served as HTTP
     ServerProtocol = _ServerProtocol = None  # type: ignore[assignment,misc]
+
+
+class _PayloadReader:
+    """The byte stream ``websockets``' frame parser reads, without two copies of every payload.
+
+    websockets' own ``StreamReader`` appends each read to one bytearray and slices every frame
+    out of it: two copies of a message before unmasking. This one keeps reads as they came and
+    hands out memoryview slices of them; only a piece that straddles two reads is joined.
+    Unmasking (``apply_mask``) then makes the one copy a payload needs. It offers what the
+    protocol uses once it is OPEN: ``feed_data``, ``feed_eof``, ``eof``, ``read_exact``,
+    ``at_eof`` and ``discard`` (the handshake's ``read_line`` is never needed: the HTTP parser
+    has read the request). Memory stays bounded as before: websockets checks a frame's length
+    against ``max_size`` before reading its payload, and reading stops when the queue is full.
+    """
+
+    __slots__ = ("chunks", "size", "eof")
+
+    def __init__(self) -> None:
+        self.chunks: deque[memoryview] = deque()
+        self.size = 0  # unread bytes in chunks
+        self.eof = False
+
+    def feed_data(self, data: bytes) -> None:
+        if self.eof:
+            raise EOFError("stream ended")
+        if data:
+            self.chunks.append(memoryview(data))
+            self.size += len(data)
+
+    def feed_eof(self) -> None:
+        if self.eof:
+            raise EOFError("stream ended")
+        self.eof = True
+
+    def read_exact(self, n: int) -> Generator[None, None, bytes | bytearray | memoryview]:
+        while self.size < n:
+            if self.eof:
+                raise EOFError(f"stream ends after {self.size} bytes, expected {n} bytes")
+            yield
+        if not n:
+            return b""
+        self.size -= n
+        chunks = self.chunks
+        head = chunks[0]
+        if len(head) > n:
+            chunks[0] = head[n:]
+            return head[:n]
+        if len(head) == n:
+            return chunks.popleft()
+        joined = bytearray()
+        while n:
+            head = chunks[0]
+            if len(head) > n:
+                joined += head[:n]
+                chunks[0] = head[n:]
+                break
+            joined += chunks.popleft()
+            n -= len(head)
+        return joined
+
+    def at_eof(self) -> Generator[None, None, bool]:
+        while not self.size:
+            if self.eof:
+                return True
+            yield
+        return False
+
+    def discard(self) -> None:
+        self.chunks.clear()
+        self.size = 0
+
 
 if TYPE_CHECKING:
     from uvworker.protocols.http import HTTPConnection
