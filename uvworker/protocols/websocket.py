@@ -107,19 +107,23 @@ class _PayloadReader:
     against ``max_size`` before reading its payload, and reading stops when the queue is full.
     """
 
-    __slots__ = ("chunks", "size", "eof")
+    __slots__ = ("head", "pos", "rest", "size", "eof")
 
     def __init__(self) -> None:
-        self.chunks: deque[memoryview] = deque()
-        self.size = 0  # unread bytes in chunks
+        self.head = b""  # the read being consumed
+        self.pos = 0  # bytes of head already consumed
+        self.rest: deque[bytes] = deque()  # later reads
+        self.size = 0  # unread bytes in all of them
         self.eof = False
 
     def feed_data(self, data: bytes) -> None:
         if self.eof:
             raise EOFError("stream ended")
-        if data:
-            self.chunks.append(memoryview(data))
-            self.size += len(data)
+        if self.size:
+            self.rest.append(data)
+        else:
+            self.head, self.pos = data, 0
+        self.size += len(data)
 
     def feed_eof(self) -> None:
         if self.eof:
@@ -131,26 +135,31 @@ class _PayloadReader:
             if self.eof:
                 raise EOFError(f"stream ends after {self.size} bytes, expected {n} bytes")
             yield
-        if not n:
-            return b""
         self.size -= n
-        chunks = self.chunks
-        head = chunks[0]
-        if len(head) > n:
-            chunks[0] = head[n:]
-            return head[:n]
-        if len(head) == n:
-            return chunks.popleft()
-        joined = bytearray()
-        while n:
-            head = chunks[0]
-            if len(head) > n:
-                joined += head[:n]
-                chunks[0] = head[n:]
-                break
-            joined += chunks.popleft()
-            n -= len(head)
-        return joined
+        head, pos = self.head, self.pos
+        end = pos + n
+        if end > len(head):
+            if pos == len(head):  # head used up: the piece starts the next read
+                head = self.head = self.rest.popleft()
+                pos, end = 0, n
+            if end > len(head):
+                return self._join(n)
+        self.pos = end
+        # A small piece is cheaper copied than viewed; a payload is viewed, not copied.
+        return head[pos:end] if n < 1024 else memoryview(head)[pos:end]
+
+    def _join(self, n: int) -> bytearray:
+        """The next ``n`` bytes, which run past the current read (all there: size >= n)."""
+        joined = bytearray(memoryview(self.head)[self.pos :])
+        rest = self.rest
+        while True:
+            head = rest.popleft()
+            end = n - len(joined)
+            if end <= len(head):
+                joined += memoryview(head)[:end]
+                self.head, self.pos = head, end
+                return joined
+            joined += head
 
     def at_eof(self) -> Generator[None, None, bool]:
         while not self.size:
@@ -160,8 +169,8 @@ class _PayloadReader:
         return False
 
     def discard(self) -> None:
-        self.chunks.clear()
-        self.size = 0
+        self.head, self.pos, self.size = b"", 0, 0
+        self.rest.clear()
 
 
 if TYPE_CHECKING:
