@@ -54,7 +54,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from uvworker import __version__
-from uvworker.protocols.cycle import ClientDisconnected
+from uvworker.protocols.cycle import PERCENT, ClientDisconnected
 
 logger = logging.getLogger("uvworker.error")
 
@@ -275,7 +275,7 @@ def build_environ(scope: dict[str, Any], base: Environ) -> tuple[Environ, bool]:
         environ["SCRIPT_NAME"] = ""
     # PEP 3333: PATH_INFO holds the decoded bytes of the path, one character per byte.
     environ["PATH_INFO"] = (
-        unquote_to_bytes(raw_path).decode("latin-1") if b"%" in raw_path else raw_path.decode("latin-1")
+        unquote_to_bytes(raw_path).decode("latin-1") if PERCENT in raw_path else raw_path.decode("latin-1")
     )
     environ["REQUEST_METHOD"] = scope["method"]
     environ["QUERY_STRING"] = scope["query_string"].decode("latin-1")

@@ -130,12 +130,12 @@ def check_head(http_version: str, headers: Headers) -> tuple[bool, bool, bytes |
             te = True
             chunked = value.lower().rstrip().endswith(b"chunked")
         elif kind == _CONNECTION:
-            tokens = value.lower()
-            if b"close" in tokens:
+            tokens = value.lower()  # find(), not `in`: see PERCENT
+            if tokens.find(b"close") >= 0:
                 keep_alive = False
-            elif b"keep-alive" in tokens:
+            elif tokens.find(b"keep-alive") >= 0:
                 keep_alive = True
-            connection_upgrade = b"upgrade" in tokens
+            connection_upgrade = tokens.find(b"upgrade") >= 0
         elif kind == _EXPECT:
             expect = value.lower() == b"100-continue"
         elif kind == _UPGRADE:
@@ -169,8 +169,13 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
     return path, query
 
 
+# ``b"..." in data`` first tries the operand as an int and clears the error: 2-5x slower than
+# ``data.find(b"...")``, or than testing for a single byte's value.
+PERCENT = ord("%")
+
+
 def decode_path(raw_path: bytes) -> str:
-    if b"%" not in raw_path and raw_path.isascii():
+    if PERCENT not in raw_path and raw_path.isascii():
         return raw_path.decode("ascii")
     return unquote_to_bytes(raw_path).decode("utf-8", "replace")
 
@@ -219,7 +224,8 @@ class RequestCycle:
 
     def on_end(self) -> None:
         self.more_body = False
-        self._wake()
+        if self.waiter is not None:  # most GETs end before the app asks for a body
+            self._wake()
 
     def on_disconnect(self) -> None:
         self.disconnected = True

@@ -168,8 +168,9 @@ class HttptoolsAdapter:
         self._in_head = True  # parse-time state: what follows is the next head
         if self.held:
             self._replay.append((self._complete,))
-        else:
-            self._complete()
+        else:  # _complete(), inlined: this runs once a request
+            self.held = True
+            self.sink.on_end()
 
     def _complete(self) -> None:
         self.held = True  # anything after this belongs to the next request
