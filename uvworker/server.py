@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from uvworker.logging import reopen_files
+from uvworker.malloc import tune_heap
 from uvworker.protocols.http import HTTPConnection
 from uvworker.protocols.parsers import Headers, Limits
 
@@ -148,6 +149,7 @@ class Server:
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         from uvworker.lifespan import Lifespan
 
+        tune_heap()
         config = self.config
         config.load()
         loop = asyncio.get_running_loop()
