@@ -226,3 +226,28 @@ def test_large_response_header(serve: Any) -> None:
         resp = conn.read_response()
         assert resp.get("set-cookie") == cookie.decode()
         assert resp.body == b"ok"
+
+
+LARGE = [bytes([65 + i]) * (200_000 + i) for i in range(3)]  # pieces written by reference
+
+
+@pytest.mark.parametrize(
+    ("headers", "parts"),
+    [
+        ([], [LARGE[0]]),  # one body: Content-Length from us
+        ([(b"content-length", b"%d" % (len(LARGE[0]) + 5))], [LARGE[0], b"small"]),
+        ([], [b"small", LARGE[0], b"", LARGE[1], b"tail", LARGE[2]]),  # chunked, mixed sizes
+    ],
+    ids=["single", "content-length", "chunked"],
+)
+def test_large_body_pieces_arrive_whole_and_in_order(serve: Any, headers: Any, parts: list[bytes]) -> None:
+    with serve(parts_app(headers=headers, parts=parts)) as srv, Conn.open(srv.host, srv.port) as conn:
+        for method in ("GET", "HEAD", "GET"):
+            conn.send(build_request(method))
+            resp = conn.read_response(method, timeout=10)
+            assert resp.body == (b"" if method == "HEAD" else b"".join(parts))
+        conn.assert_open()
+    # HTTP/1.0 without a length: close-delimited (or the app's Content-Length).
+    with serve(parts_app(headers=headers, parts=parts)) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(b"GET / HTTP/1.0\r\n\r\n")
+        assert conn.read_until_close(10).split(b"\r\n\r\n", 1)[1] == b"".join(parts)

@@ -464,6 +464,12 @@ class WebSocketConnection(asyncio.Protocol):
         self._write_frame(data)
         self._write_out()
 
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        """For the RequestCycle of a denial response: a large piece, by reference."""
+        self._write_out()
+        if self.phase != CLOSED:
+            self.transport.writelines(parts)
+
     def write_soon(self, data: bytes) -> None:
         """For the RequestCycle of a denial response: a streamed piece of its body."""
         self._write_frame(data)
