@@ -306,6 +306,17 @@ def test_frames_split_anywhere_across_reads(serve: Any) -> None:
         assert [f for f in frames if f[0] == 10] == pongs
 
 
+def test_large_and_small_echoes_keep_their_order(serve: Any) -> None:
+    """Echoes batched in one loop turn, large ones by reference and small ones joined, come
+    back whole and in order."""
+    sizes = [70000, 5, 200000, 126, 65536, 0, 300000, 65535]
+    messages = [(2 if i % 2 else 1, bytes([97 + i]) * size) for i, size in enumerate(sizes)]
+    with serve(echo_app()) as srv, RawWS(srv) as raw:
+        raw.upgrade()
+        raw.send(b"".join(frame(opcode, payload) for opcode, payload in messages))
+        assert [raw.read_frame() for _ in messages] == messages
+
+
 def test_subprotocol_and_accept_headers(serve: Any) -> None:
     app = echo_app(subprotocol="two", headers=[(b"x-ws", b"yes")])
     with serve(app) as srv, ws_connect(srv, subprotocols=["one", "two"]) as ws:

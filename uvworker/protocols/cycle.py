@@ -353,6 +353,8 @@ class RequestCycle:
                 raise RuntimeError("Response body does not match the Content-Length header")
         if len(body) >= LARGE_BODY:  # by reference (writev), not copied next to its framing
             self.bytes_sent += size
+            if type(body) is not bytes:
+                body = bytes(body)  # the app may reuse a bytearray once send() returns
             conn.writelines((prefix, body, suffix) if suffix else (prefix, body) if prefix else (body,))
         else:
             data = prefix + body + suffix  # concatenating b"" returns the other operand as is

@@ -34,8 +34,9 @@ Rules this module keeps:
   (the echoes of every message one read delivered, pongs, a close frame) goes out in one
   ``transport.write`` at the start of the next turn — a syscall per batch, not per message.
   A batch that reaches ``WRITE_BATCH`` bytes is written at once, so batching never holds much.
-  Data messages on a connection without extensions skip the protocol object: the frame header
-  is built here.
+  Small batches are joined into one buffer; large ones go out by reference in one writev, so a
+  big payload is never copied next to its header. Data messages on a connection without
+  extensions skip the protocol object: the frame header is built here.
 * Incoming bytes reach the protocol's frame parser through :class:`_PayloadReader`, which
   slices frames out of the reads instead of copying them into one buffer first.
 * Text is checked for UTF-8 frame by frame (an incremental decoder), so an invalid fragment
@@ -182,7 +183,8 @@ logger = logging.getLogger("uvworker.error")
 HANDSHAKE, DENIAL, OPEN, CLOSED = range(4)
 
 EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send before the app accepts, then we stop reading
-WRITE_BATCH = 64 * 1024  # outgoing bytes held for one write before they are written at once
+WRITE_BATCH = 256 * 1024  # outgoing bytes held for one write before they are written at once
+JOIN_BELOW = 64 * 1024  # a batch smaller than this is joined into one buffer; larger, one writev
 CLOSE_TIMEOUT = 10.0  # how long we wait for the client's close frame after sending ours
 RETIRE_CODE = 1012  # "service restart": the client should reconnect, to another worker
 
@@ -453,11 +455,15 @@ class WebSocketConnection(asyncio.Protocol):
     def _write_out(self) -> None:
         out = self._out
         if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
+            if self.phase != CLOSED:
+                if len(out) == 1:
+                    self.transport.write(out[0])
+                elif self._out_size < JOIN_BELOW:
+                    self.transport.write(b"".join(out))  # small frames: one buffer
+                else:
+                    self.transport.writelines(out)  # large payloads by reference: one writev
             out.clear()
             self._out_size = 0
-            if self.phase != CLOSED:
-                self.transport.write(data)
 
     def write(self, data: bytes) -> None:
         """For the RequestCycle of a denial response: now, after what write_soon() batched."""
@@ -670,9 +676,9 @@ class WebSocketConnection(asyncio.Protocol):
                 self._write_frame(bytes((opcode, length)) + data)
             elif length < 65536:
                 self._write_frame(_pack_short(opcode, 126, length) + data)
-            else:  # large: no copy into one buffer; writelines can hand both to writev
-                self._write_out()
-                self.transport.writelines((_pack_long(opcode, 127, length), data))
+            else:  # large: batched by reference (immutable bytes only), not copied next to its header
+                self._write_frame(_pack_long(opcode, 127, length))
+                self._write_frame(data if type(data) is bytes else bytes(data))
         else:
             if opcode == 0x81:
                 self.protocol.send_text(data)
