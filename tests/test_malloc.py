@@ -9,11 +9,11 @@ own count of minor page faults (/proc/<pid>/stat) while many 64 KiB POSTs are in
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from tests.http_client import Conn, build_request, read_body, respond
 from tests.test_cli import listening, running
 
 BODY = b"x" * 65536
@@ -31,22 +31,18 @@ def minor_faults(pid: int) -> int:
 
 def post_rounds(port: int, rounds: int) -> None:
     """``rounds`` times: a 64 KiB POST on each of CONNECTIONS keep-alive connections at once."""
-    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(CONNECTIONS)]
-    request = b"POST /echo-length HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+    conns = [Conn.open("127.0.0.1", port) for _ in range(CONNECTIONS)]
+    request = build_request("POST", body=BODY)
     try:
         for _ in range(rounds):
-            for sock in socks:
-                sock.sendall(request)
-            for sock in socks:
-                response = b""
-                while not response.endswith(b"65536"):
-                    chunk = sock.recv(4096)
-                    assert chunk, "connection closed"
-                    response += chunk
-                assert response.startswith(b"HTTP/1.1 200 ")
+            for conn in conns:
+                conn.send(request)
+            for conn in conns:
+                response = conn.read_response(timeout=10)
+                assert (response.status, response.body) == (200, b"65536")
     finally:
-        for sock in socks:
-            sock.close()
+        for conn in conns:
+            conn.close()
 
 
 def faults_per_request(parser: str, env: dict[str, str] | None = None) -> float:
@@ -62,17 +58,8 @@ def faults_per_request(parser: str, env: dict[str, str] | None = None) -> float:
 
 
 async def app(scope, receive, send):  # type: ignore[no-untyped-def]
-    if scope["type"] != "http":
-        return
-    size = 0
-    while True:
-        message = await receive()
-        size += len(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    body = str(size).encode()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
-    await send({"type": "http.response.body", "body": body})
+    if scope["type"] == "http":
+        await respond(send, body=b"%d" % len(await read_body(receive)))
 
 
 @pytest.mark.parametrize("parser", ["httptools", "h11"])

@@ -34,6 +34,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from uvworker.protocols.batch import WriteBatch
 from uvworker.protocols.cycle import RequestCycle, check_head, decode_path, error_response, split_target
 from uvworker.protocols.parsers import Headers, HTTPError, make_parser
 
@@ -63,13 +64,12 @@ class HTTPConnection(asyncio.Protocol):
         # times a second: cheaper per request than arming and cancelling loop timers.
         self.deadline = 0.0
         self._discarded = 0
-        self._batch: list[bytes] = []
-        self._batch_size = 0
         self._proxy_buffer: bytes | None = b"" if self.config.proxy_protocol else None
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.batch = WriteBatch(self.transport, self.loop, WRITE_BATCH)
         self.state.connections.add(self)
         self.client = _address(transport.get_extra_info("peername"))
         self.server = _address(transport.get_extra_info("sockname"))
@@ -213,38 +213,18 @@ class HTTPConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         """Write now, after whatever write_soon() batched."""
         if self.phase != CLOSED:
-            if self._batch:
-                self._batch.append(data)
-                data = self._take_batch()
-            self.transport.write(data)
+            self.batch.write(data)
 
     def writelines(self, parts: tuple[bytes, ...]) -> None:
         """Write now, by reference (one writev): for large pieces, which a join would copy."""
         if self.phase != CLOSED:
-            self._flush()
-            self.transport.writelines(parts)
+            self.batch.write(*parts)
 
     def write_soon(self, data: bytes) -> None:
         """A piece of a streamed response: the pieces sent in one loop turn go out in one write
         (at most WRITE_BATCH bytes wait, so send() still meets backpressure)."""
         if self.phase != CLOSED:
-            batch = self._batch
-            if not batch:
-                self.loop.call_soon(self._flush)
-            batch.append(data)
-            self._batch_size += len(data)
-            if self._batch_size >= WRITE_BATCH:
-                self._flush()
-
-    def _flush(self) -> None:
-        if self._batch and self.phase != CLOSED:
-            self.transport.write(self._take_batch())
-
-    def _take_batch(self) -> bytes:
-        data = b"".join(self._batch)
-        self._batch.clear()
-        self._batch_size = 0
-        return data
+            self.batch.add(data)
 
     async def drain(self) -> None:
         if self.write_paused and self.phase != CLOSED:
@@ -305,7 +285,7 @@ class HTTPConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.phase != CLOSED:
-            self._flush()
+            self.batch.flush()
             self.phase = CLOSED
             self.deadline = 0.0
             self.transport.close()

@@ -30,13 +30,11 @@ Rules this module keeps:
   ``receive()``; when it is full the connection stops reading (backpressure), so a client that
   floods an app that does not read cannot grow server memory without bound. While reading is
   paused no keepalive ping is outstanding: an app that is slow is not the client's fault.
-* Outgoing frames are batched: what one connection produces during one turn of the event loop
-  (the echoes of every message one read delivered, pongs, a close frame) goes out in one
-  ``transport.write`` at the start of the next turn — a syscall per batch, not per message.
-  A batch that reaches ``WRITE_BATCH`` bytes is written at once, so batching never holds much.
-  Small batches are joined into one buffer; large ones go out by reference in one writev, so a
-  big payload is never copied next to its header. Data messages on a connection without
-  extensions skip the protocol object: the frame header is built here.
+* Outgoing frames are batched (``batch.py``): what one connection produces during one turn of
+  the event loop (the echoes of every message one read delivered, pongs, a close frame) goes
+  out in one write — a syscall per batch, not per message; large payloads by reference. Data
+  messages on a connection without extensions skip the protocol object: the frame header is
+  built here.
 * Incoming bytes reach the protocol's frame parser through :class:`_PayloadReader`, which
   slices frames out of the reads instead of copying them into one buffer first.
 * Text is checked for UTF-8 frame by frame (an incremental decoder), so an invalid fragment
@@ -65,6 +63,7 @@ from collections import deque
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from uvworker.protocols.batch import WriteBatch
 from uvworker.protocols.cycle import ClientDisconnected, RequestCycle, error_response
 
 try:
@@ -184,7 +183,6 @@ HANDSHAKE, DENIAL, OPEN, CLOSED = range(4)
 
 EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send before the app accepts, then we stop reading
 WRITE_BATCH = 256 * 1024  # outgoing bytes held for one write before they are written at once
-JOIN_BELOW = 64 * 1024  # a batch smaller than this is joined into one buffer; larger, one writev
 CLOSE_TIMEOUT = 10.0  # how long we wait for the client's close frame after sending ours
 RETIRE_CODE = 1012  # "service restart": the client should reconnect, to another worker
 
@@ -233,8 +231,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.write_paused = conn.write_paused
         self.keep_alive_allowed = False  # read by the RequestCycle of a denial response
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._out: list[bytes] = []  # frames waiting for this turn's write
-        self._out_size = 0
+        self._batch = WriteBatch(self.transport, self.loop, WRITE_BATCH)  # this turn's frames
         self._early: list[bytes] = []
         self._early_size = 0
 
@@ -434,51 +431,28 @@ class WebSocketConnection(asyncio.Protocol):
         eof = not writes[-1]  # websockets.protocol.SEND_EOF == b""
         for data in writes:
             if data:
-                self._write_frame(data)
+                self._batch.add(data)
         if eof and self.phase != CLOSED:  # the connection is over, whoever ended it: tell the app now
-            self._write_out()
+            self._batch.flush()
             self._cancel_timers()
             self.transport.close()
             self._set_disconnected()
             self._wake()
 
-    def _write_frame(self, data: bytes) -> None:
-        """Add to this turn's batch; written at the next turn, or now if the batch is large."""
-        out = self._out
-        if not out:
-            self.loop.call_soon(self._write_out)
-        out.append(data)
-        self._out_size += len(data)
-        if self._out_size >= WRITE_BATCH:
-            self._write_out()
-
-    def _write_out(self) -> None:
-        out = self._out
-        if out:
-            if self.phase != CLOSED:
-                if len(out) == 1:
-                    self.transport.write(out[0])
-                elif self._out_size < JOIN_BELOW:
-                    self.transport.write(b"".join(out))  # small frames: one buffer
-                else:
-                    self.transport.writelines(out)  # large payloads by reference: one writev
-            out.clear()
-            self._out_size = 0
-
     def write(self, data: bytes) -> None:
         """For the RequestCycle of a denial response: now, after what write_soon() batched."""
-        self._write_frame(data)
-        self._write_out()
+        if self.phase != CLOSED:
+            self._batch.write(data)
 
     def writelines(self, parts: tuple[bytes, ...]) -> None:
         """For the RequestCycle of a denial response: a large piece, by reference."""
-        self._write_out()
         if self.phase != CLOSED:
-            self.transport.writelines(parts)
+            self._batch.write(*parts)
 
     def write_soon(self, data: bytes) -> None:
         """For the RequestCycle of a denial response: a streamed piece of its body."""
-        self._write_frame(data)
+        if self.phase != CLOSED:
+            self._batch.add(data)
 
     async def drain(self) -> None:
         if self.write_paused and self.phase != CLOSED:
@@ -502,7 +476,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _close_transport(self) -> None:
         if self.phase != CLOSED:
-            self._write_out()
+            self._batch.flush()
             self.phase = DENIAL if self.phase == HANDSHAKE else self.phase
             self._cancel_timers()
             self.transport.close()
@@ -673,12 +647,12 @@ class WebSocketConnection(asyncio.Protocol):
             # No extension to apply: a server frame is a header and the unmasked payload.
             length = len(data)
             if length < 126:
-                self._write_frame(bytes((opcode, length)) + data)
+                self._batch.add(bytes((opcode, length)) + data)
             elif length < 65536:
-                self._write_frame(_pack_short(opcode, 126, length) + data)
+                self._batch.add(_pack_short(opcode, 126, length) + data)
             else:  # large: batched by reference (immutable bytes only), not copied next to its header
-                self._write_frame(_pack_long(opcode, 127, length))
-                self._write_frame(data if type(data) is bytes else bytes(data))
+                self._batch.add(_pack_long(opcode, 127, length))
+                self._batch.add(data if type(data) is bytes else bytes(data))
         else:
             if opcode == 0x81:
                 self.protocol.send_text(data)

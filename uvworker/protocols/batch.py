@@ -1,0 +1,59 @@
+"""Outgoing bytes batched per turn of the event loop: one piece serving HTTP and WebSocket.
+
+What a connection produces during one turn (the streamed pieces of a response, the echoes of
+every message one read delivered) goes out in one write when the turn ends: a syscall per
+batch, not per piece. A batch below ``JOIN_BELOW`` bytes is joined into one buffer; a larger
+one goes out by reference in one writev, so a big payload is never copied next to its framing.
+A batch that reaches its ``limit`` is written at once, so ``send()`` still meets backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+JOIN_BELOW = 64 * 1024
+
+
+class WriteBatch:
+    __slots__ = ("transport", "loop", "limit", "parts", "size")
+
+    def __init__(self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        """Batch ``data``: written when this turn ends, or now if the batch reached its limit."""
+        parts = self.parts
+        if not parts:
+            self.loop.call_soon(self.flush)
+        parts.append(data)
+        self.size += len(data)
+        if self.size >= self.limit:
+            self.flush()
+
+    def write(self, *pieces: bytes) -> None:
+        """Write now: whatever is batched, then ``pieces``."""
+        if self.parts or len(pieces) > 1:
+            self.parts.extend(pieces)
+            self.size += sum(map(len, pieces))
+            self.flush()
+        else:  # the common case, one whole response: straight through
+            self.transport.write(pieces[0])
+
+    def flush(self) -> None:
+        parts = self.parts
+        if not parts:
+            return
+        transport = self.transport
+        if not transport.is_closing():  # a connection dropped meanwhile discards its batch
+            if len(parts) == 1:
+                transport.write(parts[0])
+            elif self.size < JOIN_BELOW:
+                transport.write(b"".join(parts))
+            else:
+                transport.writelines(parts)  # consumed during the call: clearing after is safe
+        parts.clear()
+        self.size = 0
