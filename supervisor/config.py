@@ -7,6 +7,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+# Exit codes of the master: a clean stop, a setup error (a live PID file, an unknown user), and
+# workers that keep failing before they are ready. Defined here once; uvworker uses them too.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_STARTUP_FAILED = 3
+
 DEFAULT_RELOAD_INCLUDE = ["*.py"]
 DEFAULT_RELOAD_EXCLUDE = [".*", "*.py[cod]", "*~", "__pycache__", "node_modules", "venv"]
 

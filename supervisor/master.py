@@ -61,14 +61,10 @@ from dataclasses import dataclass, field
 from supervisor import child, memory, privileges, systemd
 from supervisor.channel import HEARTBEAT, READY, RETIRING, decode
 from supervisor.child import MASTER_SIGNALS, WorkerContext, WorkerTarget
-from supervisor.config import SupervisorConfig, SupervisorError
+from supervisor.config import EXIT_ERROR, EXIT_OK, EXIT_STARTUP_FAILED, SupervisorConfig, SupervisorError
 from supervisor.pidfile import PidFile
 from supervisor.proctitle import master_title, set_title, worker_title
 from supervisor.watch import make_watcher
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_STARTUP_FAILED = 3
 
 MAX_BACKOFF = 10.0
 # --max-memory: above this multiple of the limit a worker is retired without waiting for its

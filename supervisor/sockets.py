@@ -1,5 +1,7 @@
 """Listening sockets: bind TCP or unix sockets, adopt an inherited fd, or take systemd's.
 
+``listen()`` is the one way sockets are bound, for the standalone server and the supervisor alike.
+
 The master creates every listening socket once and keeps it open for its whole life; workers
 inherit them through fork(), so connections queued in the kernel backlog while one worker
 retires are accepted by the others.
@@ -38,50 +40,75 @@ def describe(sock: socket.socket) -> str:
     return f"{address[0]}:{address[1]}"
 
 
-def bind_tcp(host: str, port: int, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+class ListenError(SupervisorError):
+    """A listening socket cannot be opened; the message names where and why."""
+
+
+def where(host: str = "127.0.0.1", port: int = 0, uds: str | None = None, fd: int | None = None) -> str:
+    """What ``listen()`` with these arguments listens on, for messages."""
+    if fd is not None:
+        return f"socket file descriptor {fd}"
+    if uds:
+        return f"unix socket {uds}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen(
+    host: str = "127.0.0.1", port: int = 0, uds: str | None = None, fd: int | None = None,
+    backlog: int = DEFAULT_BACKLOG, uds_mode: int | None = 0o666,
+) -> socket.socket:
+    """A listening socket: the inherited ``fd``, else the unix socket ``uds`` (replacing a stale
+    one, then chmod ``uds_mode`` so that a front proxy running as another user can connect),
+    else TCP ``host:port`` (SO_REUSEADDR, so a restart is not refused for TIME_WAIT; ``::`` is
+    dual-stack where the system allows it). Raises ListenError."""
+    sock = None
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
+        if fd is not None:
+            sock = adopt_fd(fd)
+        elif uds:
+            _remove_stale_socket(uds)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(uds)
+            if uds_mode is not None:
+                os.chmod(uds, uds_mode)
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
         sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise SupervisorError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.") from None
+    except OSError as err:
+        if sock is not None:
+            if fd is not None:
+                sock.detach()  # not ours to close
+            else:
+                sock.close()
+        raise ListenError(f"cannot listen on {where(host, port, uds, fd)}: {err.strerror or err}") from err
     return sock
 
 
-def bind_unix(path: str, backlog: int = DEFAULT_BACKLOG, mode: int | None = None) -> socket.socket:
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file that nobody listens on (left by an earlier run); bind() reports the rest."""
     try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)  # a stale socket left by a previous run
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
     except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        if mode is not None:
-            os.chmod(path, mode)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise SupervisorError(f"Cannot listen on unix socket {path}: {exc.strerror or exc}.") from None
-    return sock
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+            return
+    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
 
 
 def adopt_fd(fd: int) -> socket.socket:
-    """A listening socket inherited as file descriptor ``fd`` (family and type are detected)."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError as exc:
-        if exc.errno in (errno.EBADF, errno.ENOTSOCK):
-            raise SupervisorError(f"File descriptor {fd} is not an open socket.") from None
-        raise
+    """A stream socket inherited as file descriptor ``fd`` (its family is detected); OSError
+    (EBADF, ENOTSOCK, or ESOCKTNOSUPPORT for a socket of another type) when it is not one."""
+    sock = socket.socket(fileno=fd)
     if sock.type != socket.SOCK_STREAM:
         sock.detach()
-        raise SupervisorError(f"File descriptor {fd} is not a stream socket.")
+        raise OSError(errno.ESOCKTNOSUPPORT, f"file descriptor {fd} is not a stream socket")
     os.set_inheritable(fd, False)
     return sock
 
@@ -111,7 +138,10 @@ def systemd_listeners(
     listeners = []
     for index in range(int(count)):
         fd = SD_LISTEN_FDS_START + index
-        sock = adopt_fd(fd)
+        try:
+            sock = adopt_fd(fd)
+        except OSError as err:
+            raise ListenError(f"systemd's socket {fd} cannot be used: {err.strerror or err}") from None
         name = labels[index] if index < len(labels) and labels[index] else describe(sock)
         listeners.append(Listener(sock, name))
     return listeners

@@ -17,8 +17,10 @@ import httpx
 import pytest
 
 from examples.hello import app as hello_app
-from uvworker.config import Config, ConfigError
-from uvworker.importer import AppImportError
+from uvworker.config import Config
+from uvworker.errors import ConfigError
+from uvworker.server import listen
+from uvworker.errors import AppImportError
 from uvworker.interfaces.asgi2 import ASGI2Adapter
 from uvworker.logging import AccessLog
 from uvworker.proxy import TrustedHosts
@@ -258,7 +260,7 @@ def accepts(sock: socket.socket) -> bool:
 
 
 def test_bind_host_and_port() -> None:
-    [sock] = Config(hello_app, port=0, backlog=16).bind_sockets()
+    [sock] = listen(Config(hello_app, port=0, backlog=16))
     with sock:
         assert sock.getsockname()[0] == "127.0.0.1" and sock.getsockname()[1] > 0
         assert accepts(sock)
@@ -268,34 +270,34 @@ def test_port_in_use_is_a_config_error() -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"^cannot listen on 127.0.0.1:{port}: Address already in use$"):
-            Config(hello_app, port=port).bind_sockets()
+            listen(Config(hello_app, port=port))
 
 
 def test_bind_unix_socket_replacing_a_stale_one(tmp_path: Path) -> None:
     path = str(tmp_path / "app.sock")
     with socket.socket(socket.AF_UNIX) as stale:  # bound, never listening: left by a dead server
         stale.bind(path)
-    [sock] = Config(hello_app, uds=path).bind_sockets()
+    [sock] = listen(Config(hello_app, uds=path))
     with sock:
         assert accepts(sock)
         assert os.stat(path).st_mode & 0o777 == 0o666
         with pytest.raises(ConfigError, match=f"^cannot listen on unix socket {path}: Address already in use$"):
-            Config(hello_app, uds=path).bind_sockets()  # a live server's socket is left alone
+            listen(Config(hello_app, uds=path))  # a live server's socket is left alone
 
 
 def test_unix_socket_path_that_is_a_file_is_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("keep me")
     with pytest.raises(ConfigError, match="cannot listen on unix socket"):
-        Config(hello_app, uds=str(path)).bind_sockets()
+        listen(Config(hello_app, uds=str(path)))
     assert path.read_text() == "keep me"
 
 
 def test_bind_inherited_file_descriptor() -> None:
     with socket.create_server(("127.0.0.1", 0)) as inherited:
-        [sock] = Config(hello_app, fd=os.dup(inherited.fileno())).bind_sockets()
+        [sock] = listen(Config(hello_app, fd=os.dup(inherited.fileno())))
         with sock:
             assert sock.getsockname() == inherited.getsockname()
             assert accepts(sock)
     with pytest.raises(ConfigError, match="^cannot listen on socket file descriptor 9999: Bad file descriptor$"):
-        Config(hello_app, fd=9999).bind_sockets()
+        listen(Config(hello_app, fd=9999))

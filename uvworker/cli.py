@@ -14,14 +14,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from uvworker import __version__
+from uvworker.errors import EXIT_USAGE
 from uvworker.settings import SETTINGS, Setting, from_environ, show
-
-USAGE_ERROR = 2
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(USAGE_ERROR, f"uvworker: error: {message.removeprefix('argument ')}\n")
+        self.exit(EXIT_USAGE, f"uvworker: error: {message.removeprefix('argument ')}\n")
 
 
 def _argument_type(setting: Setting) -> Any:

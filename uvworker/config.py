@@ -2,34 +2,27 @@
 
 ``Config(app, **settings)`` only validates: every keyword is a setting name from
 ``uvworker.settings`` and becomes an attribute. ``load()`` does the work that can fail on the
-machine it runs on (importing the app, optional packages, TLS files) and ``bind_sockets()``
-opens the listening socket; both raise ``ConfigError`` with a one-sentence message for user
-mistakes, which the CLI prints as one line.
+machine it runs on (importing the app, optional packages, TLS files) and raises ``ConfigError``
+with a one-sentence message for user mistakes, which the CLI prints as one line. Nothing here
+binds a socket or starts anything: ``listen(config)`` in ``uvworker.server`` does that.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import importlib.util
-import os
-import socket
 import ssl
-import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from supervisor.sockets import where
+from uvworker.errors import ConfigError
 from uvworker.settings import BY_NAME, SETTINGS
 
 if TYPE_CHECKING:
     from uvworker.interfaces import ASGIApp
     from uvworker.logging import AccessLog
     from uvworker.proxy import TrustedHosts
-
-
-class ConfigError(Exception):
-    """A user mistake found while loading the configuration; the message is one sentence."""
 
 
 class Config:
@@ -82,19 +75,6 @@ class Config:
         self.loaded_app = self._load_app()
         self.loaded = True
 
-    def warm_imports(self) -> None:
-        """Import the server's modules and the chosen loop and parser, never the app: called in
-        a process that forks workers (our supervisor, Gunicorn's arbiter), so that every worker
-        starts with them loaded, shares those pages, and needs no read access to them after
-        switching to --user. The server's own code is therefore not reloaded by SIGHUP."""
-        import uvworker.lifespan  # noqa: F401
-        import uvworker.server  # noqa: F401
-
-        for name, setting in (("uvloop", self.loop), ("httptools", self.http)):
-            if setting in ("auto", name):
-                with contextlib.suppress(ImportError):
-                    importlib.import_module(name)
-
     def _http_parser(self) -> str:
         if self.http == "auto":
             return "httptools" if importlib.util.find_spec("httptools") else "h11"
@@ -143,36 +123,10 @@ class Config:
             raise ConfigError(f"the application {name} is a {type(app).__name__}, not a callable")
         return as_asgi3(app, self.interface, self)
 
-    def bind_sockets(self) -> list[socket.socket]:
-        """The listening socket: --fd, else --uds, else --host/--port."""
-        sock = None
-        try:
-            if self.fd is not None:
-                sock = socket.socket(fileno=self.fd)
-            elif self.uds:
-                _remove_stale_socket(self.uds)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.bind(self.uds)
-                os.chmod(self.uds, 0o666)  # a front proxy running as another user must connect
-            else:
-                sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart despite TIME_WAIT
-                sock.bind((self.host, self.port))
-            sock.listen(self.backlog)
-        except OSError as err:
-            if sock is not None:
-                sock.close()
-            raise ConfigError(f"cannot listen on {self.bind_name}: {_reason(err)}") from err
-        return [sock]
-
     @property
     def bind_name(self) -> str:
         """Where the server listens, for messages."""
-        if self.fd is not None:
-            return f"socket file descriptor {self.fd}"
-        if self.uds:
-            return f"unix socket {self.uds}"
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return where(self.host, self.port, self.uds, self.fd)
 
 
 def _require(module: str, option: str) -> Any:
@@ -180,22 +134,6 @@ def _require(module: str, option: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise ConfigError(f"{option} needs the {module} package: pip install 'uvworker[standard]'") from None
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket file that nobody listens on (left by an earlier run); bind() reports the rest."""
-    try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return
-    except FileNotFoundError:
-        return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-            return
-    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
 
 
 def _reason(err: OSError) -> str:

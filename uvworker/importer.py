@@ -7,11 +7,7 @@ import os
 import sys
 from typing import Any
 
-from uvworker.config import ConfigError
-
-
-class AppImportError(ConfigError):
-    """The application could not be imported or built; the CLI exits with code 1."""
+from uvworker.errors import AppImportError
 
 
 def import_app(spec: str, app_dir: str | None = None) -> Any:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import traceback
 from typing import Any
 
-from uvworker.config import Config, ConfigError
-
-STARTUP_FAILURE = 3  # exit code when lifespan startup fails; 1 for configuration errors
+from uvworker.config import Config
+from uvworker.errors import EXIT_OK, EXIT_STARTUP_FAILED, ConfigError, report
 
 
 def run(app: Any, **settings: Any) -> None:
@@ -41,23 +39,15 @@ def launch(config: Config) -> int:
             raise ConfigError(str(err)) from err
         return supervise(config) if wanted(config) else serve(config)
     except (ConfigError, SupervisorError) as err:
-        return report(err, config)
-
-
-def report(err: Exception, config: Config) -> int:
-    """A user's mistake: one line on stderr (the traceback only at --log-level debug); exit 1."""
-    print(f"uvworker: error: {err}", file=sys.stderr)
-    if config.log_level == "debug":
-        traceback.print_exception(err)
-    return 1
+        return report(err, config.log_level == "debug")
 
 
 def serve(config: Config) -> int:
-    """Load the app, listen and serve in this process; 0, or STARTUP_FAILURE."""
-    from uvworker.server import Server
+    """Load the app, listen and serve in this process; the exit code."""
+    from uvworker.server import Server, listen
 
     config.load()
-    sockets = config.bind_sockets()
+    sockets = listen(config)
     try:
         server = Server(config)
         server.run(sockets=sockets)
@@ -67,4 +57,4 @@ def serve(config: Config) -> int:
         if config.uds and config.fd is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(config.uds)
-    return STARTUP_FAILURE if server.startup_failed else 0
+    return EXIT_STARTUP_FAILED if server.startup_failed else EXIT_OK

@@ -27,7 +27,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from supervisor.config import DEFAULT_RELOAD_EXCLUDE, DEFAULT_RELOAD_INCLUDE, SupervisorConfig
-from uvworker.config import Config, ConfigError
+from uvworker.config import Config
+from uvworker.errors import EXIT_OK, EXIT_STARTUP_FAILED, ConfigError, report
 
 if TYPE_CHECKING:
     from supervisor.child import WorkerContext
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
     from uvworker.protocols.cycle import RequestCycle
 
 logger = logging.getLogger("uvworker.error")
-
-STARTUP_FAILURE = 3
 
 
 # Settings that only the supervisor acts on: giving any of them (a value other than its default)
@@ -108,6 +107,7 @@ def supervise(config: Config) -> int:
     """
     from supervisor.master import run
     from supervisor.sockets import systemd_listeners
+    from uvworker.server import listen, warm_imports
 
     settings = supervisor_config(config)
     if config.umask is not None:
@@ -119,10 +119,10 @@ def supervise(config: Config) -> int:
         logger.info("Using %d socket(s) from systemd: %s", len(listeners),
                     ", ".join(f"{l.name} ({l.describe()})" for l in listeners))
     else:
-        sockets = config.bind_sockets()
+        sockets = listen(config)
         own_uds = bool(config.uds and config.fd is None)
     try:
-        config.warm_imports()
+        warm_imports(config)
         if config.preload:
             config.load()  # imports the app in the master; workers share its pages
             logger.info("Preloaded %s in the supervisor (SIGHUP restarts workers, not the code).", settings.label)
@@ -143,9 +143,7 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     try:
         config.load()
     except ConfigError as err:
-        from uvworker.main import report
-
-        return report(err, config)
+        return report(err, config.log_level == "debug")
     channel = context.channel
     said_retiring = said_limit = False
 
@@ -174,4 +172,4 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     server = Server(config, on_ready=on_ready, on_tick=on_tick, install_signal_handlers=True)
     server.run(sockets=context.sockets)
     channel.heartbeat(server.requests_served)  # the final count, for the master's totals
-    return STARTUP_FAILURE if server.startup_failed else 0
+    return EXIT_STARTUP_FAILED if server.startup_failed else EXIT_OK

@@ -15,7 +15,9 @@ run lifespan shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import importlib
 import logging
 import os
 import signal
@@ -25,10 +27,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from uvworker.errors import ConfigError
 from uvworker.logging import reopen_files
 from uvworker.malloc import tune_heap
 from uvworker.protocols.http import HTTPConnection
-from uvworker.protocols.parsers import Headers, Limits
+from uvworker.core.parsers import Headers, Limits
 
 if TYPE_CHECKING:
     from uvworker.config import Config
@@ -181,7 +184,7 @@ class Server:
         state = self.state
         assert state is not None
         if sockets is None:
-            sockets = config.bind_sockets()
+            sockets = listen(config)
         loop = state.loop
 
         def factory() -> HTTPConnection:
@@ -277,6 +280,30 @@ class Server:
         if self.should_exit and sig == signal.SIGTERM:
             self.force_exit = True
         self.should_exit = True
+
+
+def listen(config: Config) -> list[socket.socket]:
+    """The listening sockets the settings name (--fd, else --uds, else --host/--port)."""
+    from supervisor.sockets import ListenError
+    from supervisor.sockets import listen as open_listener
+
+    try:
+        return [open_listener(config.host, config.port, config.uds, config.fd, config.backlog)]
+    except ListenError as err:
+        raise ConfigError(str(err)) from err
+
+
+def warm_imports(config: Config) -> None:
+    """Import the server's modules and the chosen loop and parser, never the app: called in a
+    process that forks workers (our supervisor, Gunicorn's arbiter), so that every worker
+    starts with them loaded, shares those pages, and needs no read access to them after
+    switching to --user. The server's own code is therefore not reloaded by SIGHUP."""
+    import uvworker.lifespan  # noqa: F401
+
+    for name, setting in (("uvloop", config.loop), ("httptools", config.http)):
+        if setting in ("auto", name):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

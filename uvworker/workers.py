@@ -55,11 +55,12 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.sock import ssl_context as gunicorn_ssl_context
 from gunicorn.workers.base import Worker as GunicornWorker
 
-from uvworker.config import Config, ConfigError
+from uvworker.config import Config
+from uvworker.errors import ConfigError
 from uvworker.logging import AccessLog
 from uvworker.protocols.cycle import RequestCycle
 from uvworker.proxy import TrustedHosts, apply_proxy_headers
-from uvworker.server import Server
+from uvworker.server import Server, warm_imports
 from uvworker.settings import BY_NAME, SETTINGS, from_environ
 
 __all__ = ["Worker", "H11Worker", "settings_from_gunicorn"]
@@ -138,7 +139,7 @@ class Worker(GunicornWorker):
             AccessLog(cfg.access_log_format)
         except (ConfigError, ValueError, TypeError) as err:
             raise RuntimeError(f"uvworker: {err}") from None
-        config.warm_imports()  # in the arbiter, before workers fork and switch user
+        warm_imports(config)  # in the arbiter, before workers fork and switch user
         if "h2" in (getattr(cfg, "http_protocols", None) or ()):
             raise RuntimeError("uvworker speaks HTTP/1.1: remove h2 from http_protocols.")
         if 0 < cfg.timeout < 2:

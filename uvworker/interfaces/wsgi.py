@@ -54,7 +54,8 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from uvworker import __version__
-from uvworker.protocols.cycle import PERCENT, ClientDisconnected
+from uvworker.core.request import PERCENT
+from uvworker.errors import ClientDisconnected
 
 logger = logging.getLogger("uvworker.error")
 

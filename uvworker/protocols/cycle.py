@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_to_bytes
 
-from uvworker.protocols.parsers import Headers, HTTPError
+from uvworker.core.parsers import Headers
+from uvworker.core.response import HEADER_LINES, RESP_CONNECTION, RESP_ENCODING, RESP_LENGTH, STATUS_LINES, header_line
+from uvworker.errors import ClientDisconnected
 
 if TYPE_CHECKING:
     from uvworker.protocols.http import HTTPConnection
@@ -34,153 +33,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("uvworker.error")
 
 BODY_HIGH_WATER = 64 * 1024
-ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BODY_STATUSES = frozenset({204, 304})
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
-_BAD_VALUE = re.compile(rb"[\x00\r\n]").search
-
-
-def _status_line(status: int) -> bytes:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
-    return f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
-
-
-STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
-
-
-# What a response header from the app means to the framing (0: nothing, pass it on).
-_RESP_LENGTH, _RESP_CONNECTION, _RESP_ENCODING, _RESP_DEFAULTED = range(1, 5)
-_RESPONSE_HEADS = {
-    b"content-length": _RESP_LENGTH,
-    b"connection": _RESP_CONNECTION,
-    b"transfer-encoding": _RESP_ENCODING,
-    b"server": _RESP_DEFAULTED,
-    b"date": _RESP_DEFAULTED,
-}
-# Validated, encoded response header lines, keyed by the app's (name, value) tuple: most apps
-# send the same few headers on every response. Bounded: cleared when full.
-_HEADER_LINES: dict[tuple[bytes, bytes], tuple[bytes, int]] = {}
-
-
-def _header_line(name: bytes, value: bytes) -> tuple[bytes, int]:
-    """Validate one response header from the app; return its wire line and what it means to us."""
-    if not _TOKEN(name):
-        raise RuntimeError(f"Invalid HTTP header name {name!r}")
-    if _BAD_VALUE(value):
-        raise RuntimeError(f"Invalid HTTP header value {value!r}")
-    kind = _RESPONSE_HEADS.get(name.lower(), 0)
-    if kind == _RESP_LENGTH and not value.strip().isdigit():
-        raise RuntimeError(f"Invalid Content-Length {value!r}")
-    return b"%s: %s\r\n" % (name, value), kind
-
-
-def error_response(status: int, reason: str, defaults: bytes, extra: bytes = b"") -> bytes:
-    """A complete plain-text answer from the server itself, closing the connection."""
-    body = reason.encode()
-    return b"%s%s%scontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
-        STATUS_LINES[status], defaults, extra, len(body), body
-    )
-
-
-class ClientDisconnected(OSError):
-    """Raised by ``send()`` once the client has gone (ASGI spec 2.4)."""
-
-
-_HOST, _LENGTH, _ENCODING, _CONNECTION, _EXPECT, _UPGRADE, _PROXY = range(7)
-_HEADS = {
-    b"host": _HOST,
-    b"content-length": _LENGTH,
-    b"transfer-encoding": _ENCODING,
-    b"connection": _CONNECTION,
-    b"expect": _EXPECT,
-    b"upgrade": _UPGRADE,
-    b"forwarded": _PROXY,
-    b"x-forwarded-for": _PROXY,
-    b"x-forwarded-proto": _PROXY,
-}
-
-
-def check_head(http_version: str, headers: Headers) -> tuple[bool, bool, bytes | None, bool]:
-    """Validate a request head in one pass over its fields.
-
-    Returns (keep_alive, expect_continue, upgrade protocol or None, has proxy headers); raises
-    HTTPError(400) for heads that two parsers could frame two ways (request smuggling).
-    """
-    hosts = lengths = 0
-    chunked = te = expect = proxied = connection_upgrade = False
-    keep_alive = http_version == "1.1"
-    upgrade: bytes | None = None
-    get = _HEADS.get
-    for name, value in headers:
-        kind = get(name)
-        if kind is None:
-            continue
-        if kind == _HOST:
-            hosts += 1
-        elif kind == _LENGTH:
-            lengths += 1
-            if not value.isdigit():
-                raise HTTPError(400, "Invalid Content-Length")
-        elif kind == _ENCODING:
-            te = True
-            chunked = value.lower().rstrip().endswith(b"chunked")
-        elif kind == _CONNECTION:
-            tokens = value.lower()  # find(), not `in`: see PERCENT
-            if tokens.find(b"close") >= 0:
-                keep_alive = False
-            elif tokens.find(b"keep-alive") >= 0:
-                keep_alive = True
-            connection_upgrade = tokens.find(b"upgrade") >= 0
-        elif kind == _EXPECT:
-            expect = value.lower() == b"100-continue"
-        elif kind == _UPGRADE:
-            upgrade = value.lower()
-        else:
-            proxied = True
-    if lengths > 1:
-        raise HTTPError(400, "Duplicate Content-Length")
-    if te:
-        if lengths:
-            raise HTTPError(400, "Content-Length together with Transfer-Encoding")
-        if not chunked or http_version != "1.1":
-            raise HTTPError(400, "Unsupported Transfer-Encoding")
-    if http_version == "1.1" and hosts != 1:
-        raise HTTPError(400, "Missing Host header" if not hosts else "Duplicate Host header")
-    return keep_alive, expect and http_version == "1.1", upgrade if connection_upgrade else None, proxied
-
-
-def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """Request target → (raw path, query string); absolute-form targets lose scheme and host."""
-    if target[:1] != b"/":
-        if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
-            authority = target.find(b"//") + 2
-            ends = [i for i in (target.find(b"/", authority), target.find(b"?", authority)) if i != -1]
-            target = target[min(ends) :] if ends else b"/"
-            if target[:1] != b"/":
-                target = b"/" + target
-        elif target != b"*":
-            raise HTTPError(400, "Invalid request target")
-    path, _, query = target.partition(b"?")
-    return path, query
-
-
 LARGE_BODY = 64 * 1024  # body pieces this big are written by reference, not copied into one buffer
-
-# ``b"..." in data`` first tries the operand as an int and clears the error: 2-5x slower than
-# ``data.find(b"...")``, or than testing for a single byte's value.
-PERCENT = ord("%")
-
-
-def decode_path(raw_path: bytes) -> str:
-    if PERCENT not in raw_path and raw_path.isascii():
-        return raw_path.decode("ascii")
-    return unquote_to_bytes(raw_path).decode("utf-8", "replace")
-
 
 class RequestCycle:
     """The ASGI side of one request: ``receive`` and ``send`` for the app."""
@@ -290,24 +146,24 @@ class RequestCycle:
         conn = self.conn
         parts = [STATUS_LINES[status]]
         override_defaults = False
-        lines = _HEADER_LINES
+        lines = HEADER_LINES
         for pair in headers:
             try:
                 line, kind = lines[pair]
             except (KeyError, TypeError):  # new, or not a hashable (name, value) tuple
-                line, kind = _header_line(*pair)
+                line, kind = header_line(*pair)
                 if type(pair) is tuple:
                     if len(lines) >= 4096:
                         lines.clear()
                     lines[pair] = line, kind
             if kind:
-                if kind == _RESP_LENGTH:
+                if kind == RESP_LENGTH:
                     self.remaining = int(pair[1])
-                elif kind == _RESP_CONNECTION:
+                elif kind == RESP_CONNECTION:
                     if b"close" in pair[1].lower():
                         self.keep_alive = False
                     continue  # written by us, once
-                elif kind == _RESP_ENCODING:
+                elif kind == RESP_ENCODING:
                     continue  # framing is ours to choose
                 else:
                     override_defaults = True

@@ -35,8 +35,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from uvworker.protocols.batch import WriteBatch
-from uvworker.protocols.cycle import RequestCycle, check_head, decode_path, error_response, split_target
-from uvworker.protocols.parsers import Headers, HTTPError, make_parser
+from uvworker.core.parsers import Headers, make_parser
+from uvworker.core.request import build_scope, check_head
+from uvworker.core.response import error_response
+from uvworker.errors import HTTPError
+from uvworker.protocols.cycle import RequestCycle
 
 if TYPE_CHECKING:
     from uvworker.server import ServerState
@@ -44,7 +47,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("uvworker.error")
 
 WAIT_HEAD, KEEP_ALIVE, CYCLE, CLOSED = range(4)
-_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 MAX_DISCARD = 4 * 1024 * 1024  # unread request body we drop to keep a connection, at most
 WRITE_BATCH = 64 * 1024  # streamed response bytes that may wait for the end of a loop turn
 
@@ -146,25 +148,12 @@ class HTTPConnection(asyncio.Protocol):
                 raise HTTPError(505, "HTTP Version Not Supported")
             http_version = "1.1"  # RFC 9110 §2.5: a later 1.x minor version is served as 1.1
         keep_alive, expect, upgrade, proxied = check_head(http_version, headers)
-        raw_path, query = split_target(target)
+        scope = build_scope(
+            method, target, http_version, headers, server=self.server, client=self.client,
+            scheme=self.scheme, root_path=self.config.root_path, state=state.lifespan_state,
+        )
         self.deadline = 0.0
         self.phase = CYCLE
-        root_path = self.config.root_path
-        scope: dict[str, Any] = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.4"},
-            "http_version": http_version,
-            "server": self.server,
-            "client": self.client,
-            "scheme": self.scheme,
-            "method": _METHODS.get(method) or method.decode("ascii"),
-            "root_path": root_path,
-            "path": root_path + decode_path(raw_path) if root_path else decode_path(raw_path),
-            "raw_path": root_path.encode() + raw_path if root_path else raw_path,
-            "query_string": query,
-            "headers": headers,
-            "state": state.lifespan_state.copy(),
-        }
         if proxied and self._peer_trusted_for_proxy:
             state.apply_proxy_headers(scope, self.config.forwarded_allow)
         if upgrade == b"websocket" and method == b"GET" and http_version == "1.1" and self.config.ws != "none":

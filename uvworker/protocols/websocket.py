@@ -64,7 +64,9 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from uvworker.protocols.batch import WriteBatch
-from uvworker.protocols.cycle import ClientDisconnected, RequestCycle, error_response
+from uvworker.core.response import error_response
+from uvworker.errors import ClientDisconnected
+from uvworker.protocols.cycle import RequestCycle
 
 try:
     from websockets.datastructures import Headers

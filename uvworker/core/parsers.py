@@ -9,7 +9,7 @@ An adapter tokenizes bytes and calls its sink (the connection) with exactly thre
 or raises :class:`HTTPError` for input it cannot accept. Headers arrive as a list of
 ``(lowercased name, value)`` byte pairs with surrounding whitespace trimmed. Everything after
 that — validation, framing decisions, limits on individual fields, the ASGI cycle — is shared
-and lives in ``cycle.py`` and ``http.py``.
+and lives in ``request.py``, ``response.py`` and the request cycle.
 
 Pipelining is the adapter's job too: once a request is complete, further input is *held*
 (not parsed into events) until the connection calls :meth:`next_cycle` after its response.
@@ -24,16 +24,9 @@ from typing import Any, Protocol
 
 import h11
 
+from uvworker.errors import HTTPError
+
 Headers = list[tuple[bytes, bytes]]
-
-
-class HTTPError(Exception):
-    """Input we refuse: answered with ``status`` and the connection closed."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 class Sink(Protocol):

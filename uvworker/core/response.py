@@ -1,0 +1,56 @@
+"""Response heads for HTTP/1.1: status lines, checked and encoded header lines, the server's
+own error answers. Sans-I/O: bytes in, bytes out.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+_BAD_VALUE = re.compile(rb"[\x00\r\n]").search
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+
+
+STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
+
+
+# What a response header from the app means to the framing (0: nothing, pass it on).
+RESP_LENGTH, RESP_CONNECTION, RESP_ENCODING, RESP_DEFAULTED = range(1, 5)
+RESPONSE_HEADS = {
+    b"content-length": RESP_LENGTH,
+    b"connection": RESP_CONNECTION,
+    b"transfer-encoding": RESP_ENCODING,
+    b"server": RESP_DEFAULTED,
+    b"date": RESP_DEFAULTED,
+}
+# Validated, encoded response header lines, keyed by the app's (name, value) tuple: most apps
+# send the same few headers on every response. Bounded: cleared when full.
+HEADER_LINES: dict[tuple[bytes, bytes], tuple[bytes, int]] = {}
+
+
+def header_line(name: bytes, value: bytes) -> tuple[bytes, int]:
+    """Validate one response header from the app; return its wire line and what it means to us."""
+    if not _TOKEN(name):
+        raise RuntimeError(f"Invalid HTTP header name {name!r}")
+    if _BAD_VALUE(value):
+        raise RuntimeError(f"Invalid HTTP header value {value!r}")
+    kind = RESPONSE_HEADS.get(name.lower(), 0)
+    if kind == RESP_LENGTH and not value.strip().isdigit():
+        raise RuntimeError(f"Invalid Content-Length {value!r}")
+    return b"%s: %s\r\n" % (name, value), kind
+
+
+def error_response(status: int, reason: str, defaults: bytes, extra: bytes = b"") -> bytes:
+    """A complete plain-text answer from the server itself, closing the connection."""
+    body = reason.encode()
+    return b"%s%s%scontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
+        STATUS_LINES[status], defaults, extra, len(body), body
+    )
