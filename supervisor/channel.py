@@ -1,38 +1,56 @@
 """The worker → master channel: one pipe per worker, newline-terminated ASCII messages.
 
-Vocabulary (each message is far below PIPE_BUF, so a write is atomic):
+Vocabulary (each message is far below PIPE_BUF, so a write is atomic)::
 
-    ready\n            the worker accepts connections (after app import and lifespan startup)
-    heartbeat <n>\n    the worker's event loop is alive; n = requests served so far
-    retiring\n         the worker stopped accepting and will exit after its in-flight work
+    ready                     the worker accepts connections (after app import and lifespan startup)
+    heartbeat <n> [k=v ...]   the event loop is alive; n = requests served so far; more counters
+                              may follow as key=value fields (a master keeps the last ones)
+    retiring [reason=R]       the worker stopped accepting and will exit after its in-flight work
+
+A line is ``<kind>[ <count>][ key=value ...]``. The master skips what it does not understand
+(an unknown kind, a malformed field), so a newer worker can say more than an older master knows.
 
 The master talks back with signals only (TERM: retire gracefully; QUIT: stop quickly; USR1:
-reopen logs; ABRT: you look hung, dump your stacks), so the channel stays one-way and the worker never blocks on it: the write end is
-non-blocking and a full pipe drops the message (a later heartbeat says the same thing again).
+reopen logs; ABRT: you look hung, dump your stacks), so the channel stays one-way and the
+worker never blocks on it: the write end is non-blocking and a full pipe drops the message (a
+later heartbeat says the same thing again).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 READY = "ready"
 HEARTBEAT = "heartbeat"
 RETIRING = "retiring"
+KINDS = (READY, HEARTBEAT, RETIRING)
+COUNTED = (HEARTBEAT,)  # kinds whose second word is a count
+MAX_LINE = 4000  # below PIPE_BUF (4096): one write, never interleaved with another
 
 
 @dataclass(frozen=True)
 class Message:
     kind: str
     requests: int | None = None
+    fields: dict[str, str] = field(default_factory=dict)
 
 
-def encode(kind: str, requests: int | None = None) -> bytes:
-    if kind == HEARTBEAT:
-        return f"{HEARTBEAT} {int(requests or 0)}\n".encode("ascii")
-    if kind in (READY, RETIRING):
-        return f"{kind}\n".encode("ascii")
-    raise ValueError(f"Unknown channel message kind {kind!r}.")
+def encode(kind: str, requests: int | None = None, **fields: object) -> bytes:
+    if kind not in KINDS:
+        raise ValueError(f"Unknown channel message kind {kind!r}.")
+    words = [kind]
+    if kind in COUNTED:
+        words.append(str(int(requests or 0)))
+    for key, value in fields.items():
+        text = str(value)
+        if not key.isidentifier() or not text or any(c.isspace() for c in text):
+            raise ValueError(f"Channel field {key}={text!r} must be a name and a value without spaces.")
+        words.append(f"{key}={text}")
+    line = (" ".join(words) + "\n").encode("ascii")
+    if len(line) > MAX_LINE:
+        raise ValueError(f"Channel message of {len(line)} bytes is over {MAX_LINE}.")
+    return line
 
 
 def decode(buffer: bytes) -> tuple[list[Message], bytes]:
@@ -44,15 +62,22 @@ def decode(buffer: bytes) -> tuple[list[Message], bytes]:
     *lines, rest = buffer.split(b"\n")
     messages = []
     for line in lines:
-        parts = line.split()
-        if not parts:
+        words = line.decode("ascii", "replace").split()
+        if not words or words[0] not in KINDS:
             continue
-        kind = parts[0].decode("ascii", "replace")
-        if kind in (READY, RETIRING) and len(parts) == 1:
-            messages.append(Message(kind))
-        elif kind == HEARTBEAT and len(parts) == 2 and parts[1].isdigit():
-            messages.append(Message(kind, int(parts[1])))
-    return messages, rest[-256:]
+        kind, words = words[0], words[1:]
+        count = None
+        if kind in COUNTED:
+            if not words or not words[0].isdigit():
+                continue
+            count, words = int(words[0]), words[1:]
+        fields = {}
+        for word in words:
+            key, sep, value = word.partition("=")
+            if sep and key.isidentifier() and value:
+                fields[key] = value
+        messages.append(Message(kind, count, fields))
+    return messages, rest[-MAX_LINE:]
 
 
 class Channel:
@@ -66,11 +91,11 @@ class Channel:
     def ready(self) -> bool:
         return self._send(encode(READY))
 
-    def heartbeat(self, requests: int = 0) -> bool:
-        return self._send(encode(HEARTBEAT, requests))
+    def heartbeat(self, requests: int = 0, **fields: object) -> bool:
+        return self._send(encode(HEARTBEAT, requests, **fields))
 
-    def retiring(self) -> bool:
-        return self._send(encode(RETIRING))
+    def retiring(self, reason: str | None = None) -> bool:
+        return self._send(encode(RETIRING, reason=reason) if reason else encode(RETIRING))
 
     def master_alive(self) -> bool:
         # An orphan is re-parented (to init or a subreaper), so the parent pid changes.
