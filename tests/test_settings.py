@@ -47,7 +47,7 @@ def test_defaults_users_rely_on() -> None:
     assert defaults["limit_request_line"] == defaults["limit_request_field_size"] == 8190
     assert defaults["limit_request_fields"] == 100
     assert defaults["forwarded_allow_ips"] == defaults["proxy_allow_ips"] == "127.0.0.1"
-    assert defaults["ssl_cert_reqs"] == ssl.CERT_NONE and defaults["ssl_ciphers"] == "TLSv1"
+    assert defaults["ssl_cert_reqs"] == ssl.CERT_NONE and defaults["ssl_ciphers"] is None
     assert defaults["log_level"] == "info" and defaults["access_log"] is True
     assert defaults["proxy_protocol"] is False
 

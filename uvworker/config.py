@@ -105,7 +105,8 @@ class Config:
         except (OSError, ssl.SSLError) as err:
             raise ConfigError(f"cannot load --ssl-ca-certs {self.ssl_ca_certs!r}: {_reason(err)}") from err
         try:
-            context.set_ciphers(self.ssl_ciphers)
+            if self.ssl_ciphers:
+                context.set_ciphers(self.ssl_ciphers)
         except ssl.SSLError as err:
             raise ConfigError(f"--ssl-ciphers {self.ssl_ciphers!r} selects no cipher") from err
         context.verify_mode = ssl.VerifyMode(self.ssl_cert_reqs)

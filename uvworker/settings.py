@@ -278,8 +278,8 @@ SETTINGS: tuple[Setting, ...] = (
        metavar="FILE", gunicorn="ca_certs"),
     _S("ssl_cert_reqs", 0, integer(0), "Client certificates: 0 not asked for, 1 optional, "
        "2 required (ssl.CERT_*).", choices=(0, 1, 2), gunicorn="cert_reqs"),
-    _S("ssl_ciphers", "TLSv1", text, "OpenSSL cipher list (for TLS 1.2 and older).",
-       metavar="CIPHERS", gunicorn="ciphers"),
+    _S("ssl_ciphers", None, text, "OpenSSL cipher list (for TLS 1.2 and older); unset, OpenSSL's "
+       "default list.", metavar="CIPHERS", gunicorn="ciphers"),
     _S("log_level", "info", word, "Log level; debug also prints tracebacks of startup errors.",
        choices=("critical", "error", "warning", "info", "debug"), gunicorn="loglevel"),
     _S("log_config", None, text_or_dict, "Logging configuration file: .json for logging.dictConfig, "
