@@ -88,7 +88,7 @@ class SupervisorConfig:
     reload_dirs: list[str] = field(default_factory=list)
     reload_include: list[str] = field(default_factory=lambda: list(DEFAULT_RELOAD_INCLUDE))
     reload_exclude: list[str] = field(default_factory=lambda: list(DEFAULT_RELOAD_EXCLUDE))
-    reload_interval: float = 0.5
+    reload_interval: float = 0.5  # between two looks for changes (watchfiles: a pause after each batch)
     reload_watcher: str = "auto"  # "auto": watchfiles when installed, else "polling"
     # Process titles: "<proc_name>: master [<label>]", "<proc_name>: worker 2 [<label>]".
     proc_name: str = "supervisor"

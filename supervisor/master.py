@@ -115,7 +115,9 @@ class Master:
         for signum in MASTER_SIGNALS:
             self._old_handlers[signum] = signal.signal(signum, self._record_signal)
         if cfg.reload:
-            self._watcher = make_watcher(cfg.reload_dirs, cfg.reload_include, cfg.reload_exclude, cfg.reload_watcher)
+            self._watcher = make_watcher(
+                cfg.reload_dirs, cfg.reload_include, cfg.reload_exclude, cfg.reload_watcher, cfg.reload_interval
+            )
             if self._watcher.fileno() is not None:
                 self._selector.register(self._watcher.fileno(), selectors.EVENT_READ, "watcher")
         self.log.info(

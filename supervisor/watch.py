@@ -15,6 +15,7 @@ import fnmatch
 import importlib.util
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class PollingWatcher:
 
 
 class WatchfilesWatcher:
-    def __init__(self, dirs: list[str], path_filter: PathFilter) -> None:
+    def __init__(self, dirs: list[str], path_filter: PathFilter, delay: float = 0.0) -> None:
         self.filter = path_filter
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         master_pid = os.getpid()
@@ -88,7 +89,7 @@ class WatchfilesWatcher:
             os.close(read_fd)
             code = 0
             try:
-                code = self._run(dirs, write_fd, master_pid)
+                code = self._run(dirs, write_fd, master_pid, delay)
             finally:
                 os._exit(code)
         os.close(write_fd)
@@ -98,7 +99,7 @@ class WatchfilesWatcher:
         self._buffer = b""
 
     @staticmethod
-    def _run(dirs: list[str], fd: int, master_pid: int) -> int:
+    def _run(dirs: list[str], fd: int, master_pid: int, delay: float) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                        signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
@@ -109,11 +110,15 @@ class WatchfilesWatcher:
         for changes in watchfiles.watch(*dirs, rust_timeout=1000, yield_on_timeout=True):
             if os.getppid() != master_pid:
                 return 0  # the master is gone
-            for _change, path in changes:
-                try:
-                    os.write(fd, path.encode("utf-8", "surrogateescape") + b"\n")
-                except OSError:
-                    return 0
+            if not changes:
+                continue
+            # One write per batch, so that the master reads it as one change (one reload).
+            batch = b"".join(path.encode("utf-8", "surrogateescape") + b"\n" for _change, path in changes)
+            try:
+                os.write(fd, batch)
+            except OSError:
+                return 0
+            time.sleep(delay)  # one look per delay, as the polling watcher; watchfiles keeps collecting
         return 0
 
     def fileno(self) -> int | None:
@@ -138,11 +143,11 @@ class WatchfilesWatcher:
 
 
 def make_watcher(
-    dirs: list[str], include: list[str], exclude: list[str], kind: str = "auto"
+    dirs: list[str], include: list[str], exclude: list[str], kind: str = "auto", delay: float = 0.0
 ) -> PollingWatcher | WatchfilesWatcher:
     path_filter = PathFilter(include, exclude)
     dirs = dirs or [os.getcwd()]
     # find_spec, not import: the master must not load watchfiles (and its threads) itself.
     if kind == "polling" or importlib.util.find_spec("watchfiles") is None:
         return PollingWatcher(dirs, path_filter)
-    return WatchfilesWatcher(dirs, path_filter)
+    return WatchfilesWatcher(dirs, path_filter, delay)

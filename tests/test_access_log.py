@@ -232,6 +232,17 @@ def test_bad_log_config(tmp_path: Path, level: str, config: Any) -> None:
 
 
 @pytest.mark.usefixtures("restore_logging")
+def test_yaml_log_config(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(
+        "version: 1\nhandlers:\n  f: {class: logging.FileHandler, filename: '%s'}\n"
+        "loggers:\n  uvworker.error: {handlers: [f], level: DEBUG}\n" % (tmp_path / "yaml.log")
+    )
+    configure_logging(None, str(tmp_path / "c.yaml"))
+    logging.getLogger("uvworker.error").debug("from yaml")
+    assert (tmp_path / "yaml.log").read_text() == "from yaml\n"
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_reopen_files(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     handler = logging.FileHandler(path)

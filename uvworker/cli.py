@@ -1,7 +1,8 @@
 """The ``uvworker`` command: argparse generated from the settings table.
 
-Precedence: command line, then ``UVWORKER_<NAME>`` environment variables, then defaults. A bad
-option or value is one line on stderr and exit code 2 (not argparse's usage dump).
+Precedence: command line, then ``UVWORKER_<NAME>`` environment variables, then those in the
+``--env-file``, then defaults. A bad option or value is one line on stderr and exit code 2 (not
+argparse's usage dump).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from uvworker import __version__
-from uvworker.errors import EXIT_USAGE
-from uvworker.settings import SETTINGS, Setting, from_environ, show
+from uvworker.errors import EXIT_USAGE, ConfigError
+from uvworker.settings import BY_NAME, SETTINGS, Setting, from_environ, show
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,13 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> dict[str, Any]:
-    """Settings from the command line over those from ``environ``; exits 2 on a mistake."""
+    """Settings from the command line over those from ``environ`` over those in the env file;
+    exits 2 on a mistake."""
     parser = build_parser()
     given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not None}
     try:
+        env_file = given.get("env_file") or environ.get(BY_NAME["env_file"].env, "").strip()
+        if env_file:
+            from uvworker.envfile import read_env_file
+
+            environ = {**read_env_file(env_file), **environ}
         settings = from_environ(environ)
-    except ValueError as err:
+    except (ValueError, ConfigError) as err:
         parser.error(str(err))
+    if env_file:
+        settings["env_file"] = env_file  # the file read here, not one it names itself
     settings.update(given)
     if settings.get("app") is None:
         parser.error("no application given: name it as module:attribute, e.g. uvworker main:app")

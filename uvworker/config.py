@@ -60,6 +60,10 @@ class Config:
         from uvworker.logging import AccessLog
         from uvworker.proxy import TrustedHosts
 
+        if self.env_file:
+            from uvworker.envfile import load_env_file
+
+            load_env_file(self.env_file)  # before the app (and its settings) are imported
         self.http_parser = self._http_parser()
         if self.ws == "websockets":
             _require("websockets", "--ws websockets")
@@ -92,6 +96,8 @@ class Config:
         if not self.ssl_certfile:
             raise ConfigError("--ssl-keyfile was given without --ssl-certfile")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if self.ssl_version in _ONLY_VERSION:  # the deprecated one-version protocols, as a range
+            context.minimum_version = context.maximum_version = _ONLY_VERSION[self.ssl_version]
         # A callable password stops OpenSSL from prompting on the terminal for an encrypted key.
         password = self.ssl_keyfile_password or (lambda: "")
         try:
@@ -128,6 +134,10 @@ class Config:
     def bind_name(self) -> str:
         """Where the server listens, for messages."""
         return where(self.host, self.port, self.uds, self.fd)
+
+
+# --ssl-version's ssl.PROTOCOL_TLSv1 / _TLSv1_1 / _TLSv1_2 (3, 4, 5): one TLS version only.
+_ONLY_VERSION = {3: ssl.TLSVersion.TLSv1, 4: ssl.TLSVersion.TLSv1_1, 5: ssl.TLSVersion.TLSv1_2}
 
 
 def _require(module: str, option: str) -> Any:

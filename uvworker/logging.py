@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import json
 import logging
 import logging.config
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -37,38 +39,54 @@ access_logger = logging.getLogger("uvworker.access")
 
 DEFAULT_ACCESS_FORMAT = '%(h)s - %(t)s "%(r)s" %(s)s %(b)s %(L)ss'
 
-DEFAULT_CONFIG: dict[str, Any] = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "default": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"},
-        "access": {"format": "%(message)s"},
-    },
-    "handlers": {
-        "default": {
-            "class": "logging.StreamHandler",
-            "formatter": "default",
-            "stream": "ext://sys.stderr",
+ERROR_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
+
+
+def default_config(use_colors: bool | None = None) -> dict[str, Any]:
+    """The dictConfig set-up used without --log-config: the server log to stderr, the access
+    log to stdout."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "default": {"()": f"{__name__}.ColourFormatter", "fmt": ERROR_FORMAT,
+                        "colours": _colours(use_colors, sys.stderr)},
+            "access": {"format": "%(message)s"},
         },
-        "access": {
-            "class": "logging.StreamHandler",
-            "formatter": "access",
-            "stream": "ext://sys.stdout",
+        "handlers": {
+            "default": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"},
+            "access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stdout"},
         },
-    },
-    "loggers": {
-        "uvworker.error": {"handlers": ["default"], "level": "INFO", "propagate": False},
-        "uvworker.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
-    },
-}
+        "loggers": {
+            "uvworker.error": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "uvworker.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
+def _colours(use_colors: bool | None, stream: Any) -> bool:
+    """--use-colors forces colours on, --no-use-colors off; unset, a terminal gets them."""
+    if use_colors is not None:
+        return use_colors
+    return stream is not None and stream.isatty()
+
+
+# Whether AccessLog colours the status code: decided by configure_logging (--use-colors and
+# whether the access log goes to a terminal); AccessLog reads it when it is built.
+_access_colours = False
 
 
 def configure_logging(
-    log_level: str | None = None, log_config: str | dict[str, Any] | None = None
+    log_level: str | None = None,
+    log_config: str | dict[str, Any] | None = None,
+    *,
+    use_colors: bool | None = None,
 ) -> None:
-    """Install ``log_config`` (a dictConfig dict, a .json dictConfig file, or a fileConfig
-    .ini file) or else the default set-up; then set ``log_level`` on both uvworker loggers
-    (None keeps the levels the configuration gives)."""
+    """Install ``log_config`` (a dictConfig dict, a .json or .yaml dictConfig file, or a
+    fileConfig .ini file) or else the default set-up; then set ``log_level`` on both uvworker
+    loggers (None keeps the levels the configuration gives). ``use_colors`` only changes the
+    default set-up, as in uvicorn."""
+    global _access_colours
     level = None
     if log_level is not None:
         level = logging.getLevelName(log_level.upper())
@@ -80,22 +98,56 @@ def configure_logging(
         raise ValueError(f"The log config file {log_config!r} does not exist.")
     try:
         if log_config is None:
-            logging.config.dictConfig(DEFAULT_CONFIG)
-        elif isinstance(log_config, dict):
-            logging.config.dictConfig(log_config)
-        elif log_config.endswith(".json"):
-            with open(log_config, encoding="utf-8") as file:
-                logging.config.dictConfig(json.load(file))
+            logging.config.dictConfig(default_config(use_colors))
         else:
-            logging.config.fileConfig(log_config, disable_existing_loggers=False)
+            _load(log_config)
     except Exception as exc:
         source = f"file {log_config!r}" if isinstance(log_config, str) else "dictionary"
         raise ValueError(
             f"Cannot load the log config {source} ({type(exc).__name__}: {exc})."
         ) from exc
+    _access_colours = log_config is None and _colours(use_colors, sys.stdout)
     if level is not None:
         error_logger.setLevel(level)
         access_logger.setLevel(level)
+
+
+def _load(log_config: str | dict[str, Any]) -> None:
+    if isinstance(log_config, dict):
+        logging.config.dictConfig(log_config)
+    elif log_config.endswith(".json"):
+        with open(log_config, encoding="utf-8") as file:
+            logging.config.dictConfig(json.load(file))
+    elif log_config.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError("a .yaml log config needs PyYAML: pip install 'uvworker[standard]'") from None
+        with open(log_config, encoding="utf-8") as file:
+            logging.config.dictConfig(yaml.safe_load(file))
+    else:
+        logging.config.fileConfig(log_config, disable_existing_loggers=False)
+
+
+_ESC = "\x1b[{}m{}\x1b[0m"
+_LEVEL_COLOURS = {logging.DEBUG: 36, logging.INFO: 32, logging.WARNING: 33, logging.ERROR: 31, logging.CRITICAL: 91}
+_STATUS_COLOURS = {1: 97, 2: 32, 3: 33, 4: 31, 5: 91}  # by status class
+
+
+class ColourFormatter(logging.Formatter):
+    """The server log's formatter; with ``colours``, level names are in ANSI colours."""
+
+    def __init__(
+        self, fmt: str | None = None, datefmt: str | None = None, style: Any = "%", colours: bool = False
+    ) -> None:
+        super().__init__(fmt, datefmt, style)
+        self.colours = colours
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if self.colours and record.levelno in _LEVEL_COLOURS:
+            record = copy.copy(record)  # other handlers of the record see it plain
+            record.levelname = _ESC.format(_LEVEL_COLOURS[record.levelno], record.levelname)
+        return super().formatMessage(record)
 
 
 def reopen_files() -> None:
@@ -181,6 +233,10 @@ _ATOMS: dict[str, Callable[[_Exchange], Any]] = {
     "L": lambda x: "%d.%06d" % divmod(_micros(x), 1_000_000),
     "p": lambda x: f"<{os.getpid()}>",
 }
+
+def _status_in_colour(x: _Exchange) -> str:
+    return _ESC.format(_STATUS_COLOURS.get(x.status // 100, 0), x.status)
+
 
 _FORMAT_KEY = re.compile(r"%\(([^)]*)\)")
 _NAMED_ATOM = re.compile(r"\{([^}]+)\}([ioe])")
@@ -270,6 +326,9 @@ class AccessLog:
         self._json = self.fmt == "json"
         keys = dict.fromkeys(_FORMAT_KEY.findall(self.fmt))
         self._plan = [(key, _atom_getter(key)) for key in keys]
+        # --use-colors: the status in its class's colour, where the format prints it as text.
+        if _access_colours and not self._json and self.fmt.count("%(s)s") == self.fmt.count("%(s)"):
+            self._plan = [(key, _status_in_colour if key == "s" else get) for key, get in self._plan]
         try:
             self.render(_SAMPLE_SCOPE, 200, [], 0, 0.0, 0.0)
         except (TypeError, ValueError) as exc:

@@ -34,7 +34,7 @@ def launch(config: Config) -> int:
 
     try:
         try:
-            configure_logging(config.log_level, config.log_config)
+            configure_logging(config.log_level, config.log_config, use_colors=config.use_colors)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         return supervise(config) if wanted(config) else serve(config)

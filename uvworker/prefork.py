@@ -88,6 +88,7 @@ def supervisor_config(config: Config) -> SupervisorConfig:
         reload_dirs=list(config.reload_dir),
         reload_include=DEFAULT_RELOAD_INCLUDE + list(config.reload_include),
         reload_exclude=DEFAULT_RELOAD_EXCLUDE + list(config.reload_exclude),
+        reload_interval=config.reload_delay,
         proc_name="uvworker",
         label=str(app),
         reopen_logs=_reopen_logs,

@@ -51,7 +51,8 @@ class ServerState:
         self.server = server
         self.app = config.loaded_app
         self.http_parser = config.http_parser
-        self.limits = Limits(config.limit_request_line, config.limit_request_fields, config.limit_request_field_size)
+        self.limits = Limits(config.limit_request_line, config.limit_request_fields, config.limit_request_field_size,
+                             config.h11_max_incomplete_event_size)
         self.connections: set[HTTPConnection] = set()
         self.active_requests = 0
         self.requests_served = 0

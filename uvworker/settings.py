@@ -216,6 +216,9 @@ SETTINGS: tuple[Setting, ...] = (
     _S("factory", False, boolean, "APP is a factory: call it without arguments to get the application.",
        kind="flag"),
     _S("app_dir", ".", text, "Import APP from this directory (put first on sys.path).", metavar="DIR"),
+    _S("env_file", None, text, "Load environment variables from this dotenv file (python-dotenv) "
+       "before the application is imported; variables already set win. UVWORKER_* settings in "
+       "it apply too, below the command line and the environment.", metavar="FILE"),
     _S("host", "127.0.0.1", text, "Listen on this address; 0.0.0.0 or :: for all interfaces.",
        metavar="ADDRESS"),
     _S("port", 8000, integer(0, 65535), "Listen on this TCP port; 0 picks a free one.", metavar="PORT"),
@@ -239,6 +242,9 @@ SETTINGS: tuple[Setting, ...] = (
        gunicorn="asgi_lifespan"),
     _S("root_path", "", text, "ASGI root_path, for an app mounted below a URL prefix.", metavar="PATH",
        gunicorn="root_path"),
+    _S("reset_contextvars", False, boolean, "Run each request's application task (HTTP and "
+       "WebSocket) in a fresh, empty contextvars.Context: it sees no context variable set at "
+       "import, in the lifespan or by instrumentation.", kind="flag"),
     _S("proxy_headers", True, boolean, "Take the client address and scheme from X-Forwarded-For, "
        "X-Forwarded-Proto and Forwarded when the peer is in --forwarded-allow-ips.", kind="flag"),
     _S("forwarded_allow_ips", "127.0.0.1", help="Comma-separated IPs and CIDR networks trusted to "
@@ -256,6 +262,10 @@ SETTINGS: tuple[Setting, ...] = (
        metavar="N", gunicorn="limit_request_fields"),
     _S("limit_request_field_size", 8190, integer(1), "Largest header field in bytes; larger gets 431.",
        metavar="BYTES", gunicorn="limit_request_field_size"),
+    _S("h11_max_incomplete_event_size", None, integer(1), "With --http h11: the most bytes of an "
+       "incomplete request head (or chunk header) held while it arrives; more gets 431 (414 within "
+       "the request line). Default: the bound the --limit-request-* options give, at most 128 KiB. "
+       "httptools ignores it, as in uvicorn.", metavar="BYTES"),
     _S("timeout_keep_alive", 5.0, help="Close an idle keep-alive connection after this long.",
        gunicorn="keepalive", **_SECONDS),
     _S("timeout_request_header", 10.0, help="Close a connection whose request line and headers take "
@@ -274,6 +284,9 @@ SETTINGS: tuple[Setting, ...] = (
        gunicorn="certfile"),
     _S("ssl_keyfile_password", None, text, "Password of an encrypted --ssl-keyfile.",
        metavar="PASSWORD"),
+    _S("ssl_version", 17, integer(0), "TLS protocol, as an ssl.PROTOCOL_* number: 17 (TLS_SERVER) "
+       "or 2 (TLS) negotiate the newest version both sides speak; 5, 4 or 3 speak only TLS 1.2, "
+       "1.1 or 1.0.", choices=(17, 2, 5, 4, 3)),
     _S("ssl_ca_certs", None, text, "CA certificates file to verify client certificates with.",
        metavar="FILE", gunicorn="ca_certs"),
     _S("ssl_cert_reqs", 0, integer(0), "Client certificates: 0 not asked for, 1 optional, "
@@ -282,8 +295,9 @@ SETTINGS: tuple[Setting, ...] = (
        "default list.", metavar="CIPHERS", gunicorn="ciphers"),
     _S("log_level", "info", word, "Log level; debug also prints tracebacks of startup errors.",
        choices=("critical", "error", "warning", "info", "debug"), gunicorn="loglevel"),
-    _S("log_config", None, text_or_dict, "Logging configuration file: .json for logging.dictConfig, "
-       "anything else for logging.fileConfig (INI); from Python, a dictConfig dictionary.",
+    _S("log_config", None, text_or_dict, "Logging configuration file: .json or .yaml for "
+       "logging.dictConfig, anything else for logging.fileConfig (INI); from Python, a dictConfig "
+       "dictionary.",
        metavar="FILE"),
     _S("access_log", True, boolean, "Log one line per response to the uvworker.access logger.",
        kind="flag"),
@@ -291,6 +305,9 @@ SETTINGS: tuple[Setting, ...] = (
        '\'%(h)s "%(r)s" %(s)s %(b)s %(D)s\', or json for one JSON object per line; the default '
        "has client, time, request line, status, bytes and duration.", metavar="FORMAT",
        gunicorn="access_log_format"),
+    _S("use_colors", None, boolean, "Colour the level names of the server log and the status "
+       "codes of the access log; unset, only where the log goes to a terminal. Ignored with "
+       "--log-config, as in uvicorn.", kind="flag"),
     _S("proxy_protocol", False, boolean, "Expect a PROXY protocol v1/v2 header on each connection "
        "from --proxy-allow-ips peers.", kind="flag", gunicorn="proxy_protocol"),
     _S("proxy_allow_ips", "127.0.0.1", help="Comma-separated IPs and CIDR networks allowed to send "
@@ -324,7 +341,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("max_memory", 0.0, number, "Replace a worker whose own memory (USS) stays above this many MiB "
        "for 3 samples half a second apart (at once above twice as many); 0 never.", metavar="MIB"),
     _S("timeout_worker", 30.0, help="A worker that sends no heartbeat for this long is aborted "
-       "(stack dump, then killed) and replaced.", gunicorn="timeout", **_SECONDS),
+       "(stack dump, then killed) and replaced.", flags=("--timeout-worker", "--timeout-worker-healthcheck"),
+       gunicorn="timeout", **_SECONDS),
     _S("pid", None, text, "Write the supervisor's process id to this file (refused if it names a "
        "running process; removed on exit).", metavar="FILE", gunicorn="pidfile"),
     _S("user", None, name_or_id, "Run workers as this user (when started as root).", metavar="USER",
@@ -345,6 +363,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("reload_exclude", (), text, "Glob of files or directories to ignore with --reload "
        "(default: hidden ones, __pycache__, venv, node_modules); repeatable.", kind="list",
        metavar="GLOB"),
+    _S("reload_delay", 0.25, help="With --reload, the time between two looks for changed files; "
+       "changes within it make one reload.", **_SECONDS),
 )
 
 BY_NAME: dict[str, Setting] = {setting.name: setting for setting in SETTINGS}
@@ -385,9 +405,9 @@ def markdown_table() -> str:
         if s.kind == "arg":
             option = f"`{s.metavar}`"
         elif s.kind == "flag":
-            option = f"`{s.flags[0]}`, `--no-{s.flags[0][2:]}`"
+            option = ", ".join(f"`{flag}`, `--no-{flag[2:]}`" for flag in s.flags)
         else:
-            option = f"`{s.flags[0]} {s.metavar}`"
+            option = ", ".join(f"`{flag} {s.metavar}`" for flag in s.flags)
         default = f"`{show(s.default)}`" if show(s.default) else ""
         gunicorn = f"`{s.gunicorn}`" if s.gunicorn else ""
         cells = [option, f"`{s.env}`", default, gunicorn, s.help.replace("|", "\\|")]

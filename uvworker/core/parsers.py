@@ -38,15 +38,17 @@ class Sink(Protocol):
 class Limits:
     """The request-size limits both adapters enforce while bytes arrive."""
 
-    __slots__ = ("request_line", "fields", "field_size", "head")
+    __slots__ = ("request_line", "fields", "field_size", "head", "h11_head")
 
-    def __init__(self, request_line: int, fields: int, field_size: int) -> None:
+    def __init__(self, request_line: int, fields: int, field_size: int, h11_head: int | None = None) -> None:
         self.request_line = request_line
         self.fields = fields
         self.field_size = field_size
         # Bound on a whole header block held in memory while it arrives. Individual limits are
         # checked per field; this only stops a slow client from making us buffer without end.
         self.head = min(request_line + 2 + fields * (field_size + 2) + 2, 128 * 1024)
+        # h11's max_incomplete_event_size (--h11-max-incomplete-event-size), for h11 only.
+        self.h11_head = h11_head or self.head
 
 
 class HttptoolsAdapter:
@@ -185,7 +187,7 @@ class H11Adapter:
         self._head = bytearray()  # raw head bytes: h11 merges repeated Content-Length; we refuse them
 
     def _new_connection(self) -> h11.Connection:
-        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.head)
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.h11_head)
 
     def feed(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE and len(self._head) < self.limits.head:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from uvworker.protocols.batch import WriteBatch
@@ -172,7 +173,9 @@ class HTTPConnection(asyncio.Protocol):
             cycle.status = 503
             self.send_error(503, "Service Unavailable", cycle)
             return
-        cycle.task = self.loop.create_task(cycle.run_asgi(state.app))
+        cycle.task = self.loop.create_task(  # --reset-contextvars: a fresh, empty context
+            cycle.run_asgi(state.app), context=Context() if self.config.reset_contextvars else None
+        )
 
     def on_body(self, data: bytes) -> None:
         cycle = self.cycle

@@ -61,6 +61,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Generator
+from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from uvworker.protocols.batch import WriteBatch
@@ -287,7 +288,9 @@ class WebSocketConnection(asyncio.Protocol):
         elif not state.accepting_requests:
             self.send_error(503, "Service Unavailable: the server is shutting down.")
         elif self._check_handshake():
-            self.task = self.loop.create_task(self._run_asgi())
+            self.task = self.loop.create_task(  # --reset-contextvars: a fresh, empty context
+                self._run_asgi(), context=Context() if self.config.reset_contextvars else None
+            )
 
     def _check_handshake(self) -> bool:
         raw = self.scope["headers"]
