@@ -18,6 +18,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from supervisor.channel import Channel
 
@@ -46,11 +47,16 @@ class WorkerContext:
 WorkerTarget = Callable[[WorkerContext], "int | None"]
 
 
-def reset_process(close_fds: list[int]) -> None:
-    """Undo what the child inherited from the master (signals stay blocked until the end)."""
+def reset_process(close_fds: list[int], reopen_logs: Callable[[], None] | None = None) -> None:
+    """Undo what the child inherited from the master (signals stay blocked until the end).
+
+    SIGUSR1 gets ``reopen_logs`` rather than its default action (which ends the process): the
+    master may forward one while the child starts, before the target installs its own."""
     signal.set_wakeup_fd(-1)
     for signum in MASTER_SIGNALS:
-        handler = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        handler: Any = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        if signum == signal.SIGUSR1 and reopen_logs is not None:
+            handler = lambda signum, frame: reopen_logs()  # noqa: E731
         signal.signal(signum, handler)
     for fd in close_fds:
         try:

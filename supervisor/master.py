@@ -312,7 +312,7 @@ class Master:
         """In the child: never returns."""
         code = 1
         try:
-            child.reset_process([read_fd, *self._inherited_fds()])
+            child.reset_process([read_fd, *self._inherited_fds()], self.config.reopen_logs)
             set_title(worker_title(self.config.proc_name, worker.number, self.config.label))
             privileges.drop(self._identity)
             context = WorkerContext(

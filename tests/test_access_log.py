@@ -243,6 +243,59 @@ def test_yaml_log_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("restore_logging")
+def test_log_files_with_a_log_config_fill_in_where_it_is_silent(tmp_path: Path) -> None:
+    """The user's config wins for the loggers it configures; a log file option still serves a
+    uvworker logger it leaves alone (as Gunicorn combines them), and says when it is unused."""
+    own = tmp_path / "own.log"
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"own": {"class": "logging.FileHandler", "filename": str(own)}},
+        "loggers": {"uvworker.error": {"handlers": ["own"], "level": "INFO"}},
+    }
+    access, error = tmp_path / "access.log", tmp_path / "error.log"
+    configure_logging("info", config, access_logfile=str(access), error_logfile=str(error))
+    AccessLog("%(s)s %(U)s").log(SCOPE, 200, [], 0, time.time(), 0.0)
+    logging.getLogger("uvworker.error").info("server message")
+    assert access.read_text() == "200 /a b\n"  # uvworker.access: not in the config, so the option serves it
+    assert own.read_text().splitlines() == [
+        f"--error-logfile {error} is not used: the log config configures the uvworker.error logger.",
+        "server message",
+    ]
+    assert error.read_text() == ""
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_log_files_without_a_log_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    access, error = tmp_path / "access.log", tmp_path / "error.log"
+    configure_logging("info", access_logfile=str(access), error_logfile=str(error))
+    AccessLog("%(s)s %(U)s").log(SCOPE, 200, [], 0, time.time(), 0.0)
+    logging.getLogger("uvworker.error").warning("disk almost full")
+    assert access.read_text() == "200 /a b\n"
+    assert error.read_text().endswith("[WARNING] disk almost full\n")
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_reopen_files_after_a_move_in_the_middle_of_records(tmp_path: Path) -> None:
+    """A reopen between a record's write and its flush (a signal handler can land there) keeps
+    the record whole in the old file; the file object stays the same."""
+    path = tmp_path / "error.log"
+    handler = logging.FileHandler(path)
+    logger = logging.getLogger("uvworker.error")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    stream = handler.stream
+    stream.write("half a record")  # buffered, not yet flushed
+    path.rename(tmp_path / "error.log.1")
+    reopen_files()
+    logger.info("after")
+    assert handler.stream is stream
+    assert (tmp_path / "error.log.1").read_text() == "half a record"
+    assert path.read_text() == "after\n"
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_reopen_files(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     handler = logging.FileHandler(path)

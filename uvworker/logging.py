@@ -1,8 +1,11 @@
 """Logging: the default set-up, the access log (Gunicorn atoms or JSON), and log reopening.
 
-Two loggers: "uvworker.error" for the server's own messages (stderr by default) and
-"uvworker.access" for one line per response (stdout by default, message only: the access
-format carries its own timestamp, as Gunicorn's does).
+Two loggers: "uvworker.error" for the server's own messages (stderr, or --error-logfile) and
+"uvworker.access" for one line per response (stdout, or --access-logfile; message only: the
+access format carries its own timestamp, as Gunicorn's does). Every process of the server
+writes to the same files, each through its own descriptor opened for appending, one write per
+record; SIGUSR1 makes each process reopen them (``reopen_files``), which is what logrotate's
+postrotate sends to the master, and the master passes it on to its workers.
 
 Access-log atoms (Gunicorn's):
     h remote address   l '-'              u basic-auth user   t [dd/Mon/yyyy:HH:MM:SS +zzzz]
@@ -26,7 +29,9 @@ import logging
 import logging.config
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -42,21 +47,22 @@ DEFAULT_ACCESS_FORMAT = '%(h)s - %(t)s "%(r)s" %(s)s %(b)s %(L)ss'
 ERROR_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
 
 
-def default_config(use_colors: bool | None = None) -> dict[str, Any]:
-    """The dictConfig set-up used without --log-config: the server log to stderr, the access
-    log to stdout."""
+def default_config(
+    access_logfile: str | None = None, error_logfile: str | None = None, use_colors: bool | None = None
+) -> dict[str, Any]:
+    """The dictConfig set-up used without --log-config: the server log to stderr and the access
+    log to stdout, or each to its file (``-`` is the standard stream)."""
+    error = _handler(error_logfile, "ext://sys.stderr", "default")
+    access = _handler(access_logfile, "ext://sys.stdout", "access")
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {
             "default": {"()": f"{__name__}.ColourFormatter", "fmt": ERROR_FORMAT,
-                        "colours": _colours(use_colors, sys.stderr)},
+                        "colours": _colours(use_colors, error_logfile, sys.stderr)},
             "access": {"format": "%(message)s"},
         },
-        "handlers": {
-            "default": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"},
-            "access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stdout"},
-        },
+        "handlers": {"default": error, "access": access},
         "loggers": {
             "uvworker.error": {"handlers": ["default"], "level": "INFO", "propagate": False},
             "uvworker.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
@@ -64,11 +70,26 @@ def default_config(use_colors: bool | None = None) -> dict[str, Any]:
     }
 
 
-def _colours(use_colors: bool | None, stream: Any) -> bool:
+def _handler(path: str | None, stream: str, formatter: str) -> dict[str, Any]:
+    if path is None or path == "-":
+        return {"class": "logging.StreamHandler", "formatter": formatter, "stream": stream}
+    return {"class": "logging.FileHandler", "formatter": formatter, "filename": path, "encoding": "utf-8"}
+
+
+def _colours(use_colors: bool | None, path: str | None, stream: Any) -> bool:
     """--use-colors forces colours on, --no-use-colors off; unset, a terminal gets them."""
     if use_colors is not None:
         return use_colors
-    return stream is not None and stream.isatty()
+    return (path is None or path == "-") and stream is not None and stream.isatty()
+
+
+def _check_writable(path: str | None, option: str) -> None:
+    if path is not None and path != "-":
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as err:
+            raise ValueError(f"Cannot open the {option} {path!r}: {err.strerror or err}.") from None
 
 
 # Whether AccessLog colours the status code: decided by configure_logging (--use-colors and
@@ -80,12 +101,21 @@ def configure_logging(
     log_level: str | None = None,
     log_config: str | dict[str, Any] | None = None,
     *,
+    access_logfile: str | None = None,
+    error_logfile: str | None = None,
     use_colors: bool | None = None,
 ) -> None:
-    """Install ``log_config`` (a dictConfig dict, a .json or .yaml dictConfig file, or a
-    fileConfig .ini file) or else the default set-up; then set ``log_level`` on both uvworker
-    loggers (None keeps the levels the configuration gives). ``use_colors`` only changes the
-    default set-up, as in uvicorn."""
+    """Install the logging set-up; then set ``log_level`` on both uvworker loggers (None keeps
+    the levels the configuration gives).
+
+    Without ``log_config``: the default set-up, writing to ``access_logfile`` and
+    ``error_logfile`` when given. With it (a dictConfig dict, a .json or .yaml dictConfig file,
+    or a fileConfig .ini file): the user's configuration wins for every uvworker logger it
+    gives handlers to; a log file option still applies to a uvworker logger it leaves without
+    handlers (and is reported as unused otherwise), as Gunicorn combines ``--log-config`` with
+    its ``--access-logfile``/``--error-logfile``. ``use_colors`` only changes the default
+    set-up.
+    """
     global _access_colours
     level = None
     if log_level is not None:
@@ -96,9 +126,11 @@ def configure_logging(
             )
     if isinstance(log_config, str) and not os.path.isfile(log_config):
         raise ValueError(f"The log config file {log_config!r} does not exist.")
+    _check_writable(access_logfile, "--access-logfile")
+    _check_writable(error_logfile, "--error-logfile")
     try:
         if log_config is None:
-            logging.config.dictConfig(default_config(use_colors))
+            logging.config.dictConfig(default_config(access_logfile, error_logfile, use_colors))
         else:
             _load(log_config)
     except Exception as exc:
@@ -106,7 +138,10 @@ def configure_logging(
         raise ValueError(
             f"Cannot load the log config {source} ({type(exc).__name__}: {exc})."
         ) from exc
-    _access_colours = log_config is None and _colours(use_colors, sys.stdout)
+    _access_colours = log_config is None and _colours(use_colors, access_logfile, sys.stdout)
+    if log_config is not None:
+        _fill_in(access_logger, access_logfile, sys.stdout, "access", "--access-logfile")
+        _fill_in(error_logger, error_logfile, sys.stderr, ERROR_FORMAT, "--error-logfile")
     if level is not None:
         error_logger.setLevel(level)
         access_logger.setLevel(level)
@@ -127,6 +162,21 @@ def _load(log_config: str | dict[str, Any]) -> None:
             logging.config.dictConfig(yaml.safe_load(file))
     else:
         logging.config.fileConfig(log_config, disable_existing_loggers=False)
+
+
+def _fill_in(logger: logging.Logger, path: str | None, stream: Any, fmt: str, option: str) -> None:
+    """A log file option next to --log-config: used for a uvworker logger the config left alone."""
+    if path is None:
+        return
+    if logger.handlers or logger.disabled:
+        error_logger.warning("%s %s is not used: the log config configures the %s logger.", option, path, logger.name)
+        return
+    handler = logging.StreamHandler(stream) if path == "-" else logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s" if fmt == "access" else fmt))
+    logger.addHandler(handler)
+    logger.propagate = False
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
 
 
 _ESC = "\x1b[{}m{}\x1b[0m"
@@ -150,15 +200,56 @@ class ColourFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def reopen_files() -> None:
-    """Reopen every log file our loggers (and the root logger) write to — after logrotate has
-    moved them away, on SIGUSR1."""
-    for logger in (error_logger, access_logger, logging.getLogger()):
-        for handler in logger.handlers:
+def _file_handlers() -> list[logging.FileHandler]:
+    """Every FileHandler attached to a logger, once each."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    found: dict[int, logging.FileHandler] = {}
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):  # placeholders have none
             if isinstance(handler, logging.FileHandler):
-                old = handler.setStream(handler._open())  # swapped under the handler's lock
-                if old is not None:
-                    old.close()
+                found.setdefault(id(handler), handler)
+    return list(found.values())
+
+
+def reopen_files() -> None:
+    """Reopen every log file a logging.FileHandler writes to: after logrotate moved the files
+    away, on SIGUSR1, in every process.
+
+    The new file is put under the stream's own file descriptor with ``dup2``, which is atomic,
+    and the stream is flushed first under the handler's lock: a record goes whole to the old
+    file or to the new one, even when this runs in a signal handler that interrupted emit().
+    Existing files are appended to (never truncated). A file that cannot be opened is logged
+    and its handler keeps writing where it did.
+    """
+    failed = []
+    for handler in _file_handlers():
+        handler.acquire()
+        try:
+            stream = handler.stream
+            if stream is None or stream.closed:
+                continue  # delay=True and not written yet: it opens the path when it is
+            try:
+                stream.flush()
+                fd = os.open(handler.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as err:
+                failed.append((handler.baseFilename, err.strerror or str(err)))
+                continue
+            try:
+                os.dup2(fd, stream.fileno(), inheritable=False)
+            finally:
+                os.close(fd)
+        finally:
+            handler.release()
+    for path, reason in failed:
+        error_logger.error("Cannot reopen the log file %r: %s; still writing to the old one.", path, reason)
+
+
+def reopen_on_sigusr1() -> None:
+    """Make SIGUSR1 reopen the log files in this process while no event loop handles it (while
+    the app is imported, after the loop has closed): its default action would end the process
+    when logrotate signals at that moment. Safe in a signal handler (see ``reopen_files``)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, lambda signum, frame: reopen_files())
 
 
 class _Exchange(NamedTuple):

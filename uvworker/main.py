@@ -29,12 +29,16 @@ def launch(config: Config) -> int:
     stderr, with its traceback at --log-level debug.
     """
     from supervisor.config import SupervisorError
-    from uvworker.logging import configure_logging
+    from uvworker.logging import configure_logging, reopen_on_sigusr1
     from uvworker.prefork import supervise, wanted
 
     try:
         try:
-            configure_logging(config.log_level, config.log_config, use_colors=config.use_colors)
+            configure_logging(
+                config.log_level, config.log_config, access_logfile=config.access_logfile,
+                error_logfile=config.error_logfile, use_colors=config.use_colors,
+            )
+            reopen_on_sigusr1()
         except ValueError as err:
             raise ConfigError(str(err)) from err
         return supervise(config) if wanted(config) else serve(config)
@@ -44,6 +48,7 @@ def launch(config: Config) -> int:
 
 def serve(config: Config) -> int:
     """Load the app, listen and serve in this process; the exit code."""
+    from uvworker.logging import reopen_on_sigusr1
     from uvworker.server import Server, listen
 
     config.load()
@@ -52,6 +57,7 @@ def serve(config: Config) -> int:
         server = Server(config)
         server.run(sockets=sockets)
     finally:
+        reopen_on_sigusr1()  # the loop's handler is gone
         for sock in sockets:
             sock.close()
         if config.uds and config.fd is None:

@@ -22,7 +22,6 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -138,9 +137,10 @@ def supervise(config: Config) -> int:
 
 def serve_worker(config: Config, context: WorkerContext) -> int:
     """The worker target: serve until the master retires or stops us; the exit code."""
+    from uvworker.logging import reopen_on_sigusr1
     from uvworker.server import Server
 
-    signal.signal(signal.SIGUSR1, lambda signum, frame: _reopen_logs())
+    reopen_on_sigusr1()
     try:
         config.load()
     except ConfigError as err:
@@ -172,5 +172,6 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
 
     server = Server(config, on_ready=on_ready, on_tick=on_tick, install_signal_handlers=True)
     server.run(sockets=context.sockets)
+    reopen_on_sigusr1()  # the loop's handler is gone; the final heartbeat and exit remain
     channel.heartbeat(server.requests_served)  # the final count, for the master's totals
     return EXIT_STARTUP_FAILED if server.startup_failed else EXIT_OK

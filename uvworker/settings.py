@@ -297,8 +297,14 @@ SETTINGS: tuple[Setting, ...] = (
        choices=("critical", "error", "warning", "info", "debug"), gunicorn="loglevel"),
     _S("log_config", None, text_or_dict, "Logging configuration file: .json or .yaml for "
        "logging.dictConfig, anything else for logging.fileConfig (INI); from Python, a dictConfig "
-       "dictionary.",
+       "dictionary. It wins over --access-logfile/--error-logfile for the loggers it configures.",
        metavar="FILE"),
+    _S("access_logfile", None, text, "Write the access log to this file (appending; - is stdout, "
+       "the default). Every process writes to it; SIGUSR1 to the server reopens it everywhere. "
+       "Under Gunicorn, use its --access-logfile.", metavar="PATH"),
+    _S("error_logfile", None, text, "Write the server log to this file (appending; - is stderr, "
+       "the default). Every process writes to it; SIGUSR1 to the server reopens it everywhere. "
+       "Under Gunicorn, use its --error-logfile.", metavar="PATH"),
     _S("access_log", True, boolean, "Log one line per response to the uvworker.access logger.",
        kind="flag"),
     _S("access_log_format", None, text, "Access log line in Gunicorn atoms, e.g. "
