@@ -91,6 +91,7 @@ UVICORN_COMMAND_LINE: list[tuple[list[str], dict[str, Any]]] = [
       "--ws-per-message-deflate", "false"],
      {"ws_max_size": 1024, "ws_max_queue": 8, "ws_ping_interval": 5.0, "ws_ping_timeout": 6.0,
       "ws_per_message_deflate": False}),
+    (["--ws", "websockets-sansio"], {"ws": "websockets"}),
     (["--lifespan", "on", "--interface", "asgi3"], {"lifespan": "on", "interface": "asgi3"}),
     (["--env-file", "ENV_FILE"], {"env_file": "ENV_FILE"}),
     (["--log-config", "logging.json", "--log-level", "debug"], {"log_config": "logging.json", "log_level": "debug"}),

@@ -91,6 +91,12 @@ def word(value: Any) -> str:
     return text(value).strip().lower()
 
 
+def ws_implementation(value: Any) -> str:
+    """--ws: uvicorn's name for the websockets sans-I/O implementation is ours too."""
+    name = word(value)
+    return "websockets" if name == "websockets-sansio" else name
+
+
 def application(value: Any) -> Any:
     """``module:attribute`` (dotted names on both sides), or the application object itself."""
     if isinstance(value, str):
@@ -319,8 +325,9 @@ SETTINGS: tuple[Setting, ...] = (
     _S("proxy_allow_ips", "127.0.0.1", help="Comma-separated IPs and CIDR networks allowed to send "
        "a PROXY protocol header; * allows every peer.", gunicorn="proxy_allow_ips", **_IPS),
     # WebSocket (issue 3).
-    _S("ws", "auto", word, "WebSocket support: auto uses the websockets package when it is "
-       "installed; none serves upgrade requests to the application as plain HTTP.",
+    _S("ws", "auto", ws_implementation, "WebSocket support: auto uses the websockets package "
+       "when it is installed; none serves upgrade requests to the application as plain HTTP. "
+       "uvicorn's websockets-sansio is websockets (its sans-I/O protocol is the one used).",
        choices=("auto", "websockets", "none")),
     _S("ws_max_size", 16 * 1024 * 1024, integer(1), "Largest WebSocket message in bytes; a larger "
        "one closes the connection with code 1009.", metavar="BYTES"),
