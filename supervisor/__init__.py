@@ -2,8 +2,9 @@
 
 It knows nothing of HTTP and imports nothing from ``uvworker``. Give it listening sockets and a
 worker target (a callable run in each forked child with a ``WorkerContext``); the child reports
-over ``context.channel`` (``ready()``, ``heartbeat(requests)``, ``retiring()``) and obeys
-signals (TERM retire gracefully, QUIT stop quickly, USR1 reopen logs)::
+over ``context.channel`` (``ready()``, ``heartbeat(requests)``, ``nearing(requests, eta)``,
+``retiring()``) and obeys signals (TERM retire gracefully, QUIT stop quickly, USR1 reopen logs,
+``child.HANDOVER_SIGNAL`` stop at the request budget; ``supervisor.budget`` keeps one)::
 
     from supervisor import SupervisorConfig, run
     exit_code = run(target, sockets, SupervisorConfig(workers=4))

@@ -5,13 +5,17 @@ Vocabulary (each message is far below PIPE_BUF, so a write is atomic)::
     ready                     the worker accepts connections (after app import and lifespan startup)
     heartbeat <n> [k=v ...]   the event loop is alive; n = requests served so far; more counters
                               may follow as key=value fields (a master keeps the last ones)
+    nearing <n> [eta=S]       n requests served, its budget about S seconds away at its current
+                              rate: start my replacement now (``supervisor.budget``)
     retiring [reason=R]       the worker stopped accepting and will exit after its in-flight work
+                              (R: why, e.g. max_requests)
 
 A line is ``<kind>[ <count>][ key=value ...]``. The master skips what it does not understand
 (an unknown kind, a malformed field), so a newer worker can say more than an older master knows.
 
 The master talks back with signals only (TERM: retire gracefully; QUIT: stop quickly; USR1:
-reopen logs; ABRT: you look hung, dump your stacks), so the channel stays one-way and the
+reopen logs; ABRT: you look hung, dump your stacks; ``child.HANDOVER_SIGNAL``: your
+replacement is ready, stop at your budget), so the channel stays one-way and the
 worker never blocks on it: the write end is non-blocking and a full pipe drops the message (a
 later heartbeat says the same thing again).
 """
@@ -24,8 +28,9 @@ from dataclasses import dataclass, field
 READY = "ready"
 HEARTBEAT = "heartbeat"
 RETIRING = "retiring"
-KINDS = (READY, HEARTBEAT, RETIRING)
-COUNTED = (HEARTBEAT,)  # kinds whose second word is a count
+NEARING = "nearing"
+KINDS = (READY, HEARTBEAT, RETIRING, NEARING)
+COUNTED = (HEARTBEAT, NEARING)  # kinds whose second word is a count
 MAX_LINE = 4000  # below PIPE_BUF (4096): one write, never interleaved with another
 
 
@@ -93,6 +98,9 @@ class Channel:
 
     def heartbeat(self, requests: int = 0, **fields: object) -> bool:
         return self._send(encode(HEARTBEAT, requests, **fields))
+
+    def nearing(self, requests: int, eta: float) -> bool:
+        return self._send(encode(NEARING, requests, eta=f"{min(eta, 1e6):.3f}"))
 
     def retiring(self, reason: str | None = None) -> bool:
         return self._send(encode(RETIRING, reason=reason) if reason else encode(RETIRING))

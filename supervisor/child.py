@@ -27,6 +27,14 @@ MASTER_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
     signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
 )
+# Master -> worker "your replacement is ready: stop accepting once you reach your request
+# budget (now, if you are past it)". A real-time signal: no terminal or tool sends it by
+# accident, and SIGWINCH (which a terminal resize sends the whole process group) would.
+HANDOVER_SIGNAL: int = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGWINCH  # (no RT signals on macOS)
+# Signals whose default action would kill a worker that does not handle them: a worker gets a
+# no-op handler for each (Python handlers are reset by exec, unlike SIG_IGN, so the app's
+# subprocesses are not affected); a target that cares installs its own.
+OPTIONAL_SIGNALS = (HANDOVER_SIGNAL,)
 
 
 @dataclass
@@ -38,9 +46,16 @@ class WorkerContext:
     sockets: list[socket.socket]
     channel: Channel
     master_pid: int
-    # The request count after which the master will recycle this worker (0: never). The worker
-    # may send a heartbeat as soon as it reaches it, so the replacement starts without delay.
+    # The request count after which the master will recycle this worker (0: never). A worker
+    # that keeps it exactly asks for its replacement ahead of time (``supervisor.budget``) and
+    # stops at the limit once the master sends HANDOVER_SIGNAL; one that does not is replaced
+    # once its heartbeats show the limit reached.
     requests_limit: int = 0
+    # When the master decided to start this worker (time.monotonic(), the same clock in every
+    # process) and the longest recent boot (start to ready) of the fleet's workers, in seconds
+    # (0: none measured yet): the worker's own boot and this estimate how early to ask.
+    spawned_at: float = 0.0
+    boot_estimate: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -58,6 +73,8 @@ def reset_process(close_fds: list[int], reopen_logs: Callable[[], None] | None =
         if signum == signal.SIGUSR1 and reopen_logs is not None:
             handler = lambda signum, frame: reopen_logs()  # noqa: E731
         signal.signal(signum, handler)
+    for signum in OPTIONAL_SIGNALS:
+        signal.signal(signum, _ignore)
     for fd in close_fds:
         try:
             os.close(fd)
@@ -70,6 +87,10 @@ def reset_process(close_fds: list[int], reopen_logs: Callable[[], None] | None =
         except (ValueError, OSError, AttributeError):
             pass  # stderr without a file descriptor: no dump, the abort still works
     signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass
 
 
 def run_target(target: WorkerTarget, context: WorkerContext, log: logging.Logger) -> int:

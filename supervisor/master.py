@@ -154,7 +154,7 @@ class Master:
         while actions := self.policy.take():
             for action in actions:
                 if isinstance(action, Spawn):
-                    self._fork(action.worker)
+                    self._fork(action)
                 elif isinstance(action, Signal):
                     try:
                         os.kill(action.pid, action.signum)
@@ -287,8 +287,9 @@ class Master:
 
     # ------------------------------------------------------------------ forking
 
-    def _fork(self, worker: Worker) -> None:
+    def _fork(self, spawn: Spawn) -> None:
         assert self.policy is not None and self._selector is not None
+        worker = spawn.worker
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         try:
@@ -300,7 +301,7 @@ class Master:
             self.policy.start_failed(worker, f"cannot fork: {exc.strerror}", time.monotonic())
             return
         if pid == 0:
-            self._become_worker(worker, read_fd, write_fd)
+            self._become_worker(spawn, read_fd, write_fd)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
@@ -308,8 +309,9 @@ class Master:
         self._selector.register(read_fd, selectors.EVENT_READ, worker)
         self.policy.started(worker, pid, time.monotonic())
 
-    def _become_worker(self, worker: Worker, read_fd: int, write_fd: int) -> None:
+    def _become_worker(self, spawn: Spawn, read_fd: int, write_fd: int) -> None:
         """In the child: never returns."""
+        worker = spawn.worker
         code = 1
         try:
             child.reset_process([read_fd, *self._inherited_fds()], self.config.reopen_logs)
@@ -322,6 +324,8 @@ class Master:
                 channel=child.Channel(write_fd, self.pid),
                 master_pid=self.pid,
                 requests_limit=worker.requests_limit,
+                spawned_at=worker.spawned_at,
+                boot_estimate=spawn.boot_estimate,
             )
             code = child.run_target(self.target, context, self.log)
         except BaseException:

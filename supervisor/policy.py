@@ -12,11 +12,19 @@ Rules this module keeps
    lifetime, max memory) is retired only after its replacement has reported ``ready``. Only a
    crash or a hang loses capacity, and only until the respawn. (One exception: a worker above
    twice its --max-memory is retired at once; its connections wait in the kernel backlog.)
-4. Never many at once: at most ``rotate_at_once`` replacements are in flight.
-5. Every timer is a deadline; ``next_deadline`` says when the policy next wants a ``tick``.
-6. A broken deploy never takes the service down: a replacement that fails to start aborts the
+4. Exact budgets. A worker's replacement for --max-requests or --max-lifetime is started
+   ahead of time (the worker says ``nearing`` from its request rate; the lifetime is known),
+   ``lead`` seconds early: three times the measured boot time plus a margin. Once the replacement is
+   ready the old worker is FINISHING: it stops at its budget (the handover signal makes a
+   worker stop accepting the moment it has served its limit) or at its lifetime, and no later
+   than ``handover_grace`` after the handover. If the replacement is late, rule 3 wins: the
+   old worker serves on until the replacement is ready.
+5. Never many at once: at most ``rotate_at_once`` reload and memory replacements are in
+   flight. Budget replacements start when due (the jitter settings spread them).
+6. Every timer is a deadline; ``next_deadline`` says when the policy next wants a ``tick``.
+7. A broken deploy never takes the service down: a replacement that fails to start aborts the
    reload and the old workers keep serving.
-7. Nothing is forgotten at exit: a worker that exits leaves a record (requests served, why it
+8. Nothing is forgotten at exit: a worker that exits leaves a record (requests served, why it
    left, how it ended) in ``history`` and in the ``totals``, so counters summed over the fleet
    never go backwards when a worker is replaced.
 
@@ -33,12 +41,15 @@ Each handler changes the records and queues actions; ``take`` hands them to the 
 
 Worker states, every change made by ``_transition`` from this table::
 
-    STARTING --ready-------> SERVING          (successor ready: its predecessor gets "retire")
-    STARTING/SERVING --retire--> RETIRING     (we send SIGTERM; deadline = graceful bound)
-    STARTING/SERVING --retiring--> RETIRING   (the worker said it is leaving on its own)
-    STARTING/SERVING --stop--> RETIRING       (the master stops gracefully: SIGTERM)
-    STARTING/SERVING/RETIRING --halt--> RETIRING  (the master stops quickly: SIGQUIT)
-    STARTING/SERVING/RETIRING --hung--> ABORTING  (SIGABRT; deadline = abort grace, then SIGKILL)
+    STARTING --ready-------> SERVING          (successor ready: its predecessor gets "handover"
+                                               for a budget, "retire" for anything else)
+    SERVING --handover--> FINISHING           (out of its slot; serves on until its budget,
+                                               its lifetime or the handover grace)
+    STARTING/SERVING/FINISHING --retire--> RETIRING    (we send SIGTERM; deadline = graceful bound)
+    STARTING/SERVING/FINISHING --retiring--> RETIRING  (the worker said it is leaving on its own)
+    STARTING/SERVING/FINISHING --stop--> RETIRING      (the master stops gracefully: SIGTERM)
+    STARTING/SERVING/FINISHING/RETIRING --halt--> RETIRING  (the master stops quickly: SIGQUIT)
+    STARTING/SERVING/FINISHING/RETIRING --hung--> ABORTING  (SIGABRT; abort grace, then SIGKILL)
     any --exit (reaped)--> gone               (``exited``: crash accounting, backoff, respawn)
 
 Master phases::
@@ -61,7 +72,9 @@ import signal
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from supervisor.channel import HEARTBEAT, READY, RETIRING, Message
+from supervisor.budget import lead_time
+from supervisor.channel import HEARTBEAT, NEARING, READY, RETIRING, Message
+from supervisor.child import HANDOVER_SIGNAL
 from supervisor.config import EXIT_OK, EXIT_STARTUP_FAILED, SupervisorConfig
 
 MAX_BACKOFF = 10.0
@@ -70,11 +83,17 @@ MAX_BACKOFF = 10.0
 HARD_MEMORY_FACTOR = 2.0
 # How many exited workers' records are kept (the totals cover all of them).
 EXITED_KEPT = 64
+# A FINISHING worker that has not reached its request budget this long after the handover
+# (at least; four times the time it said it might need) is retired anyway: traffic dropped.
+HANDOVER_GRACE = 2.0
+HANDOVER_ETA_FACTOR = 4.0
+BOOTS_KEPT = 8  # recent boot times (spawn to ready) behind the fleet's boot estimate
 
 
 class State(enum.Enum):
     STARTING = "starting"
     SERVING = "serving"
+    FINISHING = "finishing"  # replaced: serves until its budget or lifetime, then retires
     RETIRING = "retiring"
     ABORTING = "aborting"
 
@@ -102,20 +121,15 @@ class Reason(enum.Enum):
 
 
 S = State
+LIVE = (S.STARTING, S.SERVING, S.FINISHING)
 TRANSITIONS: dict[tuple[State, str], State] = {
     (S.STARTING, "ready"): S.SERVING,
-    (S.STARTING, "retire"): S.RETIRING,
-    (S.SERVING, "retire"): S.RETIRING,
-    (S.STARTING, "retiring"): S.RETIRING,
-    (S.SERVING, "retiring"): S.RETIRING,
-    (S.STARTING, "stop"): S.RETIRING,
-    (S.SERVING, "stop"): S.RETIRING,
-    (S.STARTING, "halt"): S.RETIRING,
-    (S.SERVING, "halt"): S.RETIRING,
-    (S.RETIRING, "halt"): S.RETIRING,
-    (S.STARTING, "hung"): S.ABORTING,
-    (S.SERVING, "hung"): S.ABORTING,
-    (S.RETIRING, "hung"): S.ABORTING,
+    (S.SERVING, "handover"): S.FINISHING,
+    **{(state, "retire"): S.RETIRING for state in LIVE},
+    **{(state, "retiring"): S.RETIRING for state in LIVE},
+    **{(state, "stop"): S.RETIRING for state in LIVE},
+    **{(state, "halt"): S.RETIRING for state in (*LIVE, S.RETIRING)},
+    **{(state, "hung"): S.ABORTING for state in (*LIVE, S.RETIRING)},
 }
 
 
@@ -132,6 +146,8 @@ class Worker:
     last_seen: float = 0.0
     requests: int = 0  # served so far, from its heartbeats
     deadline: float | None = None  # RETIRING / ABORTING: SIGKILL after this
+    retire_at: float | None = None  # FINISHING: retire at this time if still serving
+    eta: float | None = None  # its last "nearing": seconds to its budget, as it estimated
     killed: bool = False
     reason: Reason | None = None  # why it is being replaced, or why it left
     why: str = ""  # the same in words, for the log
@@ -144,6 +160,17 @@ class Worker:
 
     def describe(self) -> str:
         return f"worker {self.number} (pid {self.pid})" if self.pid is not None else f"worker {self.number}"
+
+    @property
+    def boot_time(self) -> float:
+        """Spawn to ready, seconds (0 until ready)."""
+        return self.ready_at - self.spawned_at if self.ready_at is not None else 0.0
+
+    @property
+    def lifetime_end(self) -> float | None:
+        if not self.lifetime_limit or self.ready_at is None:
+            return None
+        return self.ready_at + self.lifetime_limit
 
 
 @dataclass(eq=False)
@@ -172,6 +199,7 @@ class Spawn:
     """Start ``worker`` (fork); answer with ``started`` or ``start_failed``."""
 
     worker: Worker
+    boot_estimate: float = 0.0  # the fleet's recent boot time, for the worker's context
 
 
 @dataclass(frozen=True)
@@ -204,6 +232,19 @@ class ReopenLogs:
 Action = Spawn | Signal | Notify | Measure | ReopenLogs
 
 
+def _rotated(worker: Worker | None) -> bool:
+    """Replacements limited by rotate_at_once: reload and memory (budgets start when due)."""
+    return worker is not None and worker.reason in (Reason.RELOAD, Reason.MAX_MEMORY)
+
+
+def _budget_spent(worker: Worker, now: float) -> bool:
+    """Past the budget it is being replaced for (requests served, or lifetime)."""
+    if worker.reason is Reason.MAX_REQUESTS:
+        return worker.requests >= worker.requests_limit > 0
+    end = worker.lifetime_end
+    return worker.reason is Reason.MAX_LIFETIME and end is not None and now >= end
+
+
 def backoff(failures: int) -> float:
     """Delay before respawning after ``failures`` failures in a row: the first respawn is
     immediate (a one-off crash should cost no capacity), then 0.1 s doubling up to 10 s."""
@@ -220,6 +261,9 @@ def describe_status(status: int) -> str:
             name = str(-code)
         return f"was killed by {name}"
     return f"exited with code {code}"
+
+
+REASONS = {reason.value for reason in Reason}
 
 
 class Policy:
@@ -248,6 +292,7 @@ class Policy:
         self.stop_deadline: float | None = None
         self.rotate_at_once = config.resolved_rotate_at_once(count)
         self._actions: list[Action] = []
+        self._boots: deque[float] = deque(maxlen=BOOTS_KEPT)
         self._next_memory_at = 0.0
         self._next_status_at = 0.0
         self._last_status = ""
@@ -275,10 +320,13 @@ class Policy:
         for worker in self.workers:
             if worker.state is State.STARTING:
                 deadlines.append(worker.spawned_at + cfg.startup_timeout)
-            elif worker.state is State.SERVING:
+            elif worker.state in (State.SERVING, State.FINISHING):
                 deadlines.append(worker.last_seen + cfg.timeout_worker)
-                if worker.lifetime_limit and worker.ready_at is not None:
-                    deadlines.append(worker.ready_at + worker.lifetime_limit)
+                if worker.retire_at is not None:
+                    deadlines.append(worker.retire_at)
+                end = worker.lifetime_end
+                if end is not None and worker.reason is None:
+                    deadlines.append(end - self.lead(worker))
             elif worker.deadline is not None and not worker.killed:
                 deadlines.append(worker.deadline)
         if not self.stopping:
@@ -288,6 +336,14 @@ class Policy:
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
         return min(deadlines)
+
+    def boot_estimate(self) -> float:
+        """The longest recent boot (spawn to ready) of a worker, seconds; 0 before any."""
+        return max(self._boots, default=0.0)
+
+    def lead(self, worker: Worker) -> float:
+        """How long before its lifetime ends a worker's replacement is started."""
+        return lead_time(worker.boot_time, self.boot_estimate())
 
     def worker(self, pid: int) -> Worker | None:
         for worker in self.workers:
@@ -339,7 +395,13 @@ class Policy:
                 worker.fields.update(message.fields)
         elif message.kind == READY:
             self._transition(worker, "ready", now)
+        elif message.kind == NEARING:
+            self._count(worker, message.requests or 0)
+            self._nearing(worker, message, now)
         elif message.kind == RETIRING:
+            said = message.fields.get("reason")
+            if worker.reason is None and said in REASONS:
+                worker.reason, worker.why = Reason(said), "said by the worker"
             self._transition(worker, "retiring", now)
 
     def exited(self, worker: Worker, status: int, now: float) -> None:
@@ -378,7 +440,12 @@ class Policy:
         limit = cfg.max_memory * 1024 * 1024
         for worker, used in samples.items():
             worker.memory = used
-            if worker.state is not State.SERVING or worker not in self.workers or used is None:
+            if worker.state not in (State.SERVING, State.FINISHING) or worker not in self.workers or used is None:
+                continue
+            if worker.state is State.FINISHING and used > limit:
+                self.log.info("Retiring %s: it uses %.0f MiB, over its limit of %g MiB, and its replacement "
+                              "is ready.", worker.describe(), used / 1048576, cfg.max_memory)
+                self._transition(worker, "retire", now)
                 continue
             if used > HARD_MEMORY_FACTOR * limit:
                 # A fast leak outruns "replacement first": stop feeding it now. New connections
@@ -440,8 +507,13 @@ class Policy:
         for worker in list(self.workers):
             if worker.state is State.STARTING and now - worker.spawned_at > cfg.startup_timeout:
                 self._transition(worker, "hung", now, f"did not become ready within {cfg.startup_timeout:g} s")
-            elif worker.state is State.SERVING and now - worker.last_seen > cfg.timeout_worker:
+            elif worker.state in (State.SERVING, State.FINISHING) and now - worker.last_seen > cfg.timeout_worker:
                 self._transition(worker, "hung", now, f"sent no heartbeat for {cfg.timeout_worker:g} s")
+            elif worker.state is State.FINISHING and self._finished_budget(worker, now):
+                if worker.reason is Reason.MAX_REQUESTS and worker.requests < worker.requests_limit:
+                    self.log.info("Retiring %s: %d of %d requests served, and its replacement has served "
+                                  "beside it long enough.", worker.describe(), worker.requests, worker.requests_limit)
+                self._transition(worker, "retire", now)
             elif worker.deadline is not None and now >= worker.deadline and not worker.killed:
                 if worker.state is State.RETIRING:
                     self.log.warning("%s did not finish retiring in time; killing it.", worker.describe().capitalize())
@@ -456,7 +528,7 @@ class Policy:
         self._check_budgets(now)
         if cfg.max_memory and now >= self._next_memory_at:
             self._next_memory_at = now + cfg.memory_interval
-            serving = tuple(w for w in self.attached() if w.state is State.SERVING)
+            serving = tuple(w for w in self.workers if w.state in (State.SERVING, State.FINISHING))
             if serving:
                 self._act(Measure(serving))
         self._reconcile(now)
@@ -465,15 +537,33 @@ class Policy:
     # ------------------------------------------------------------------ decisions
 
     def _check_budgets(self, now: float) -> None:
+        """Replacements due: a lifetime about to end, or a worker whose heartbeats show it
+        past its request budget without having said ``nearing`` (it does not keep budgets)."""
         for worker in self.attached():
             if worker.state is not State.SERVING or worker.reason is not None:
                 continue
+            end = worker.lifetime_end
             if worker.requests_limit and worker.requests >= worker.requests_limit:
                 self._replace(worker, Reason.MAX_REQUESTS,
                               f"served {worker.requests} requests, limit {worker.requests_limit}")
-            elif worker.lifetime_limit and worker.ready_at is not None and now - worker.ready_at >= worker.lifetime_limit:
+            elif end is not None and now >= end - self.lead(worker):
                 self._replace(worker, Reason.MAX_LIFETIME,
-                              f"lived {now - worker.ready_at:.0f} s, limit {worker.lifetime_limit:.0f} s")
+                              f"its lifetime of {worker.lifetime_limit:.0f} s ends in {max(0.0, end - now):.1f} s")
+
+    def _finished_budget(self, worker: Worker, now: float) -> bool:
+        """A FINISHING worker that should stop now (one that keeps its budget stops itself)."""
+        return (worker.retire_at is not None and now >= worker.retire_at) or _budget_spent(worker, now)
+
+    def _nearing(self, worker: Worker, message: Message, now: float) -> None:
+        try:
+            worker.eta = max(0.0, float(message.fields.get("eta", "0")))
+        except ValueError:
+            worker.eta = 0.0
+        if worker.state is not State.SERVING or worker.reason is not None or worker not in self.attached():
+            return
+        self._replace(worker, Reason.MAX_REQUESTS,
+                      f"{worker.requests} of {worker.requests_limit} requests served, "
+                      f"its budget about {worker.eta:.2f} s away")
 
     def _replace(self, worker: Worker, reason: Reason, why: str) -> None:
         worker.reason, worker.why = reason, why
@@ -486,17 +576,19 @@ class Policy:
         for slot in self.slots.values():
             if slot.current is None and now >= slot.next_spawn_at:
                 slot.current = self._spawn(slot, now)
-        in_flight = sum(1 for s in self.slots.values() if s.successor is not None)
+        in_flight = sum(1 for s in self.slots.values() if s.successor is not None and _rotated(s.current))
         for slot in self.slots.values():
-            if in_flight >= self.rotate_at_once:
-                break
             current = slot.current
             if (
-                current is not None and current.state is State.SERVING and current.reason is not None
-                and slot.successor is None and now >= slot.next_spawn_at
+                current is None or current.state is not State.SERVING or current.reason is None
+                or slot.successor is not None or now < slot.next_spawn_at
             ):
-                slot.successor = self._spawn(slot, now)
+                continue
+            if _rotated(current):
+                if in_flight >= self.rotate_at_once:
+                    continue
                 in_flight += 1
+            slot.successor = self._spawn(slot, now)
         self._update_phase()
 
     def _spawn(self, slot: Slot, now: float) -> Worker:
@@ -512,7 +604,7 @@ class Policy:
         )
         self.workers.append(worker)
         self.totals.spawned += 1
-        self._act(Spawn(worker))
+        self._act(Spawn(worker, self.boot_estimate()))
         return worker
 
     def _update_phase(self) -> None:
@@ -590,6 +682,7 @@ class Policy:
         slot = self.slots.get(worker.number)
         if event == "ready":
             worker.ready_at = worker.last_seen = now
+            self._boots.append(worker.boot_time)
             self.ever_ready = True
             if slot is not None:
                 slot.failures = 0
@@ -597,24 +690,30 @@ class Policy:
                     predecessor = slot.current
                     slot.current, slot.successor = worker, None
                     if predecessor is not None:
-                        self.log.info(
-                            "%s is ready; retiring %s: %s.", worker.describe().capitalize(),
-                            predecessor.describe(), predecessor.why or "replaced",
-                        )
-                        self._transition(predecessor, "retire", now)
+                        self._hand_over(predecessor, worker, now)
                 elif slot.current is worker:
-                    self.log.info("%s is ready.", worker.describe().capitalize())
+                    self.log.info("%s is ready in %.0f ms.", worker.describe().capitalize(), worker.boot_time * 1000)
+        elif event == "handover":
+            end = worker.lifetime_end
+            if worker.reason is Reason.MAX_LIFETIME and end is not None:
+                worker.retire_at = end
+            else:
+                worker.retire_at = now + max(HANDOVER_GRACE, HANDOVER_ETA_FACTOR * (worker.eta or 0.0))
+                self._signal(worker, HANDOVER_SIGNAL)
         elif event == "retire":
             self._detach(worker, now)
             self._signal(worker, signal.SIGTERM)
             worker.deadline = now + cfg.graceful_timeout + cfg.stop_margin
         elif event == "retiring":
-            # The worker leaves on its own: its slot is refilled at once, no backoff.
-            self.log.info("%s is retiring on its own.", worker.describe().capitalize())
-            self._detach(worker, now)
-            worker.deadline = now + cfg.graceful_timeout + cfg.stop_margin
-            if slot is not None:
+            # The worker leaves on its own: its slot (if it still held one) is refilled at once.
+            if old is State.FINISHING:
+                self.log.info("%s is retiring at its budget (%d of %d requests served).",
+                              worker.describe().capitalize(), worker.requests, worker.requests_limit)
+            else:
+                self.log.info("%s is retiring on its own.", worker.describe().capitalize())
+            if self._detach(worker, now) and slot is not None:
                 slot.next_spawn_at = now
+            worker.deadline = now + cfg.graceful_timeout + cfg.stop_margin
         elif event == "stop":
             self._signal(worker, signal.SIGTERM)
         elif event == "halt":
@@ -661,20 +760,38 @@ class Policy:
         if worker.reason is not None and worker.reason is not Reason.STOP:
             self.totals.restarts[worker.reason.value] += 1
 
-    def _detach(self, worker: Worker, now: float, failure: bool = False) -> None:
-        """Take the worker out of its slot (it stays in ``workers`` until it exits)."""
+    def _detach(self, worker: Worker, now: float, failure: bool = False) -> bool:
+        """Take the worker out of its slot (it stays in ``workers`` until it exits); False if
+        it held none."""
         slot = self.slots.get(worker.number)
         if slot is None:
-            return
+            return False
         if slot.successor is worker:
             slot.successor = None
         elif slot.current is worker:
             slot.current, slot.successor = slot.successor, None
         else:
-            return
+            return False
         if failure:
             slot.failures += 1
             slot.next_spawn_at = now + backoff(slot.failures)
+        return True
+
+    def _hand_over(self, predecessor: Worker, successor: Worker, now: float) -> None:
+        """``successor`` is ready in ``predecessor``'s slot: a worker replaced for a budget
+        finishes it, any other is retired now."""
+        for older in self.workers:
+            if older.state is State.FINISHING and older.number == predecessor.number:
+                # One finishing worker per slot: replaced twice over, it has served enough.
+                self.log.info("Retiring %s: a newer replacement is ready.", older.describe())
+                self._transition(older, "retire", now)
+        budget = predecessor.reason in (Reason.MAX_REQUESTS, Reason.MAX_LIFETIME)
+        finish = budget and not _budget_spent(predecessor, now)  # else it is past it: retire now
+        self.log.info(
+            "%s is ready in %.0f ms; %s %s: %s.", successor.describe().capitalize(), successor.boot_time * 1000,
+            "handing over from" if finish else "retiring", predecessor.describe(), predecessor.why or "replaced",
+        )
+        self._transition(predecessor, "handover" if finish else "retire", now)
 
     def _never_ready(self, worker: Worker, why: str, how: str, now: float) -> None:
         self._start_failed(worker, why)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import selectors
 import signal
 import socket
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from supervisor.budget import EXHAUSTED, NEARING, RequestBudget, lead_time  # noqa: E402
 from supervisor.channel import HEARTBEAT, Message, decode, encode  # noqa: E402
-from supervisor.child import WorkerContext  # noqa: E402
+from supervisor.child import HANDOVER_SIGNAL, WorkerContext  # noqa: E402
 from supervisor.config import SupervisorConfig, SupervisorError, default_workers  # noqa: E402
 from supervisor.memory import unique_memory  # noqa: E402
 from supervisor.pidfile import PidFile  # noqa: E402
@@ -48,6 +51,8 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
     ``ok``, ``crash`` (fails like an import error), ``slow:<s>`` (slow import), ``stubborn``
     (ignores SIGTERM). Per request: ``/hang`` blocks without heartbeats, ``/leak`` keeps 1 MiB,
     ``/slow`` takes 0.3 s, anything else answers "pid number generation uid".
+    It keeps its request budget as ``supervisor.budget`` describes (``nearing``, then the
+    handover signal, then it stops accepting at the limit), unless the mode file says ``lax``.
     """
     mode = os.environ.get("SV_MODE") or Path(os.environ["SV_MODE_FILE"]).read_text().strip()
     if mode == "crash":
@@ -71,6 +76,20 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
     signal.signal(signal.SIGINT, on_quick)
     signal.signal(signal.SIGQUIT, on_quick)
     signal.signal(signal.SIGUSR1, on_usr1)
+    budget = None
+    if ctx.requests_limit and mode != "lax":
+        now = time.monotonic()
+        budget = RequestBudget(ctx.requests_limit, lead_time(now - ctx.spawned_at, ctx.boot_estimate), now)
+    handed_over = []
+    signal.signal(HANDOVER_SIGNAL, lambda signum, frame: handed_over.append(True))
+
+    def decide(decision: str | None) -> None:
+        if decision == NEARING and budget is not None:
+            ctx.channel.nearing(served, budget.eta)
+        elif decision == EXHAUSTED:
+            ctx.channel.retiring("max_requests")
+            stop["graceful"] = True
+
     selector = selectors.DefaultSelector()
     for sock in ctx.sockets:
         sock.setblocking(False)
@@ -80,6 +99,9 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
     ctx.channel.ready()
     next_beat = 0.0
     while not (stop["graceful"] or stop["quick"]):
+        if handed_over and budget is not None and not budget.handed_over:
+            decide(budget.hand_over(served))
+            continue
         now = time.monotonic()
         if now >= next_beat:
             if not ctx.channel.heartbeat(served):
@@ -113,6 +135,10 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
                     b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: "
                     + str(len(body)).encode() + b"\r\n\r\n" + body
                 )
+            if budget is not None and served >= budget.check_at:
+                decide(budget.update(served, time.monotonic()))
+                if stop["graceful"]:
+                    break  # not one more accept: the budget is exact
     ctx.channel.heartbeat(served)
     if stop["graceful"]:
         ctx.channel.retiring()
@@ -285,6 +311,7 @@ class Load:
         self.ok = 0
         self.failures: list[str] = []
         self.pids: set[int] = set()
+        self.served: Counter[int] = Counter()  # answers per worker pid
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
@@ -302,6 +329,7 @@ class Load:
             with self._lock:
                 self.ok += 1
                 self.pids.add(pid_of(body))
+                self.served[pid_of(body)] += 1
 
     def stop(self) -> None:
         self._stop.set()
@@ -525,8 +553,27 @@ def test_notify_sequence_and_socket_activation(supervised: Callable[..., Supervi
     assert sv.wait_exit() == 0
 
 
-def test_max_requests_recycles_without_failures(supervised: Callable[..., Supervised]) -> None:
-    sv = supervised(workers=2, max_requests=20, max_requests_jitter=5)
+def test_max_requests_is_exact_once_the_replacement_is_ready(supervised: Callable[..., Supervised]) -> None:
+    sv = supervised(workers=2, max_requests=300)
+    load = Load(sv.port, clients=3)
+    wait_for(lambda: sv.log.count("after retiring (") >= 4, timeout=30)
+    load.stop()
+    assert load.failures == []
+    # One request per connection: a worker handed over before its limit (its replacement was
+    # ready in time) stopped accepting at the limit and served exactly that many. One whose
+    # replacement came late served on meanwhile (capacity first) and was retired at once.
+    handed_over = {int(pid) for pid in re.findall(r"handing over from worker \d \(pid (\d+)\)", sv.log)}
+    finished = {pid: n for pid, n in load.served.items() if pid in handed_over and not alive(pid)}
+    assert len(finished) >= 2 and max(finished.values()) <= 300, (finished, sv.log)
+    for pid, n in load.served.items():
+        if n > 300:
+            assert f"; retiring worker 1 (pid {pid})" in sv.log or f"; retiring worker 2 (pid {pid})" in sv.log
+
+
+def test_a_worker_that_keeps_no_budget_is_recycled_from_its_heartbeats(
+    supervised: Callable[..., Supervised],
+) -> None:
+    sv = supervised(workers=2, max_requests=20, max_requests_jitter=5, mode="lax")
     first = sv.pids(2)
     load = Load(sv.port, clients=3)
     wait_for(lambda: len(load.pids - first) >= 2, timeout=8)
@@ -542,7 +589,8 @@ def test_max_lifetime_recycles(supervised: Callable[..., Supervised]) -> None:
     wait_for(lambda: len(load.pids - {first}) >= 1, timeout=5)
     load.stop()
     assert load.failures == []
-    assert "limit 1 s" in sv.log or "limit 0 s" in sv.log
+    assert "its lifetime of 1 s ends in" in sv.log or "its lifetime of 0 s ends in" in sv.log
+    sv.wait_log("handing over from worker 1")  # the replacement was ready before the lifetime ended
 
 
 def test_max_memory_recycles_a_leaking_worker(supervised: Callable[..., Supervised]) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ async def app(scope, receive, send):
         LEAK.append(os.urandom(1 << 20))
     if scope["path"] == "/block":
         time.sleep(60)  # blocks the event loop: no more heartbeats
+    if scope["path"] == "/sleep":
+        import asyncio
+        open(os.environ["APP_IMPORT_LOG"] + ".sleeping", "w").close()
+        await asyncio.sleep(1)
     body = str(os.getpid()).encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", str(len(body)).encode())]})
@@ -161,6 +166,7 @@ class KeepAliveLoad:
         self.ok = 0
         self.failures: list[str] = []
         self.pids: set[int] = set()
+        self.served: Counter[int] = Counter()  # answers per worker pid
         self.longest = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -185,6 +191,7 @@ class KeepAliveLoad:
                     self.ok += 1
                     self.longest = max(self.longest, elapsed)
                     self.pids.add(int(response.text))
+                    self.served[int(response.text)] += 1
 
     def stop(self) -> None:
         self._stop.set()
@@ -239,7 +246,21 @@ def test_max_requests_recycles_two_workers_without_failures(served: Callable[...
     wait_for(lambda: len(load.pids - first) >= 3, timeout=15)  # several generations served
     load.stop()
     assert load.failures == []
-    assert "requests, limit" in server.log
+    assert "Recycling worker" in server.log
+
+
+def test_max_requests_bound_holds_under_keepalive_load(served: Callable[..., Served]) -> None:
+    """A worker serves at most its limit plus one request per client connection (the one in
+    flight, or the next one, answered with Connection: close), and none fails."""
+    limit, clients = 500, 6
+    server = served("--workers", "2", "--max-requests", str(limit))
+    server.serving_pids(2)
+    load = KeepAliveLoad(server.url, clients=clients)
+    wait_for(lambda: server.log.count("after retiring (") >= 3, timeout=60)
+    load.stop()
+    assert load.failures == []
+    gone = {pid: n for pid, n in load.served.items() if not alive(pid)}
+    assert len(gone) >= 3 and max(gone.values()) <= limit + clients, (gone, server.log)
 
 
 def test_max_memory_recycles_a_leaking_worker(served: Callable[..., Served]) -> None:
@@ -259,6 +280,23 @@ def test_killed_worker_is_replaced(served: Callable[..., Served]) -> None:
     wait_for(lambda: len(server.workers() - pids) == 1)
     survivors = server.serving_pids(2)
     assert victim not in survivors
+
+
+def test_a_worker_takes_every_term_as_graceful(served: Callable[..., Served]) -> None:
+    """A second TERM (the master's retirement crossing the worker's own) never cuts a request."""
+    server = served("--workers", "1")
+    pid = server.get()
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(httpx.get(server.url + "sleep", timeout=10).status_code))
+    thread.start()
+    wait_for(Path(f"{server.import_log}.sleeping").exists)  # the request is in flight
+    os.kill(pid, signal.SIGTERM)
+    server.wait_log("Shutting down: 1 connection(s) open")  # retiring, its request in flight
+    os.kill(pid, signal.SIGTERM)
+    thread.join(10)
+    assert result == [200]
+    server.wait_log(f"(pid {pid}) exited with code 0 after retiring")
+    assert server.get() != pid  # replaced
 
 
 def test_notify_sequence_with_socket_activation(served: Callable[..., Served], tmp_path: Path) -> None:

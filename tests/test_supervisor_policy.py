@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 import random
 import signal
 from pathlib import Path
@@ -17,9 +18,12 @@ from typing import Any
 
 import pytest
 
+from supervisor.budget import EXHAUSTED, LEAD_FACTOR, LEAD_MARGIN, NEARING, RequestBudget, lead_time
 from supervisor.channel import Message
+from supervisor.child import HANDOVER_SIGNAL
 from supervisor.config import SupervisorConfig
 from supervisor.policy import (
+    HANDOVER_GRACE,
     Measure,
     Notify,
     Phase,
@@ -252,21 +256,198 @@ def test_a_broken_deploy_keeps_the_old_workers(running: Fleet) -> None:
     assert any(line.startswith("STATUS=Reload failed") for line in running.notes())
 
 
-def test_max_requests_starts_the_replacement_then_retires(running: Fleet) -> None:
-    running.policy.config.max_requests = 10
-    running.exit(running.current(1))  # its replacement gets a budget
-    worker = running.current(1)
-    running.ready(worker)
-    assert worker.requests_limit == 10
-    running.say(worker, "heartbeat", 10)
-    assert worker.reason is Reason.MAX_REQUESTS
-    successor = running.policy.slots[1].successor
-    assert successor is not None and running.signalled(worker) == []
-    running.ready(successor)
-    assert running.signalled(worker) == [TERM]
-    running.exit(worker)
-    assert running.policy.totals.requests == 10
-    assert running.policy.totals.restarts["max_requests"] == 1
+def budgeted(workers: int = 2, **config: Any) -> Fleet:
+    fleet = Fleet(workers, **{"max_requests": 100, **config})
+    fleet.ready()
+    return fleet
+
+
+def test_nearing_starts_the_replacement_and_the_old_worker_finishes_its_budget() -> None:
+    fleet = budgeted()
+    old = fleet.current(1)
+    assert old.requests_limit == 100
+    fleet.say(old, "nearing", 60, eta="0.5")
+    assert old.reason is Reason.MAX_REQUESTS
+    successor = fleet.policy.slots[1].successor
+    assert successor is not None and fleet.signalled(old) == []
+    fleet.advance(0.1)
+    fleet.ready(successor)
+    assert fleet.current(1) is successor and old.state is State.FINISHING
+    assert fleet.signalled(old) == [HANDOVER_SIGNAL]  # "stop at your limit"
+    assert len(fleet.serving()) == 2 and old in fleet.policy.workers  # one more, not one less
+    fleet.say(old, "retiring", reason="max_requests")
+    assert old.state is State.RETIRING and fleet.starting() == []  # its slot is already filled
+    fleet.say(old, "heartbeat", 103)
+    fleet.exit(old)
+    assert fleet.signalled(old) == [HANDOVER_SIGNAL]  # never a TERM on top
+    assert fleet.policy.totals.restarts["max_requests"] == 1 and fleet.policy.totals.requests == 103
+
+
+def test_a_finishing_worker_short_of_its_budget_is_retired_after_the_grace() -> None:
+    fleet = budgeted()
+    old = fleet.current(1)
+    fleet.say(old, "nearing", 90, eta="0.1")
+    fleet.ready(fleet.starting()[0])
+    fleet.advance(HANDOVER_GRACE - 0.25)  # traffic dropped: it stays short of its budget
+    assert fleet.signalled(old) == [HANDOVER_SIGNAL]
+    fleet.advance(0.5)
+    assert fleet.signalled(old) == [HANDOVER_SIGNAL, TERM]
+
+
+def test_a_slot_keeps_one_finishing_worker_at_most() -> None:
+    fleet = budgeted(1)
+    first = fleet.current(1)
+    fleet.say(first, "nearing", 90, eta="0.5")
+    second = fleet.starting()[0]
+    fleet.ready(second)
+    fleet.say(second, "nearing", 10, eta="0.5")  # a short life: it asks at once
+    third = fleet.starting()[0]
+    fleet.ready(third)
+    assert fleet.signalled(first) == [HANDOVER_SIGNAL, TERM]
+    assert second.state is State.FINISHING and fleet.current(1) is third
+
+
+def test_a_late_replacement_lets_the_old_worker_serve_past_its_budget() -> None:
+    fleet = budgeted()
+    old = fleet.current(1)
+    fleet.say(old, "nearing", 95, eta="0.05")
+    fleet.say(old, "heartbeat", 180)  # past the limit; the replacement is still booting
+    fleet.advance(1.0)
+    assert fleet.signalled(old) == [] and old.state is State.SERVING  # capacity first
+    fleet.ready(fleet.starting()[0])
+    assert fleet.signalled(old) == [TERM]  # past its budget: retired at once
+
+
+def test_a_worker_that_keeps_no_budget_is_replaced_from_its_heartbeats() -> None:
+    fleet = budgeted()
+    lax = fleet.current(1)
+    fleet.say(lax, "heartbeat", 99)
+    assert fleet.starting() == []
+    fleet.say(lax, "heartbeat", 100)
+    assert lax.reason is Reason.MAX_REQUESTS and len(fleet.starting()) == 1
+    fleet.ready(fleet.starting()[0])
+    assert fleet.signalled(lax) == [TERM]
+
+
+def test_a_replacement_that_fails_keeps_the_old_worker_and_is_retried() -> None:
+    fleet = budgeted()
+    old = fleet.current(1)
+    fleet.say(old, "nearing", 80, eta="0.2")
+    fleet.exit(fleet.starting()[0], code=1)  # a broken deploy: retried at once, then with backoff
+    fleet.exit(fleet.starting()[0], code=1)
+    fleet.say(old, "heartbeat", 150)
+    assert fleet.current(1) is old and fleet.signalled(old) == [] and fleet.starting() == []
+    fleet.advance(backoff(2) + 0.25)
+    retry = fleet.policy.slots[1].successor
+    assert retry is not None
+    fleet.ready(retry)
+    assert fleet.signalled(old) == [TERM]
+
+
+def test_budget_replacements_are_not_held_back_by_rotate_at_once() -> None:
+    fleet = budgeted(4)
+    assert fleet.policy.rotate_at_once == 1
+    for number in range(1, 5):
+        fleet.say(fleet.current(number), "nearing", 90, eta="0.1")
+    assert len(fleet.starting()) == 4
+
+
+def test_lifetime_replacement_starts_ahead_and_the_old_worker_retires_at_its_lifetime() -> None:
+    fleet = Fleet(1, max_lifetime=10.0)
+    fleet.advance(0.5)  # a boot of half a second
+    old = fleet.current(1)
+    fleet.ready(old)
+    lead = lead_time(0.5)
+    fleet.advance(10.0 - lead - 0.3)
+    assert fleet.starting() == []
+    fleet.advance(0.5)
+    successor = fleet.policy.slots[1].successor
+    assert successor is not None and old.reason is Reason.MAX_LIFETIME
+    fleet.advance(0.25)
+    fleet.ready(successor)
+    assert old.state is State.FINISHING and fleet.signalled(old) == []
+    assert fleet.now < (old.lifetime_end or 0)
+    fleet.advance((old.lifetime_end or 0) - fleet.now - 0.1)
+    assert fleet.signalled(old) == []
+    fleet.advance(0.25)
+    assert fleet.signalled(old) == [TERM]
+
+
+def test_a_lifetime_that_ends_before_the_replacement_is_ready_waits_for_it() -> None:
+    fleet = Fleet(1, max_lifetime=2.0)
+    old = fleet.current(1)
+    fleet.ready(old)
+    fleet.advance(3.0)  # the replacement takes longer than the lifetime that is left
+    assert fleet.signalled(old) == [] and old.state is State.SERVING
+    fleet.ready(fleet.starting()[0])
+    assert fleet.signalled(old) == [TERM]
+
+
+def test_boot_times_set_how_early_a_lifetime_replacement_starts() -> None:
+    fleet = Fleet(1, max_lifetime=60.0)
+    fleet.advance(4.0)  # a slow boot is remembered
+    first = fleet.current(1)
+    fleet.ready(first)
+    assert fleet.policy.boot_estimate() == pytest.approx(4.0)
+    assert fleet.policy.lead(first) == pytest.approx(lead_time(4.0))
+    fleet.advance(60.0 - lead_time(4.0) + 0.3)
+    assert first.reason is Reason.MAX_LIFETIME
+
+
+def test_a_finishing_worker_over_its_memory_limit_is_retired() -> None:
+    fleet = budgeted(1, max_memory=100, memory_samples=3, memory_interval=0.5)
+    old = fleet.current(1)
+    fleet.say(old, "nearing", 90, eta="1")
+    fleet.ready(fleet.starting()[0])
+    fleet.usage[old.pid or 0] = 150 << 20
+    fleet.advance(0.6)
+    assert fleet.signalled(old) == [HANDOVER_SIGNAL, TERM]
+
+
+# -- the worker's side of a budget (supervisor.budget) -------------------------------------------
+
+
+def drive(budget: RequestBudget, rate: float, start: float, until: int) -> list[tuple[int, str]]:
+    """Requests at a steady ``rate`` from ``start``, checked as a request hook would."""
+    decisions = []
+    for served in range(1, until + 1):
+        if served >= budget.check_at:
+            decision = budget.update(served, start + served / rate)
+            if decision:
+                decisions.append((served, decision))
+    return decisions
+
+
+def test_budget_asks_ahead_at_twice_the_highest_rate() -> None:
+    budget = RequestBudget(1000, lead=1.0, now=0.0)
+    decisions = drive(budget, rate=100.0, start=0.0, until=1020)
+    (asked_at, decision), = decisions
+    assert decision == NEARING
+    assert 1000 - 2 * 100 * 1.0 - 30 <= asked_at <= 1000 - 2 * 100 * 1.0  # 200 requests ahead, not later
+    assert budget.check_at == math.inf  # past the limit without a handover: it serves on
+    assert budget.hand_over(1020) == EXHAUSTED
+
+
+def test_budget_handed_over_early_stops_exactly_at_the_limit() -> None:
+    budget = RequestBudget(100, lead=0.5, now=0.0)
+    assert drive(budget, rate=100.0, start=0.0, until=80)[0][1] == NEARING
+    assert budget.hand_over(80) is None and budget.check_at == 100
+    assert budget.update(99, 0.99) is None
+    assert budget.update(100, 1.0) == EXHAUSTED
+
+
+def test_budget_ignores_the_wait_before_the_first_request() -> None:
+    # Ready at 0, idle for 30 s (no connections yet), then 100 requests a second.
+    budget = RequestBudget(1000, lead=1.0, now=0.0)
+    (asked_at, _), = drive(budget, rate=100.0, start=30.0, until=1000)
+    assert asked_at >= 1000 - 2 * 100 * 1.0 - 30  # not fooled into a rate of 3 a second
+
+
+def test_budget_with_a_lead_longer_than_its_life_asks_at_once() -> None:
+    budget = RequestBudget(50, lead=5.0, now=0.0)
+    (asked_at, _), = drive(budget, rate=100.0, start=0.0, until=50)
+    assert asked_at <= 12
+    assert lead_time(0.1, 0.3) == pytest.approx(LEAD_FACTOR * 0.3 + LEAD_MARGIN)
 
 
 def test_jitter_spreads_the_budgets() -> None:

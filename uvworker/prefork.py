@@ -8,20 +8,25 @@ The supervisor knows nothing of HTTP; this module is the only place the two meet
 - ``serve_worker(config, context)``: the worker target, in each forked child. It imports the
   app (after fork, so a reload picks up new code), runs ``Server`` on the inherited sockets and
   wires the channel: ``on_ready`` → ``ready``; ``on_tick`` → ``heartbeat`` with the requests
-  served (and ``retiring`` once the server is draining); a heartbeat right away when the worker
-  reaches its ``--max-requests``, so the master starts its replacement without waiting a tick.
+  served (and ``retiring`` once the server is draining).
 
-Retirement is driven by the master: it starts the replacement, waits for its ``ready``, then
-sends SIGTERM, which ``Server`` turns into a graceful drain (stop accepting, finish in-flight
-requests, ``Connection: close`` on the last responses).
+Recycling by --max-requests is kept exactly (``supervisor.budget``): a request hook counts the
+requests done, asks the master for a replacement (``nearing``) ahead of time, and once the
+master hands over (its replacement is ready) calls ``Server.retire()`` the moment the budget
+is spent: the listeners close and every connection answers its current or next request with
+``Connection: close``. Any other retirement comes from the master as SIGTERM, which this worker
+always takes as graceful (a second TERM does not force it: the master has its own deadline).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
 import os
+import signal
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -33,6 +38,7 @@ if TYPE_CHECKING:
     from supervisor.child import WorkerContext
     from uvworker.settings import Setting
     from uvworker.protocols.cycle import RequestCycle
+    from uvworker.server import ServerState
 
 logger = logging.getLogger("uvworker.error")
 
@@ -137,6 +143,8 @@ def supervise(config: Config) -> int:
 
 def serve_worker(config: Config, context: WorkerContext) -> int:
     """The worker target: serve until the master retires or stops us; the exit code."""
+    from supervisor.budget import EXHAUSTED, NEARING, RequestBudget, lead_time
+    from supervisor.child import HANDOVER_SIGNAL
     from uvworker.logging import reopen_on_sigusr1
     from uvworker.server import Server
 
@@ -146,29 +154,60 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     except ConfigError as err:
         return report(err, config.log_level == "debug")
     channel = context.channel
-    said_retiring = said_limit = False
+    budget: RequestBudget | None = None
+    state: ServerState | None = None
+    said_retiring = False
+
+    def leave(reason: str | None = None) -> None:
+        """Stop accepting now, gracefully; the master hears it first, so it sends no TERM on top."""
+        nonlocal said_retiring
+        if not said_retiring:
+            said_retiring = True
+            channel.retiring(reason)
+        server.retire()
+
+    def decide(decision: str | None, served: int) -> None:
+        if decision == NEARING and budget is not None:
+            channel.nearing(served, budget.eta)
+        elif decision == EXHAUSTED:
+            leave("max_requests")
 
     def on_request(cycle: RequestCycle) -> None:
-        nonlocal said_limit
-        served = server.requests_served
-        if not said_limit and served >= context.requests_limit:
-            said_limit = True
-            channel.heartbeat(served)
+        served = state.requests_served  # type: ignore[union-attr]  # hooks run once ready
+        if budget is not None and served >= budget.check_at:
+            decide(budget.update(served, time.monotonic()), served)
+
+    def on_handover() -> None:
+        if budget is not None:
+            decide(budget.hand_over(server.requests_served), server.requests_served)
 
     def on_ready() -> None:
+        nonlocal budget, state
+        assert server.state is not None
+        state = server.state
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, leave)
+        if context.requests_limit:
+            now = time.monotonic()
+            own_boot = now - context.spawned_at if context.spawned_at else 0.0
+            budget = RequestBudget(context.requests_limit, lead_time(own_boot, context.boot_estimate), now)
+            state.request_hooks.append(on_request)
+            loop.add_signal_handler(HANDOVER_SIGNAL, on_handover)
         channel.ready()
-        if context.requests_limit and server.state is not None:
-            server.state.request_hooks.append(on_request)
 
     def on_tick(srv: Server) -> None:
         nonlocal said_retiring
-        if not channel.heartbeat(srv.requests_served):
+        served = srv.requests_served
+        if not channel.heartbeat(served):
             if not srv.should_exit:
                 logger.warning("The supervisor is gone; worker %d stops.", context.number)
                 srv.should_exit = True
-        elif srv.should_exit and not said_retiring:
-            said_retiring = True
-            channel.retiring()
+        elif srv.should_exit:
+            if not said_retiring:
+                said_retiring = True
+                channel.retiring()
+        elif budget is not None and served < budget.limit:
+            decide(budget.update(served, time.monotonic()), served)  # the rate, also when idle
 
     server = Server(config, on_ready=on_ready, on_tick=on_tick, install_signal_handlers=True)
     server.run(sockets=context.sockets)

@@ -342,17 +342,19 @@ SETTINGS: tuple[Setting, ...] = (
     _S("workers", None, integer(1), "Worker processes, forked by a supervisor that restarts, reloads "
        "(SIGHUP) and recycles them; unset, one process serves without a supervisor. "
        "WEB_CONCURRENCY is read too.", metavar="N", gunicorn="workers", also_env=("WEB_CONCURRENCY",)),
-    _S("max_requests", 0, integer(0), "Replace a worker after it served about this many requests "
-       "(its replacement starts first); 0 never.", flags=("--max-requests", "--limit-max-requests"),
+    _S("max_requests", 0, integer(0), "Replace a worker after it served this many requests (plus at "
+       "most one per open connection); its replacement is started ahead of time; 0 never.", flags=("--max-requests", "--limit-max-requests"),
        metavar="N", gunicorn="max_requests"),
     _S("max_requests_jitter", 0, integer(0), "Add a random 0..N to each worker's --max-requests so "
        "workers are not replaced together.", flags=("--max-requests-jitter", "--limit-max-requests-jitter"),
        metavar="N", gunicorn="max_requests_jitter"),
-    _S("max_lifetime", 0.0, help="Replace a worker after it served for this long; 0 never.", **_SECONDS),
+    _S("max_lifetime", 0.0, help="Replace a worker after it served for this long (its replacement "
+       "is started ahead of time); 0 never.", **_SECONDS),
     _S("max_lifetime_jitter", 0.0, help="Add a random 0..SECONDS to each worker's --max-lifetime.",
        **_SECONDS),
-    _S("max_memory", 0.0, number, "Replace a worker whose own memory (USS) stays above this many MiB "
-       "for 3 samples half a second apart (at once above twice as many); 0 never.", metavar="MIB"),
+    _S("max_memory", 0.0, number, "Replace a worker whose USS (the memory only it holds: pages it "
+       "shares with other workers or the --preload template do not count) stays above this many "
+       "MiB for 3 samples half a second apart (at once above twice as many); 0 never.", metavar="MIB"),
     _S("timeout_worker", 30.0, help="A worker that sends no heartbeat for this long is aborted "
        "(stack dump, then killed) and replaced.", flags=("--timeout-worker", "--timeout-worker-healthcheck"),
        gunicorn="timeout", **_SECONDS),
