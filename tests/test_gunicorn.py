@@ -30,7 +30,7 @@ from tests.conftest import wait_for
 from tests.http_client import Conn, build_request
 from uvworker.config import ConfigError
 from uvworker.settings import SETTINGS
-from uvworker.workers import settings_from_gunicorn
+from uvworker.gunicorn_settings import settings_from_gunicorn
 
 REPO = Path(__file__).resolve().parent.parent
 WORKERS = ["uvworker.Worker", "uvworker.H11Worker"]

@@ -1,0 +1,193 @@
+"""Gunicorn's per-request machinery around the app, for the Gunicorn worker classes.
+
+    when                    what runs                            made by
+    ----------------------  -----------------------------------  ------------------------------
+    before the app          forwarded_allow_ips (uvworker's      ``front()``: wraps the app
+                            proxy headers), secure_scheme_       (only with the rules that are
+                            headers, the worker's ``before``     on; else the app itself)
+                            callback (request budget), the
+                            pre_request hook
+    the request is done     the access log, post_request         ``request_hooks()``: server
+                                                                 request hooks
+    the server logs         "uvworker.error" records go to       ``route_error_log()``
+                            Gunicorn's error log
+
+Rules kept: proxy and secure-scheme headers are read only from peers in forwarded_allow_ips,
+in front of the app, where the peer address is still the socket's; secure-scheme headers
+that contradict each other get a 400, as in Gunicorn. Gunicorn's own ``Logger`` gets its
+access line from ``uvworker.logging.AccessLog`` (its format parsed once: no Gunicorn objects
+per request); any other ``logger_class`` gets Gunicorn's objects (uvworker.gunicorn_objects).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gunicorn import glogging
+
+from uvworker.gunicorn_objects import FinishedRequest, GunicornRequest, GunicornResponse, wsgi_environ
+from uvworker.logging import AccessLog
+from uvworker.proxy import TrustedHosts, apply_proxy_headers
+
+__all__ = ["front", "hook_set", "request_hooks", "route_error_log"]
+
+Hook = Callable[[FinishedRequest], None]
+
+
+def hook_set(cfg: Any, name: str) -> bool:
+    """True when the Gunicorn server hook ``name`` is the user's, not Gunicorn's default."""
+    setting = cfg.settings[name]
+    return setting.get() is not setting.default
+
+
+# -- before the app -----------------------------------------------------------------------------
+def front(
+    app: Any,
+    *,
+    trusted: TrustedHosts,
+    proxy_headers: bool,
+    secure_scheme_headers: dict[str, str] | None,
+    before: Callable[[dict[str, Any]], None] | None,
+) -> Any:
+    """The app behind Gunicorn's per-request rules (only those that are on). ``before(scope)``
+    runs last, just before the app."""
+    secure = {
+        name.lower().encode("latin-1"): value.encode("latin-1")
+        for name, value in (secure_scheme_headers or {}).items()
+    }
+    if not (proxy_headers or secure or before):
+        return app
+
+    async def in_front(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return await app(scope, receive, send)
+        client = scope.get("client")
+        if (proxy_headers or secure) and (client[0] if client else None) in trusted:
+            scheme = _secure_scheme(scope["headers"], secure) if secure else None
+            if proxy_headers:
+                apply_proxy_headers(scope, trusted)
+            if scheme is _CONTRADICTION:
+                return await _reject(scope, send, "Contradictory scheme headers")
+            if scheme is not None:
+                scope["scheme"] = scheme if scope["type"] == "http" else _WS_SCHEMES[scheme]
+        if before is not None:
+            before(scope)
+        await app(scope, receive, send)
+
+    return in_front
+
+
+_CONTRADICTION = "contradiction"
+_WS_SCHEMES = {"https": "wss", "http": "ws"}
+
+
+def _secure_scheme(headers: list[tuple[bytes, bytes]], secure: dict[bytes, bytes]) -> str | None:
+    """"https" or "http" as the secure-scheme headers present say; None when none is present;
+    _CONTRADICTION when they disagree (Gunicorn answers 400)."""
+    scheme = None
+    for name, value in headers:
+        expected = secure.get(name)
+        if expected is not None:
+            this = "https" if value.strip() == expected else "http"
+            if scheme is not None and this != scheme:
+                return _CONTRADICTION
+            scheme = this
+    return scheme
+
+
+async def _reject(scope: dict[str, Any], send: Any, reason: str) -> None:
+    if scope["type"] != "http":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = reason.encode()
+    await send({"type": "http.response.start", "status": 400, "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- after the request --------------------------------------------------------------------------
+def request_hooks(worker: Any) -> list[Hook]:
+    """The server request hooks that give Gunicorn's logger and post_request hook each finished
+    request (``worker`` is the Gunicorn worker: its ``log`` and ``cfg``)."""
+    log, cfg = worker.log, worker.cfg
+    hooks: list[Hook] = []
+    enabled = getattr(log, "access_log_enabled", None)
+    if enabled is None:  # Gunicorn before 25
+        enabled = bool(cfg.accesslog or cfg.logconfig or cfg.logconfig_dict or cfg.syslog)
+    if enabled:
+        logger_class = type(log)
+        if logger_class.access is glogging.Logger.access and logger_class.atoms is glogging.Logger.atoms:
+            hooks.append(_render_access(log, AccessLog(cfg.access_log_format)))
+        else:
+            hooks.append(_call_access(log))
+    if hook_set(cfg, "post_request"):
+        hooks.append(_call_post_request(worker))
+    return hooks
+
+
+def _render_access(log: Any, access_format: AccessLog) -> Hook:
+    """Gunicorn's own logger: the line rendered here, in Gunicorn's format."""
+    access_log = log.access_log
+
+    def hook(done: FinishedRequest) -> None:
+        try:
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(access_format.render(
+                    done.scope, done.status, done.response_headers, done.bytes_sent,
+                    done.start_time, time.perf_counter() - done.start_clock,
+                ))
+        except Exception:
+            log.exception("Cannot write the access log line.")
+
+    return hook
+
+
+def _call_access(log: Any) -> Hook:
+    """A custom logger_class (statsd, ...): its access() with Gunicorn's own objects."""
+
+    def hook(done: FinishedRequest) -> None:
+        duration = datetime.timedelta(seconds=time.perf_counter() - done.start_clock)
+        try:
+            request, response = GunicornRequest(done.scope), GunicornResponse(done)
+            log.access(response, request, wsgi_environ(done.scope), duration)
+        except Exception:
+            log.exception("Cannot write the access log line.")
+
+    return hook
+
+
+def _call_post_request(worker: Any) -> Hook:
+    def hook(done: FinishedRequest) -> None:
+        try:
+            request, environ = GunicornRequest(done.scope), wsgi_environ(done.scope)
+            worker.cfg.post_request(worker, request, environ, GunicornResponse(done))
+        except Exception:
+            worker.log.exception("Exception in post_request hook")
+
+    return hook
+
+
+# -- the error log ------------------------------------------------------------------------------
+def route_error_log(log: Any, level: str) -> None:
+    """Send "uvworker.error" records to Gunicorn's error log, unless the user's logconfig
+    already routes that logger."""
+    error_logger = logging.getLogger("uvworker.error")
+    if not error_logger.handlers:
+        error_logger.addHandler(_Forward(log.error_log))
+        error_logger.propagate = False
+    error_logger.setLevel(level.upper())
+
+
+class _Forward(logging.Handler):
+    """Hands records to another logger's handlers (Gunicorn's error log)."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)

@@ -1,0 +1,89 @@
+"""Gunicorn's request, response and environ, as its hooks and logger classes read them.
+
+Code written for Gunicorn (``pre_request(worker, req)``, ``post_request(worker, req, environ,
+resp)``, a ``logger_class`` whose ``access(resp, req, environ, request_time)`` feeds statsd or
+a custom log) expects Gunicorn's own objects. These are made from what uvworker has instead:
+an ASGI scope, and a finished request as the server's request hooks receive it. Only the
+attributes such code reads are provided; they are built per request, and only when a hook or
+logger class that needs them is configured.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any, Protocol
+
+__all__ = ["FinishedRequest", "GunicornRequest", "GunicornResponse", "wsgi_environ"]
+
+
+class FinishedRequest(Protocol):
+    """What the server's request hooks receive when a request is done."""
+
+    scope: dict[str, Any]
+    status: int
+    response_headers: list[tuple[bytes, bytes]]
+    bytes_sent: int
+    start_time: float  # time.time() when the request began
+    start_clock: float  # time.perf_counter() then
+
+
+class GunicornRequest:
+    """The parts of Gunicorn's ``Request`` that hooks read, from an ASGI scope."""
+
+    def __init__(self, scope: dict[str, Any]) -> None:
+        self.scope = scope
+        self.method: str = scope.get("method", "GET")
+        self.path: str = scope.get("raw_path", b"").decode("latin-1") or scope.get("path", "/")
+        self.query: str = scope.get("query_string", b"").decode("latin-1")
+        self.uri = f"{self.path}?{self.query}" if self.query else self.path
+        self.fragment = ""
+        major, _, minor = scope.get("http_version", "1.1").partition(".")
+        self.version = (int(major), int(minor or 0))
+        self.headers = [(k.decode("latin-1").upper(), v.decode("latin-1")) for k, v in scope["headers"]]
+        self.scheme: str = scope.get("scheme", "http")
+        self.remote_addr = self.peer_addr = scope.get("client")
+
+
+class GunicornResponse:
+    """The parts of Gunicorn's ``Response`` that post_request and loggers read."""
+
+    def __init__(self, done: FinishedRequest) -> None:
+        try:
+            phrase = HTTPStatus(done.status).phrase
+        except ValueError:
+            phrase = ""
+        self.status_code = done.status
+        self.status = f"{done.status} {phrase}".rstrip()
+        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in done.response_headers]
+        self.sent = done.bytes_sent
+        length = next((v for k, v in self.headers if k.lower() == "content-length"), None)
+        self.response_length = int(length) if length and length.isdigit() else None
+
+
+def wsgi_environ(scope: dict[str, Any]) -> dict[str, Any]:
+    """A WSGI-style environ for an ASGI request (for hooks and loggers written for Gunicorn);
+    the scope itself is under "asgi.scope"."""
+    request = GunicornRequest(scope)
+    client, server = scope.get("client"), scope.get("server")
+    root_path = scope.get("root_path", "")
+    path = scope.get("path", "/")
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": request.method,
+        "SCRIPT_NAME": root_path,
+        "PATH_INFO": path[len(root_path):] if root_path and path.startswith(root_path) else path,
+        "QUERY_STRING": request.query,
+        "RAW_URI": request.uri,
+        "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
+        "REMOTE_ADDR": client[0] if client else "",
+        "REMOTE_PORT": str(client[1]) if client else "",
+        "SERVER_NAME": server[0] if server else "",
+        "SERVER_PORT": str(server[1]) if server and server[1] is not None else "",
+        "wsgi.url_scheme": request.scheme,
+        "asgi.scope": scope,
+    }
+    for name, value in request.headers:
+        key = name.replace("-", "_")
+        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            key = "HTTP_" + key
+        environ[key] = f"{environ[key]},{value}" if key in environ else value
+    return environ

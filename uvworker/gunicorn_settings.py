@@ -1,0 +1,76 @@
+"""Gunicorn's configuration read as uvworker settings, for the Gunicorn worker classes.
+
+The mapping itself is data: the ``gunicorn`` slot of each row of the settings table
+(uvworker/settings.py). This module holds only what the table cannot say:
+
+* which value wins: a Gunicorn setting that is set wins; one left at its default yields to
+  ``UVWORKER_<NAME>`` in the environment, which also fills in what Gunicorn has no setting
+  for (``--env`` / ``raw_env`` reach it that way);
+* how a value is adapted where Gunicorn's meaning differs from uvworker's (``_ADAPT``).
+
+It runs twice: in the arbiter (``Worker.check_config``, before any fork, so that a value we
+cannot use stops Gunicorn at once with one line) and in each worker as it boots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from uvworker.errors import ConfigError
+from uvworker.settings import BY_NAME, SETTINGS, from_environ
+
+__all__ = ["settings_from_gunicorn"]
+
+# Gunicorn values whose meaning differs from the uvworker setting they map to.
+_ADAPT: dict[str, Callable[[Any], Any]] = {
+    "keepalive": float,  # 0 means no keep-alive in both
+    "worker_connections": lambda v: v or None,
+    # The arbiter SIGKILLs graceful_timeout after its TERM: stop draining a little earlier so
+    # that lifespan shutdown still runs.
+    "graceful_timeout": lambda v: max(v - 1.0, v * 0.8),
+    "limit_request_line": lambda v: v if v > 0 else 1 << 20,  # Gunicorn's "unlimited" is 1 MiB
+    "limit_request_fields": lambda v: v if 0 < v <= 32768 else 32768,
+    "limit_request_field_size": lambda v: v if v > 0 else 8190,
+    "proxy_protocol": lambda v: v not in (False, None, "off"),  # v1, v2, auto: both accepted
+    "cert_reqs": int,
+    # Gunicorn's default of 1 thread suits its sync worker; here it would serialise every WSGI
+    # request of the worker, so only an explicit --threads above 1 replaces our default.
+    "threads": lambda v: v if v > 1 else BY_NAME["wsgi_threads"].default,
+    "loglevel": lambda v: v.lower() if v.lower() in BY_NAME["log_level"].choices else "info",
+}
+
+
+def settings_from_gunicorn(cfg: Any, environ: Mapping[str, str]) -> dict[str, Any]:
+    """uvworker settings for a Gunicorn config: every table row with a ``gunicorn`` slot takes
+    Gunicorn's value, unless Gunicorn has it at its default and ``UVWORKER_<NAME>`` is set.
+
+    Raises ConfigError naming the Gunicorn setting or variable for a value that does not fit.
+    """
+    try:
+        chosen = from_environ(environ)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    chosen.pop("app", None)  # the application is Gunicorn's to name
+    for setting in SETTINGS:
+        source = cfg.settings.get(setting.gunicorn) if setting.gunicorn else None
+        if source is None or (setting.name in chosen and _at_default(source)):
+            continue
+        value = source.get()
+        if value is None:
+            continue
+        try:
+            adapt = _ADAPT.get(setting.gunicorn)
+            chosen[setting.name] = setting.coerce(adapt(value) if adapt else value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"Gunicorn setting {setting.gunicorn}={value!r} cannot be used: {err}"
+            ) from None
+    return chosen
+
+
+def _at_default(source: Any) -> bool:
+    try:
+        return bool(source.get() == source.validator(source.default))
+    except Exception:  # a validator with side effects or needs we do not meet
+        return False
