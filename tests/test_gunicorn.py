@@ -404,6 +404,40 @@ def test_hooks_run_in_the_worker(tmp_path: Path) -> None:
     assert server.events("shutdown") == [f"shutdown {pid}"]
 
 
+def test_post_request_gets_the_environ_a_wsgi_app_gets(tmp_path: Path) -> None:
+    """One environ builder: the hook sees what the WSGI app saw (headers with "_" dropped
+    against spoofing, repeated fields joined with ",", cookies with "; "), plus RAW_URI."""
+    conf = """
+        import json, os
+
+        def post_request(worker, req, environ, resp):
+            strings = {k: v for k, v in environ.items() if isinstance(v, str)}
+            with open(os.environ["EVENTS"], "a") as events:
+                events.write("environ " + json.dumps(strings) + "\\n")
+        """
+    wsgi = (
+        "import json\n"
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'application/json')])\n"
+        "    return [json.dumps({k: v for k, v in environ.items() if isinstance(v, str)}).encode()]\n"
+    )
+    headers = [("X-Trace", "real"), ("X_Trace", "spoofed"), ("Cookie", "a=1"), ("Cookie", "b=2"),
+               ("Accept", "text/html"), ("Accept", "text/plain"), ("Content-Type", "text/plain")]
+    with run_gunicorn(tmp_path, conf=conf, app=wsgi) as server:
+        with Conn.open("127.0.0.1", server.port) as conn:
+            conn.send(build_request("POST", "/p%20q?x=1", headers=headers, body=b"hi"))
+            seen_by_app = json.loads(conn.read_response().body)
+        line = wait_for(lambda: server.events("environ "))[0]
+    seen_by_hook = json.loads(line.removeprefix("environ "))
+    assert seen_by_hook.pop("RAW_URI") == "/p%20q?x=1"
+    assert seen_by_hook == seen_by_app
+    assert seen_by_hook["HTTP_X_TRACE"] == "real"
+    assert seen_by_hook["HTTP_COOKIE"] == "a=1; b=2"
+    assert seen_by_hook["HTTP_ACCEPT"] == "text/html,text/plain"
+    assert (seen_by_hook["CONTENT_TYPE"], seen_by_hook["CONTENT_LENGTH"]) == ("text/plain", "2")
+    assert (seen_by_hook["PATH_INFO"], seen_by_hook["QUERY_STRING"]) == ("/p q", "x=1")
+
+
 def test_exception_in_pre_request_is_a_500(tmp_path: Path) -> None:
     conf = """
         def pre_request(worker, req):

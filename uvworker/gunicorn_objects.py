@@ -13,6 +13,9 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any, Protocol
 
+from uvworker import __version__
+from uvworker.interfaces.wsgi import build_environ
+
 __all__ = ["FinishedRequest", "GunicornRequest", "GunicornResponse", "wsgi_environ"]
 
 
@@ -61,29 +64,16 @@ class GunicornResponse:
 
 
 def wsgi_environ(scope: dict[str, Any]) -> dict[str, Any]:
-    """A WSGI-style environ for an ASGI request (for hooks and loggers written for Gunicorn);
-    the scope itself is under "asgi.scope"."""
-    request = GunicornRequest(scope)
-    client, server = scope.get("client"), scope.get("server")
-    root_path = scope.get("root_path", "")
-    path = scope.get("path", "/")
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": request.method,
-        "SCRIPT_NAME": root_path,
-        "PATH_INFO": path[len(root_path):] if root_path and path.startswith(root_path) else path,
-        "QUERY_STRING": request.query,
-        "RAW_URI": request.uri,
-        "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
-        "REMOTE_ADDR": client[0] if client else "",
-        "REMOTE_PORT": str(client[1]) if client else "",
-        "SERVER_NAME": server[0] if server else "",
-        "SERVER_PORT": str(server[1]) if server and server[1] is not None else "",
-        "wsgi.url_scheme": request.scheme,
-        "asgi.scope": scope,
-    }
-    for name, value in request.headers:
-        key = name.replace("-", "_")
-        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            key = "HTTP_" + key
-        environ[key] = f"{environ[key]},{value}" if key in environ else value
+    """The environ Gunicorn's hooks and logger classes get for an ASGI request: the one a WSGI
+    app gets (``build_environ``: same keys, and the same header rules — names with "_"
+    dropped, repeated fields joined with ",", cookies with "; "), plus Gunicorn's RAW_URI and
+    the scope itself under "asgi.scope"."""
+    environ, _ = build_environ(scope, _BASE_ENVIRON)
+    query = scope.get("query_string", b"")
+    path = scope.get("raw_path") or scope["path"].encode("utf-8")
+    environ["RAW_URI"] = (path + b"?" + query if query else path).decode("latin-1")
+    environ["asgi.scope"] = scope
     return environ
+
+
+_BASE_ENVIRON: dict[str, Any] = {"SERVER_SOFTWARE": f"uvworker/{__version__}", "wsgi.version": (1, 0)}
