@@ -27,6 +27,9 @@ MASTER_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
     signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
 )
+# Master -> worker "retire: stop accepting and finish, the others go on serving" (SIGTERM says the
+# whole server stops: the worker then closes idle keep-alive connections at once).
+RETIRE_SIGNAL: int = signal.SIGHUP
 # Master -> worker "your replacement is ready: stop accepting once you reach your request
 # budget (now, if you are past it)". A real-time signal: no terminal or tool sends it by
 # accident, and SIGWINCH (which a terminal resize sends the whole process group) would.

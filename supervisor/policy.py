@@ -45,7 +45,7 @@ Worker states, every change made by ``_transition`` from this table::
                                                for a budget, "retire" for anything else)
     SERVING --handover--> FINISHING           (out of its slot; serves on until its budget,
                                                its lifetime or the handover grace)
-    STARTING/SERVING/FINISHING --retire--> RETIRING    (we send SIGTERM; deadline = graceful bound)
+    STARTING/SERVING/FINISHING --retire--> RETIRING    (we send SIGHUP; deadline = graceful bound)
     STARTING/SERVING/FINISHING --retiring--> RETIRING  (the worker said it is leaving on its own)
     STARTING/SERVING/FINISHING --stop--> RETIRING      (the master stops gracefully: SIGTERM)
     STARTING/SERVING/FINISHING/RETIRING --halt--> RETIRING  (the master stops quickly: SIGQUIT)
@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 
 from supervisor.budget import lead_time
 from supervisor.channel import HEARTBEAT, NEARING, READY, RETIRING, Message
-from supervisor.child import HANDOVER_SIGNAL
+from supervisor.child import HANDOVER_SIGNAL, RETIRE_SIGNAL
 from supervisor.config import EXIT_OK, EXIT_STARTUP_FAILED, SupervisorConfig
 
 MAX_BACKOFF = 10.0
@@ -702,7 +702,7 @@ class Policy:
                 self._signal(worker, HANDOVER_SIGNAL)
         elif event == "retire":
             self._detach(worker, now)
-            self._signal(worker, signal.SIGTERM)
+            self._signal(worker, RETIRE_SIGNAL)  # the other workers go on serving
             worker.deadline = now + cfg.graceful_timeout + cfg.stop_margin
         elif event == "retiring":
             # The worker leaves on its own: its slot (if it still held one) is refilled at once.

@@ -2,7 +2,8 @@
 
 Content-Length from the app when given, chunked on HTTP/1.1 otherwise, close-delimited for
 HTTP/1.0, no body for HEAD/204/304; a body that disagrees with its Content-Length closes the
-connection rather than desynchronising it.
+connection rather than desynchronising it: a 500 when nothing was written yet, else the
+declared bytes at most, then the close (issue 11 item 4).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.http_client import Conn, build_request, parse_responses
+from tests.http_client import Conn, build_request, capture_log, parse_responses
 
 
 def parts_app(status: int = 200, headers: list[tuple[bytes, bytes]] | None = None, parts: list[bytes] | None = None) -> Any:
@@ -28,20 +29,19 @@ def parts_app(status: int = 200, headers: list[tuple[bytes, bytes]] | None = Non
     return app
 
 
-def assert_at_most_declared_prefix(data: bytes, sent: bytes) -> None:
-    """After a Content-Length mismatch the client may see: nothing; the 200 head and a prefix
-    of what the app sent (then EOF); or, if nothing had been written yet, one complete 500.
-    Never a second response, never bytes beyond the declared length."""
-    if not data:
-        return
+def assert_declared_prefix_then_close(data: bytes, sent: bytes) -> None:
+    """After a Content-Length mismatch with the head already out, the client sees the 200 head
+    and at most the declared bytes, then the close: never silence, never bytes beyond the
+    declared length (a client reusing the connection would read them as the next response)."""
     head, _, body = data.partition(b"\r\n\r\n")
-    assert head.count(b"HTTP/1.") == 1, data
-    if head.startswith(b"HTTP/1.1 500"):
-        (resp,) = parse_responses(data)
-        assert resp.status == 500
-        return
-    assert head.startswith(b"HTTP/1.1 200"), data
+    assert head.startswith(b"HTTP/1.1 200") and head.count(b"HTTP/1.") == 1, data
     assert sent.startswith(body), data
+
+
+def assert_one_500(data: bytes) -> None:
+    """A mismatch found before anything was written: one complete 500, then the close."""
+    (resp,) = parse_responses(data)
+    assert resp.status == 500 and resp.has_token("connection", "close"), data
 
 
 def test_app_content_length_is_used(serve: Any) -> None:
@@ -88,20 +88,29 @@ def test_http10_keep_alive_without_length_is_close_delimited(serve: Any) -> None
         assert conn.read_until_close() == b"hello world"
 
 
-@pytest.mark.parametrize(
-    "parts",
-    [[b"hello world"], [b"hel", b"lo", b" world"]],
-    ids=["one-message", "several-messages"],
-)
-def test_body_longer_than_content_length_closes(serve: Any, parts: list[bytes]) -> None:
-    app = parts_app(headers=[(b"content-length", b"5")], parts=parts)
+def test_body_longer_than_content_length_before_anything_is_sent_is_a_500(serve: Any) -> None:
+    app = parts_app(headers=[(b"content-length", b"5")], parts=[b"hello world"])
+    with capture_log("uvworker.error") as errors, serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request() + build_request(target="/second"))
+        assert_one_500(conn.read_until_close())
+    assert any("Content-Length" in r.getMessage() or r.exc_info for r in errors)
+
+
+def test_body_longer_than_content_length_after_the_head_stops_at_the_declared_bytes(serve: Any) -> None:
+    app = parts_app(headers=[(b"content-length", b"5")], parts=[b"hel", b"lo", b" world"])
     with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
         conn.send(build_request() + build_request(target="/second"))
         data = conn.read_until_close()
-        # Whatever was sent, the stream must never carry more than the declared 5 bytes:
-        # a client reusing the connection would read the rest as the next response.
-        assert b"world" not in data
-        assert_at_most_declared_prefix(data, b"hello")
+        assert data.endswith(b"\r\n\r\nhello"), data
+        assert_declared_prefix_then_close(data, b"hello")
+
+
+def test_body_longer_than_content_length_in_one_later_piece(serve: Any) -> None:
+    app = parts_app(headers=[(b"content-length", b"5")], parts=[b"hel", b"lo world"])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request())
+        data = conn.read_until_close()
+        assert data.endswith(b"\r\n\r\nhello"), data  # the declared bytes, then the close
 
 
 def test_body_shorter_than_content_length_closes(serve: Any) -> None:
@@ -109,7 +118,16 @@ def test_body_shorter_than_content_length_closes(serve: Any) -> None:
     with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
         conn.send(build_request() + build_request(target="/second"))
         data = conn.read_until_close()
-        assert_at_most_declared_prefix(data, b"hello")
+        assert data.endswith(b"\r\n\r\nhello"), data
+        assert_declared_prefix_then_close(data, b"hello")
+
+
+@pytest.mark.parametrize("parts", [[b"hel"], [b""]], ids=["short", "empty"])
+def test_body_shorter_than_content_length_in_one_message_is_a_500(serve: Any, parts: list[bytes]) -> None:
+    app = parts_app(headers=[(b"content-length", b"10")], parts=parts)
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request() + build_request(target="/second"))
+        assert_one_500(conn.read_until_close())
 
 
 def test_head_response_has_headers_but_no_body(serve: Any) -> None:

@@ -1,8 +1,10 @@
 """Graceful shutdown and lifespan as a client sees them (issue 2: "Lifespan and shutdown").
 
-``srv.server.should_exit = True`` is what the TERM handler does: stop accepting, finish the
-in-flight requests (answered with ``Connection: close``), close idle keep-alive connections,
-wait at most ``timeout_graceful_shutdown``, run lifespan shutdown, return.
+``srv.server.should_exit = True`` (``retire()``) is what a retiring worker does: stop
+accepting, finish the in-flight requests (answered with ``Connection: close``), leave idle
+keep-alive connections until their next request or their keep-alive timeout, wait at most
+``timeout_graceful_shutdown``, run lifespan shutdown, return. ``retire(close_idle=True)`` is
+what SIGTERM does when the whole server stops: the same, but idle connections close at once.
 """
 
 from __future__ import annotations
@@ -140,6 +142,60 @@ def test_idle_keep_alive_connection_closed_by_its_timeout_on_shutdown(serve: Any
             assert conn.read_until_close(timeout=3) == b""
         wait_for(lambda: not srv.thread.is_alive(), timeout=3)
         assert time.monotonic() - started < 3
+
+
+def test_whole_server_stop_closes_idle_connections_at_once(serve: Any) -> None:
+    # Issue 11 item 5: nobody else will answer an idle connection's next request, so a stopping
+    # server closes it now (half-close first, RFC 9112 §9.6) instead of at its keep-alive timeout.
+    app = BlockingApp()
+    with serve(app, timeout_keep_alive=30, timeout_graceful_shutdown=30) as srv:
+        with Conn.open(srv.host, srv.port) as idle, Conn.open(srv.host, srv.port) as fresh, \
+                Conn.open(srv.host, srv.port) as busy, Conn.open(srv.host, srv.port) as partial:
+            idle.send(build_request(target="/hello"))
+            assert idle.read_response().body == b"/hello"
+            busy.send(build_request(target="/block"))
+            wait_for(app.entered.is_set)
+            partial.send(build_request(target="/partial")[:20])  # a head on its way
+            wait_for(lambda: len(srv.server.state.connections) == 4)
+            started = time.monotonic()
+            srv.server.retire(close_idle=True)
+            assert idle.read_until_close(timeout=3) == b""
+            assert fresh.read_until_close(timeout=3) == b""
+            assert time.monotonic() - started < 3
+            partial.send(build_request(target="/partial")[20:])  # finished: answered, with close
+            resp = partial.read_response()
+            assert (resp.status, resp.body) == (200, b"/partial") and resp.has_token("connection", "close")
+            app.release.set()
+            resp = busy.read_response()
+            assert resp.body == b"/block" and resp.has_token("connection", "close")
+        wait_for(lambda: not srv.thread.is_alive(), timeout=5)
+
+
+def test_connection_that_becomes_idle_while_the_server_stops_is_closed(serve: Any) -> None:
+    # The head went out (keep-alive, chunked) before the stop; the response ends after it.
+    release, started = threading.Event(), threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first ", "more_body": True})
+        started.set()
+        await wait_event(release, timeout=10)
+        await send({"type": "http.response.body", "body": b"last"})
+
+    with serve(app, timeout_keep_alive=30, timeout_graceful_shutdown=30) as srv:
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(build_request())
+            wait_for(started.is_set)
+            srv.server.retire(close_idle=True)
+            wait_for(lambda: not srv.server.state.accepting_requests)
+            release.set()
+            resp = conn.read_response()
+            assert (resp.status, resp.body) == (200, b"first last")
+            assert not resp.has_token("connection", "close")  # its head said keep-alive ...
+            began = time.monotonic()
+            assert conn.read_until_close(timeout=3) == b""  # ... but the server is going away
+            assert time.monotonic() - began < 3
+        wait_for(lambda: not srv.thread.is_alive(), timeout=5)
 
 
 def test_request_on_idle_connection_during_shutdown_is_answered_with_close(serve: Any) -> None:

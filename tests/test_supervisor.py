@@ -49,7 +49,7 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
 
     Behaviour on start comes from the "mode file" (so a test can "deploy" new code):
     ``ok``, ``crash`` (fails like an import error), ``slow:<s>`` (slow import), ``stubborn``
-    (ignores SIGTERM). Per request: ``/hang`` blocks without heartbeats, ``/leak`` keeps 1 MiB,
+    (ignores SIGTERM and SIGHUP). Per request: ``/hang`` blocks without heartbeats, ``/leak`` keeps 1 MiB,
     ``/slow`` takes 0.3 s, anything else answers "pid number generation uid".
     It keeps its request budget as ``supervisor.budget`` describes (``nearing``, then the
     handover signal, then it stops accepting at the limit), unless the mode file says ``lax``.
@@ -73,6 +73,7 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
         Path(os.environ["SV_MODE_FILE"]).with_name(f"usr1-{os.getpid()}").write_text("reopened")
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)  # retire: the master replaces this worker
     signal.signal(signal.SIGINT, on_quick)
     signal.signal(signal.SIGQUIT, on_quick)
     signal.signal(signal.SIGUSR1, on_usr1)

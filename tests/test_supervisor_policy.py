@@ -20,7 +20,7 @@ import pytest
 
 from supervisor.budget import EXHAUSTED, LEAD_FACTOR, LEAD_MARGIN, NEARING, RequestBudget, lead_time
 from supervisor.channel import Message
-from supervisor.child import HANDOVER_SIGNAL
+from supervisor.child import HANDOVER_SIGNAL, RETIRE_SIGNAL
 from supervisor.config import SupervisorConfig
 from supervisor.policy import (
     HANDOVER_GRACE,
@@ -39,6 +39,7 @@ from supervisor.policy import (
 
 ROOT = Path(__file__).resolve().parent.parent
 TERM, KILL, QUIT, ABRT = signal.SIGTERM, signal.SIGKILL, signal.SIGQUIT, signal.SIGABRT
+RETIRE = RETIRE_SIGNAL  # SIGHUP: retire while the others serve (TERM: the whole server stops)
 
 
 def exit_status(code: int = 0, signum: int | None = None) -> int:
@@ -119,8 +120,8 @@ class Fleet:
         self.apply()
 
     def exit_signalled(self) -> None:
-        """Every worker that got TERM, QUIT or KILL exits."""
-        told = {pid for pid, signum in self.signals if signum in (TERM, QUIT, KILL)}
+        """Every worker that got RETIRE, TERM, QUIT or KILL exits."""
+        told = {pid for pid, signum in self.signals if signum in (RETIRE, TERM, QUIT, KILL)}
         for worker in list(self.policy.workers):
             if worker.pid in told:
                 self.exit(worker)
@@ -236,9 +237,9 @@ def test_reload_replaces_one_at_a_time_and_retires_only_after_the_successor_is_r
     running.advance(1.0)
     assert all(running.signalled(w) == [] for w in old)  # nothing retired before a successor is ready
     running.ready(successors[0])
-    assert running.signalled(old[0]) == [TERM] and running.signalled(old[1]) == []
+    assert running.signalled(old[0]) == [RETIRE] and running.signalled(old[1]) == []
     running.ready()
-    assert running.signalled(old[1]) == [TERM]
+    assert running.signalled(old[1]) == [RETIRE]
     assert running.policy.phase is Phase.RUNNING
     assert running.notes().count("READY=1") == 2
     assert {running.current(1).generation, running.current(2).generation} == {2}
@@ -291,7 +292,7 @@ def test_a_finishing_worker_short_of_its_budget_is_retired_after_the_grace() -> 
     fleet.advance(HANDOVER_GRACE - 0.25)  # traffic dropped: it stays short of its budget
     assert fleet.signalled(old) == [HANDOVER_SIGNAL]
     fleet.advance(0.5)
-    assert fleet.signalled(old) == [HANDOVER_SIGNAL, TERM]
+    assert fleet.signalled(old) == [HANDOVER_SIGNAL, RETIRE]
 
 
 def test_a_slot_keeps_one_finishing_worker_at_most() -> None:
@@ -303,7 +304,7 @@ def test_a_slot_keeps_one_finishing_worker_at_most() -> None:
     fleet.say(second, "nearing", 10, eta="0.5")  # a short life: it asks at once
     third = fleet.starting()[0]
     fleet.ready(third)
-    assert fleet.signalled(first) == [HANDOVER_SIGNAL, TERM]
+    assert fleet.signalled(first) == [HANDOVER_SIGNAL, RETIRE]
     assert second.state is State.FINISHING and fleet.current(1) is third
 
 
@@ -315,7 +316,7 @@ def test_a_late_replacement_lets_the_old_worker_serve_past_its_budget() -> None:
     fleet.advance(1.0)
     assert fleet.signalled(old) == [] and old.state is State.SERVING  # capacity first
     fleet.ready(fleet.starting()[0])
-    assert fleet.signalled(old) == [TERM]  # past its budget: retired at once
+    assert fleet.signalled(old) == [RETIRE]  # past its budget: retired at once
 
 
 def test_a_worker_that_keeps_no_budget_is_replaced_from_its_heartbeats() -> None:
@@ -326,7 +327,7 @@ def test_a_worker_that_keeps_no_budget_is_replaced_from_its_heartbeats() -> None
     fleet.say(lax, "heartbeat", 100)
     assert lax.reason is Reason.MAX_REQUESTS and len(fleet.starting()) == 1
     fleet.ready(fleet.starting()[0])
-    assert fleet.signalled(lax) == [TERM]
+    assert fleet.signalled(lax) == [RETIRE]
 
 
 def test_a_replacement_that_fails_keeps_the_old_worker_and_is_retried() -> None:
@@ -341,7 +342,7 @@ def test_a_replacement_that_fails_keeps_the_old_worker_and_is_retried() -> None:
     retry = fleet.policy.slots[1].successor
     assert retry is not None
     fleet.ready(retry)
-    assert fleet.signalled(old) == [TERM]
+    assert fleet.signalled(old) == [RETIRE]
 
 
 def test_budget_replacements_are_not_held_back_by_rotate_at_once() -> None:
@@ -370,7 +371,7 @@ def test_lifetime_replacement_starts_ahead_and_the_old_worker_retires_at_its_lif
     fleet.advance((old.lifetime_end or 0) - fleet.now - 0.1)
     assert fleet.signalled(old) == []
     fleet.advance(0.25)
-    assert fleet.signalled(old) == [TERM]
+    assert fleet.signalled(old) == [RETIRE]
 
 
 def test_a_lifetime_that_ends_before_the_replacement_is_ready_waits_for_it() -> None:
@@ -380,7 +381,7 @@ def test_a_lifetime_that_ends_before_the_replacement_is_ready_waits_for_it() -> 
     fleet.advance(3.0)  # the replacement takes longer than the lifetime that is left
     assert fleet.signalled(old) == [] and old.state is State.SERVING
     fleet.ready(fleet.starting()[0])
-    assert fleet.signalled(old) == [TERM]
+    assert fleet.signalled(old) == [RETIRE]
 
 
 def test_boot_times_set_how_early_a_lifetime_replacement_starts() -> None:
@@ -401,7 +402,7 @@ def test_a_finishing_worker_over_its_memory_limit_is_retired() -> None:
     fleet.ready(fleet.starting()[0])
     fleet.usage[old.pid or 0] = 150 << 20
     fleet.advance(0.6)
-    assert fleet.signalled(old) == [HANDOVER_SIGNAL, TERM]
+    assert fleet.signalled(old) == [HANDOVER_SIGNAL, RETIRE]
 
 
 # -- the worker's side of a budget (supervisor.budget) -------------------------------------------
@@ -468,7 +469,7 @@ def test_max_memory_needs_consecutive_samples_and_twice_the_limit_is_at_once() -
     assert slow.reason is Reason.MAX_MEMORY and fleet.signalled(slow) == []
     fleet.usage[fast.pid or 0] = 250 * MiB
     fleet.advance(0.5)
-    assert fleet.signalled(fast) == [TERM]  # no waiting for its replacement
+    assert fleet.signalled(fast) == [RETIRE]  # no waiting for its replacement
     assert fast.state is State.RETIRING
 
 
@@ -507,7 +508,7 @@ def test_ttin_adds_a_slot_and_ttou_retires_the_last(running: Fleet) -> None:
     running.ready(third)
     running.command(signal.SIGTTOU)
     assert sorted(running.policy.slots) == [1, 2]
-    assert running.signalled(third) == [TERM] and third.reason is Reason.SCALE
+    assert running.signalled(third) == [RETIRE] and third.reason is Reason.SCALE
     running.exit(third)
     assert running.policy.totals.restarts["scale"] == 1
     running.command(signal.SIGTTOU)

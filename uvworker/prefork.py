@@ -14,8 +14,10 @@ Recycling by --max-requests is kept exactly (``supervisor.budget``): a request h
 requests done, asks the master for a replacement (``nearing``) ahead of time, and once the
 master hands over (its replacement is ready) calls ``Server.retire()`` the moment the budget
 is spent: the listeners close and every connection answers its current or next request with
-``Connection: close``. Any other retirement comes from the master as SIGTERM, which this worker
-always takes as graceful (a second TERM does not force it: the master has its own deadline).
+``Connection: close``. Any other retirement comes from the master as SIGHUP (the others go on
+serving: idle keep-alive connections stay open until their next request); SIGTERM means the
+whole server stops, so idle connections are closed at once. Both are graceful (a second TERM
+does not force a quick stop: the master has its own deadline).
 """
 
 from __future__ import annotations
@@ -158,13 +160,13 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     state: ServerState | None = None
     said_retiring = False
 
-    def leave(reason: str | None = None) -> None:
+    def leave(reason: str | None = None, close_idle: bool = False) -> None:
         """Stop accepting now, gracefully; the master hears it first, so it sends no TERM on top."""
         nonlocal said_retiring
         if not said_retiring:
             said_retiring = True
             channel.retiring(reason)
-        server.retire()
+        server.retire(close_idle)
 
     def decide(decision: str | None, served: int) -> None:
         if decision == NEARING and budget is not None:
@@ -186,7 +188,8 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
         assert server.state is not None
         state = server.state
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, leave)
+        loop.add_signal_handler(signal.SIGHUP, leave)  # retire: the others go on serving
+        loop.add_signal_handler(signal.SIGTERM, leave, None, True)  # the whole server stops
         if context.requests_limit:
             now = time.monotonic()
             own_boot = now - context.spawned_at if context.spawned_at else 0.0

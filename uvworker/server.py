@@ -2,21 +2,30 @@
 
 ``Server`` runs one event loop in one process. The standalone CLI runs it directly; the
 supervisor and the Gunicorn worker run one per worker process and talk to it through the
-``on_ready`` / ``on_tick`` callbacks and :meth:`Server.retire`.
+``on_ready`` / ``on_tick`` callbacks and :meth:`Server.retire`. It makes the ``ServerState``
+every connection shares and hands it to them; the protocols never import this module.
 
 Shutdown has two speeds. Graceful (SIGTERM, retire(), should_exit): stop accepting, let every
-request in flight finish and answer it with ``Connection: close``, leave idle keep-alive
-connections until their next request (answered, then closed) or their keep-alive timeout,
-all bounded by ``timeout_graceful_shutdown``; then run lifespan shutdown. Quick (SIGQUIT, a
-second SIGINT, force_exit): close every connection and cancel the apps at once, then still
-run lifespan shutdown.
+request in flight finish and answer it with ``Connection: close``, then run lifespan
+shutdown, all bounded by ``timeout_graceful_shutdown``. What happens to an idle keep-alive
+connection depends on whether anyone else will serve its next request:
+
+    retire()                    the server goes on elsewhere (max requests, reload: other
+                                workers keep serving): idle connections stay open until their
+                                next request (answered with Connection: close) or their
+                                keep-alive timeout, because closing them races with a request
+                                the client may be sending at that moment
+    retire(close_idle=True),    the whole server stops: idle connections are closed at once
+    SIGTERM, SIGINT             (gracefully: our FIN first, then the client's)
+
+Quick (SIGQUIT, a second SIGINT, force_exit): close every connection and cancel the apps at
+once, then still run lifespan shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import importlib
 import logging
 import os
@@ -27,83 +36,21 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from uvworker.core.h1 import H1Options
+from uvworker.core.parsers import Limits
+from uvworker.core.response import HeadDefaults
 from uvworker.errors import ConfigError
 from uvworker.logging import reopen_files
 from uvworker.malloc import tune_heap
+from uvworker.protocols.connection import ServerState
 from uvworker.protocols.http import HTTPConnection
-from uvworker.core.parsers import Headers, Limits
 
 if TYPE_CHECKING:
     from uvworker.config import Config
-    from uvworker.protocols.cycle import RequestCycle
 
 logger = logging.getLogger("uvworker.error")
 
 TICK = 0.1  # how often the main loop looks at should_exit and connection deadlines
-
-
-class ServerState:
-    """What every connection of one server shares. Mutated only on the event loop."""
-
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, server: Server) -> None:
-        self.config = config
-        self.loop = loop
-        self.server = server
-        self.app = config.loaded_app
-        self.http_parser = config.http_parser
-        self.limits = Limits(config.limit_request_line, config.limit_request_fields, config.limit_request_field_size,
-                             config.h11_max_incomplete_event_size)
-        self.connections: set[HTTPConnection] = set()
-        self.active_requests = 0
-        self.requests_served = 0
-        self.accepting_requests = True
-        self.lifespan_state: dict[str, Any] = {}
-        self.access_log = config.access_log_writer
-        self.request_hooks: list[Callable[[RequestCycle], None]] = []
-        from uvworker.proxy import apply_proxy_headers
-
-        self.apply_proxy_headers = apply_proxy_headers
-        self.proxy_allow = config.proxy_allow
-        server_header = [(b"server", b"uvworker")] if config.server_header else []
-        self._fixed_headers: Headers = server_header + list(config.default_headers)
-        self._defaults = b""
-        self._second = 0
-        self.refresh_date()
-
-    def sweep(self) -> None:
-        """Once a tick: the Date header, and every connection's timeout."""
-        self.refresh_date()
-        now = self.loop.time()
-        for conn in list(self.connections):
-            if conn.deadline:
-                conn.check_deadline(now)
-
-    def refresh_date(self) -> None:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            date = [(b"date", email.utils.formatdate(now, usegmt=True).encode())] if self.config.date_header else []
-            self._date = date
-            self._defaults = b"".join(b"%s: %s\r\n" % pair for pair in self._fixed_headers + date)
-
-    def head_defaults(self, app_headers: Any) -> bytes:
-        """Pre-encoded default headers; those the app sets itself (Server, Date) are left out."""
-        if app_headers is None:
-            return self._defaults
-        own = {name.lower() for name, _ in app_headers}
-        pairs = [pair for pair in self._fixed_headers + self._date if pair[0] not in own]
-        return b"".join(b"%s: %s\r\n" % pair for pair in pairs)
-
-    def request_done(self, cycle: RequestCycle) -> None:
-        self.active_requests -= 1
-        self.requests_served += 1
-        if self.access_log is not None:
-            self.access_log.log(
-                cycle.scope, cycle.status, cycle.response_headers, cycle.bytes_sent,
-                cycle.start_time, time.perf_counter() - cycle.start_clock,
-            )
-        for hook in self.request_hooks:
-            hook(cycle)
 
 
 class Server:
@@ -126,6 +73,7 @@ class Server:
         self.state: ServerState | None = None
         self._servers: list[asyncio.base_events.Server] = []
         self._interrupts = 0
+        self._close_idle = False
 
     @property
     def requests_served(self) -> int:
@@ -140,13 +88,16 @@ class Server:
         with asyncio.Runner(loop_factory=self.config.loop_factory) as runner:
             runner.run(self.serve(sockets))
 
-    def retire(self) -> None:
+    def retire(self, close_idle: bool = False) -> None:
         """Stop gracefully: stop accepting, finish in-flight requests, then return from serve().
+        ``close_idle``: the whole server is stopping (nobody else will serve the next request
+        of an idle connection), so idle keep-alive connections close at once.
 
         Called on the event loop (e.g. by a request budget counted in front of the app) it
         takes effect at once: the listeners close and every connection answers its current or
         next request with ``Connection: close``. Called from elsewhere, within a tick."""
         self.should_exit = True
+        self._close_idle = self._close_idle or close_idle
         if self.started and self.state is not None and _running_loop() is self.state.loop:
             self._stop_accepting()
 
@@ -157,11 +108,10 @@ class Server:
         config = self.config
         config.load()
         loop = asyncio.get_running_loop()
-        state = self.state = ServerState(config, loop, self)
+        lifespan = Lifespan(config.loaded_app, config.lifespan, logger)
+        state = self.state = make_state(config, loop, lifespan.state)
         if self.install_signal_handlers:
             self._install_signal_handlers(loop)
-        lifespan = Lifespan(config.loaded_app, config.lifespan, logger)
-        state.lifespan_state = lifespan.state
         if not await lifespan.startup():
             self.startup_failed = True
             await lifespan.shutdown()  # only reaps the app's lifespan task
@@ -217,7 +167,7 @@ class Server:
         while not self.should_exit:
             await asyncio.sleep(TICK)
             now = time.monotonic()
-            state.sweep()
+            _sweep(state)
             if now >= next_tick:
                 next_tick = now + 1.0
                 if self.on_tick is not None:
@@ -242,10 +192,10 @@ class Server:
                 )
                 break
             await asyncio.sleep(TICK)
-            state.sweep()
+            _sweep(state)
             if self.on_tick is not None:
                 self.on_tick(self)
-        tasks = [conn.cycle.task for conn in state.connections if conn.cycle and conn.cycle.task]
+        tasks = [conn.task for conn in state.connections if conn.task is not None]
         for conn in list(state.connections):
             conn.abort()
         if tasks:  # let cancelled apps run their cleanup before lifespan shutdown
@@ -255,10 +205,11 @@ class Server:
         state = self.state
         assert state is not None
         state.accepting_requests = False
+        state.closing_idle = close_idle = self._close_idle
         for server in self._servers:
             server.close()
         for conn in list(state.connections):
-            conn.shutdown()
+            conn.shutdown(close_idle)
 
     # -- signals ----------------------------------------------------------------------------
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -271,7 +222,8 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, logger.warning, "SIGHUP ignored: reloading needs --workers.")
 
     def handle_signal(self, sig: int) -> None:
-        """TERM: graceful. INT: graceful, a second one quick. QUIT: quick."""
+        """TERM: graceful. INT: graceful, a second one quick. QUIT: quick. The whole server
+        stops, so idle keep-alive connections are closed at once."""
         if sig == signal.SIGINT:
             self._interrupts += 1
             if self._interrupts > 1:
@@ -280,7 +232,36 @@ class Server:
             self.force_exit = True
         if self.should_exit and sig == signal.SIGTERM:
             self.force_exit = True
-        self.should_exit = True
+        self.retire(close_idle=True)
+
+
+def make_state(config: Config, loop: asyncio.AbstractEventLoop, lifespan_state: dict[str, Any]) -> ServerState:
+    """What every connection of a server shares, from the loaded settings."""
+    h1 = H1Options(
+        parser=config.http_parser,
+        limits=Limits(config.limit_request_line, config.limit_request_fields, config.limit_request_field_size,
+                      config.h11_max_incomplete_event_size),
+        root_path=config.root_path,
+        proxy_headers=config.proxy_headers,
+        forwarded_allow=config.forwarded_allow,
+        proxy_protocol=config.proxy_protocol,
+        proxy_allow=config.proxy_allow,
+        websocket=config.ws != "none",
+        keep_alive=bool(config.timeout_keep_alive),
+        lifespan_state=lifespan_state,
+    )
+    fixed = ([(b"server", b"uvworker")] if config.server_header else []) + list(config.default_headers)
+    defaults = HeadDefaults(fixed, config.date_header)
+    return ServerState(config, loop, config.loaded_app, h1, defaults, config.access_log_writer)
+
+
+def _sweep(state: ServerState) -> None:
+    """Once a tick: the Date header, and every connection's deadline."""
+    state.defaults.refresh(time.time())
+    now = state.loop.time()
+    for conn in list(state.connections):
+        if conn.deadline:
+            conn.check_deadline(now)
 
 
 def listen(config: Config) -> list[socket.socket]:

@@ -2,6 +2,7 @@
 
 Sans-I/O: plain functions of bytes and settings, no connection and no loaded Config.
 
+* ``check_version`` maps the request's version onto the one it is served as.
 * ``check_head`` validates a head in one pass over its fields: Host, Content-Length and
   Transfer-Encoding rules that close request-smuggling gaps; it also reads what the connection
   needs to know (keep-alive, ``Expect: 100-continue``, an upgrade, proxy headers present).
@@ -33,6 +34,15 @@ _HEADS = {
     b"x-forwarded-for": _PROXY,
     b"x-forwarded-proto": _PROXY,
 }
+
+
+def check_version(http_version: str) -> str:
+    """The version a request is served as: 1.0 or 1.1; raises HTTPError(505) for others."""
+    if http_version == "1.1" or http_version == "1.0":
+        return http_version
+    if http_version[:2] != "1.":
+        raise HTTPError(505, "HTTP Version Not Supported")
+    return "1.1"  # RFC 9110 §2.5: a later 1.x minor version is served as 1.1
 
 
 def check_head(http_version: str, headers: Headers) -> tuple[bool, bool, bytes | None, bool]:
@@ -111,7 +121,7 @@ def decode_path(raw_path: bytes) -> str:
 
 
 def build_scope(
-    method: bytes, target: bytes, http_version: str, headers: Headers, *,
+    method: bytes, target: bytes, http_version: str, headers: Headers,
     server: Any, client: Any, scheme: str, root_path: str, state: dict[str, Any],
 ) -> dict[str, Any]:
     """The ASGI ``http`` scope of a checked head; ``state`` is copied (lifespan state)."""

@@ -4,10 +4,13 @@ own error answers. Sans-I/O: bytes in, bytes out.
 
 from __future__ import annotations
 
+import email.utils
 import re
+import time
 from http import HTTPStatus
+from typing import Any
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+_TOKEN = is_token = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _BAD_VALUE = re.compile(rb"[\x00\r\n]").search
 
 
@@ -54,3 +57,31 @@ def error_response(status: int, reason: str, defaults: bytes, extra: bytes = b""
     return b"%s%s%scontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
         STATUS_LINES[status], defaults, extra, len(body), body
     )
+
+
+class HeadDefaults:
+    """The headers the server adds to every response — Server, the --header ones, Date —
+    pre-encoded once; ``refresh`` renews the Date line when the second changes."""
+
+    __slots__ = ("fixed", "with_date", "encoded", "_date", "_second")
+
+    def __init__(self, fixed: list[tuple[bytes, bytes]], date: bool, now: float = 0.0) -> None:
+        self.fixed = fixed
+        self.with_date = date
+        self.encoded = b""
+        self._date: list[tuple[bytes, bytes]] = []
+        self._second = -1
+        self.refresh(now or time.time())
+
+    def refresh(self, now: float) -> None:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            if self.with_date:
+                self._date = [(b"date", email.utils.formatdate(second, usegmt=True).encode())]
+            self.encoded = b"".join(b"%s: %s\r\n" % pair for pair in self.fixed + self._date)
+
+    def without(self, app_headers: Any) -> bytes:
+        """The default lines, less those the app sets itself (Server, Date)."""
+        own = {name.lower() for name, _ in app_headers}
+        return b"".join(b"%s: %s\r\n" % pair for pair in self.fixed + self._date if pair[0] not in own)

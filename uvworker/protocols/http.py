@@ -1,13 +1,20 @@
-"""The HTTP/1.1 connection: bytes in, bytes out, deadlines and flow control.
+"""The HTTP/1.1 transport: moves bytes between the socket and the sans-I/O core, runs the
+deadlines and the flow control, and carries each request's ASGI cycle (it is the cycle's
+``Stream``).
 
 Theory of operation. A connection is always in one of these phases:
 
     phase          deadline running           left by
     -------------  -------------------------  ----------------------------------------------
-    WAIT_HEAD      timeout_request_header     a complete head → CYCLE (the app runs)
+    WAIT_HEAD      timeout_request_header     a complete head → CYCLE (the app runs), or
+                                              UPGRADE (a WebSocket handshake)
     KEEP_ALIVE     timeout_keep_alive         the first byte of the next request → WAIT_HEAD
     CYCLE          body deadline, if waiting  the response completes → KEEP_ALIVE, or close
-                   for body the app asked for
+                   for body the app asked for;
+                   timeout_send while the
+                   client does not read
+    UPGRADE        none (the app decides)     websocket.accept → the transport belongs to a
+                                              WebSocketConnection; a refusal → close
     CLOSED         none                       (final)
 
 The server's sweep enforces the deadline a few times a second (``check_deadline``).
@@ -15,110 +22,105 @@ The server's sweep enforces the deadline a few times a second (``check_deadline`
 A fresh connection starts in WAIT_HEAD, so a client that connects and never sends a request
 is cut off by the header timeout, and one that trickles its head is cut off by the same
 deadline (it is not reset by later bytes). While a cycle runs, further pipelined input is held
-by the parser adapter and reading stops; when the response is complete the held input is
-replayed, in order. Anything the parser refuses becomes a 4xx with ``Connection: close``,
-after the responses to the requests before it.
+by the core and reading stops; when the response is complete the held input is delivered, in
+order. Anything the core refuses becomes a 4xx with ``Connection: close``, after the responses
+to the requests before it.
 
 Flow control, both ways: the cycle pauses reading when the app is not consuming the body, and
 ``send()`` waits for ``drain()`` while the transport's write buffer is over its high-water mark.
 
-Retiring (graceful shutdown, max requests, reload): new requests on this connection still get
-an answer, with ``Connection: close``; an idle keep-alive connection is left open until its
-next request or its keep-alive timeout, because closing it races with a request the client may
-be sending at that moment.
+Retiring (max requests, reload: the server goes on in other workers): new requests on this
+connection still get an answer, with ``Connection: close``; an idle keep-alive connection is
+left open until its next request or its keep-alive timeout, because closing it races with a
+request the client may be sending at that moment. When the whole server stops
+(``shutdown(close_idle=True)``) nobody else could answer that request: idle connections are
+closed at once, gracefully (our side first, then the client's FIN or a short linger).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
-from uvworker.protocols.batch import WriteBatch
-from uvworker.core.parsers import Headers, make_parser
-from uvworker.core.request import build_scope, check_head
-from uvworker.core.response import error_response
+from uvworker.core.h1 import DISCARD, NEXT, BodyLengthError, H1Core
 from uvworker.errors import HTTPError
+from uvworker.protocols.connection import CLOSED, Connection, ServerState
 from uvworker.protocols.cycle import RequestCycle
 
 if TYPE_CHECKING:
-    from uvworker.server import ServerState
+    import asyncio
+
+    from uvworker.protocols.websocket import WebSocketConnection
 
 logger = logging.getLogger("uvworker.error")
 
-WAIT_HEAD, KEEP_ALIVE, CYCLE, CLOSED = range(4)
-MAX_DISCARD = 4 * 1024 * 1024  # unread request body we drop to keep a connection, at most
+WAIT_HEAD, KEEP_ALIVE, CYCLE, UPGRADE, LINGER = range(1, 6)
 WRITE_BATCH = 64 * 1024  # streamed response bytes that may wait for the end of a loop turn
+EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send behind a WebSocket handshake, unparsed
+LINGER_TIME = 2.0  # after our FIN to an idle connection, how long we wait for the client's
 
 
-class HTTPConnection(asyncio.Protocol):
+class HTTPConnection(Connection):
     def __init__(self, state: ServerState) -> None:
-        self.state = state
-        self.config = state.config
-        self.loop = state.loop
+        super().__init__(state)
         self.phase = WAIT_HEAD
         self.cycle: RequestCycle | None = None
-        self.keep_alive_allowed = True
-        self.write_paused = False
-        self.reading_paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
-        # One deadline per connection, checked by the server's sweep (``check_deadline``) a few
-        # times a second: cheaper per request than arming and cancelling loop timers.
-        self.deadline = 0.0
-        self._discarded = 0
-        self._proxy_buffer: bytes | None = b"" if self.config.proxy_protocol else None
+        self.upgrade: WebSocketConnection | None = None  # a WebSocket handshake in progress
+        self.fresh = True  # nothing received yet: idle, for a stopping server
+        self._early: list[bytes] = []  # bytes after a WebSocket handshake, until accept
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self.batch = WriteBatch(self.transport, self.loop, WRITE_BATCH)
-        self.state.connections.add(self)
-        self.client = _address(transport.get_extra_info("peername"))
-        self.server = _address(transport.get_extra_info("sockname"))
+        self.attach(transport, WRITE_BATCH)  # type: ignore[arg-type]
         self.is_tls = transport.get_extra_info("sslcontext") is not None
-        self.scheme = "https" if self.is_tls else "http"
-        self._peer_trusted_for_proxy = self.config.proxy_headers and self._trusted(self.client)
-        self.parser = make_parser(self.state.http_parser, self, self.state.limits)
-        # A keep-alive timeout of 0 means no keep-alive: answer with Connection: close rather
-        # than close the moment the response is out, which races the client's next request.
-        if not self.state.accepting_requests or not self.config.timeout_keep_alive:
-            self.keep_alive_allowed = False
+        state = self.state
+        core = self.core = H1Core(
+            state.h1, self, state.defaults, _address(transport.get_extra_info("peername")),
+            _address(transport.get_extra_info("sockname")), "https" if self.is_tls else "http",
+        )
+        self.parser = core.parser
+        self.send_start = core.start  # the cycle's stream.send_start(status, headers), direct
+        if not state.accepting_requests:
+            core.keep_alive_allowed = False
         self._set_deadline(self.config.timeout_request_header)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.phase = CLOSED
-        self.state.connections.discard(self)
-        self.deadline = 0.0
-        if self.cycle is not None:
-            self.cycle.on_disconnect()
-            self._finish(self.cycle)
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
+        super().connection_lost(exc)
+        cycle = self.cycle
+        if cycle is not None:
+            cycle.on_disconnect()
+            self._finish(cycle)
+        if self.upgrade is not None:
+            self.upgrade.handshake_lost()
+            self._finish(self.upgrade)
 
     def data_received(self, data: bytes) -> None:
         phase = self.phase
-        if phase == CLOSED:
-            return
         if phase == KEEP_ALIVE:
             self.phase = WAIT_HEAD
-        if self._proxy_buffer is not None:
-            data = self._read_proxy_header(data)
-            if not data:
-                return
+        elif phase == UPGRADE or phase == LINGER:
+            self._hold_early(data)
+            return
+        elif phase == CLOSED:
+            return
+        self.fresh = False
         try:
-            self.parser.feed(data)
+            self.core.feed(data)
         except HTTPError as exc:
-            self._reject(exc)
+            self.on_refused(exc)
             return
         if phase == KEEP_ALIVE and self.phase == WAIT_HEAD:
             # A new request has begun but its head is not complete: the header timeout runs.
-            # (Set only now: most heads arrive whole, and on_head clears the deadline anyway.)
+            # (Set only now: most heads arrive whole, and on_request clears the deadline anyway.)
             self._set_deadline(self.config.timeout_request_header)
         if self.parser.holding_input and not self.reading_paused:
             self.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        if self.phase == LINGER:
+            self.close()
+        return None
 
     def pause_writing(self) -> None:
         # The client is not reading what we send: stop reading (and answering) what it sends,
@@ -132,59 +134,46 @@ class HTTPConnection(asyncio.Protocol):
         self.write_paused = False
         if self.phase == CYCLE:
             self.deadline = 0.0  # a body deadline, if any, is set again when the app asks for body
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
+        self._release_writers()
         if self.phase == KEEP_ALIVE and self.cycle is None and self.parser.held:
             self._next_cycle()  # answer the pipelined requests we held back
         else:
             self.resume_reading()
 
-    # -- parser events ----------------------------------------------------------------------
-    def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers) -> None:
+    # -- events from the core ---------------------------------------------------------------
+    def on_request(self, scope: dict[str, Any]) -> None:
         state = self.state
-        if http_version != "1.1" and http_version != "1.0":
-            if http_version[:2] != "1.":
-                raise HTTPError(505, "HTTP Version Not Supported")
-            http_version = "1.1"  # RFC 9110 §2.5: a later 1.x minor version is served as 1.1
-        keep_alive, expect, upgrade, proxied = check_head(http_version, headers)
-        scope = build_scope(
-            method, target, http_version, headers, server=self.server, client=self.client,
-            scheme=self.scheme, root_path=self.config.root_path, state=state.lifespan_state,
-        )
         self.deadline = 0.0
         self.phase = CYCLE
-        if proxied and self._peer_trusted_for_proxy:
-            state.apply_proxy_headers(scope, self.config.forwarded_allow)
-        if upgrade == b"websocket" and method == b"GET" and http_version == "1.1" and self.config.ws != "none":
-            from uvworker.protocols.websocket import upgrade_to_websocket
-
-            if upgrade_to_websocket(self, scope):
-                self.phase = CLOSED  # the transport now belongs to the WebSocket connection
-                state.connections.discard(self)
-                return
-        cycle = self.cycle = RequestCycle(self, scope, keep_alive and self.keep_alive_allowed, expect)
+        cycle = self.cycle = RequestCycle(self, scope, self.core.expect_continue)
         state.active_requests += 1
         limit = self.config.limit_concurrency
         if limit is not None and state.active_requests > limit:
             cycle.response_started = cycle.response_complete = True
-            cycle.keep_alive = False
             cycle.status = 503
             self.send_error(503, "Service Unavailable", cycle)
             return
-        cycle.task = self.loop.create_task(  # --reset-contextvars: a fresh, empty context
-            cycle.run_asgi(state.app), context=Context() if self.config.reset_contextvars else None
-        )
+        if self.config.reset_contextvars:  # a fresh, empty context for each request
+            cycle.task = self.loop.create_task(cycle.run_asgi(state.app), context=Context())
+        else:
+            cycle.task = self.loop.create_task(cycle.run_asgi(state.app))
+
+    def on_upgrade(self, scope: dict[str, Any]) -> None:
+        from uvworker.protocols.websocket import new_session
+
+        session = new_session(self, scope)
+        if session is None:  # no WebSocket support installed: plain HTTP
+            self.on_request(scope)
+            return
+        self.deadline = 0.0
+        self.phase = UPGRADE
+        self.state.active_requests += 1
+        self.upgrade = session
+        session.start()
 
     def on_body(self, data: bytes) -> None:
         cycle = self.cycle
         if cycle is not None:
-            if cycle.response_complete:
-                self._discarded += len(data)
-                if self._discarded > MAX_DISCARD:
-                    self.close()
-                return
             cycle.on_body(data)
             if self.deadline:
                 rate = self.config.min_request_body_rate
@@ -198,136 +187,202 @@ class HTTPConnection(asyncio.Protocol):
         if cycle is not None:
             cycle.on_end()
             self.deadline = 0.0
-            if cycle.response_complete:  # the body was being discarded after the response
-                self.loop.call_soon(self._next_cycle)  # not from inside the parser
 
-    # -- called by the cycle --------------------------------------------------------------
-    def write(self, data: bytes) -> None:
-        """Write now, after whatever write_soon() batched."""
-        if self.phase != CLOSED:
-            self.batch.write(data)
+    def on_discarded(self, reusable: bool) -> None:
+        """The body the app left unread after its response has been dropped (or was too big)."""
+        self.deadline = 0.0
+        if reusable:
+            self.loop.call_soon(self._next_cycle)  # not from inside the parser
+        else:
+            self.close()
 
-    def writelines(self, parts: tuple[bytes, ...]) -> None:
-        """Write now, by reference (one writev): for large pieces, which a join would copy."""
-        if self.phase != CLOSED:
-            self.batch.write(*parts)
+    def on_refused(self, error: HTTPError) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.on_disconnect()  # the app sees its request end badly
+            if cycle.task is not None:
+                cycle.task.cancel()
+            if cycle.response_started and not self.core.head:
+                self._finish(cycle)
+                self.close()  # part of the response is out: cut it rather than desynchronise
+                return
+            cycle.response_started = cycle.response_complete = True
+            cycle.status = error.status
+            self.send_error(error.status, error.reason, cycle)
+            return
+        self.send_error(error.status, error.reason)
 
-    def write_soon(self, data: bytes) -> None:
-        """A piece of a streamed response: the pieces sent in one loop turn go out in one write
-        (at most WRITE_BATCH bytes wait, so send() still meets backpressure)."""
-        if self.phase != CLOSED:
-            self.batch.add(data)
+    # -- the cycle's stream ---------------------------------------------------------------------
+    def send_continue(self) -> None:
+        data = self.core.continue_()
+        if data:
+            self.write(data)
 
-    async def drain(self) -> None:
-        if self.write_paused and self.phase != CLOSED:
-            waiter = self.loop.create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
+    def want_body(self) -> None:
+        """The app is waiting for body bytes: make sure they flow, and bound how long."""
+        self.resume_reading()
+        if not self.deadline:
+            self._set_deadline(self.config.timeout_request_body)
 
-    def pause_reading(self) -> None:
+    def pause_body(self) -> None:
         if not self.reading_paused and self.phase != CLOSED:
             self.reading_paused = True
             self.transport.pause_reading()
-            if self.phase == CYCLE:
-                # Time the app spends not reading the body is not the client's fault: the body
-                # deadline restarts when the app asks for more.
-                self.deadline = 0.0
+            # Time the app spends not reading the body is not the client's fault: the body
+            # deadline restarts when the app asks for more.
+            self.deadline = 0.0
+
+    def body_consumed(self, size: int) -> None:
+        if self.reading_paused:
+            self.resume_reading()
 
     def resume_reading(self) -> None:
         if self.reading_paused and not self.write_paused and not self.parser.holding_input and self.phase != CLOSED:
             self.reading_paused = False
             self.transport.resume_reading()
 
-    def wait_for_body(self) -> None:
-        """The app is waiting for body bytes: make sure they flow, and bound how long."""
-        self.resume_reading()
-        if not self.deadline:
-            self._set_deadline(self.config.timeout_request_body)
-
-    def on_response_complete(self, cycle: RequestCycle) -> None:
-        self._finish(cycle)
-        if not cycle.keep_alive or self.phase == CLOSED:
-            self.close()
-        elif not cycle.more_body:
-            self._next_cycle()
+    def send_body(self, cycle: RequestCycle, body: bytes, more: bool) -> None:
+        try:
+            data = self.core.body(body, more)
+        except BodyLengthError as err:
+            cycle.response_complete = True
+            if err.committed:
+                self.writelines(err.data) if type(err.data) is tuple else self.write(err.data)
+                self._finish(cycle)
+                self.close()
+            else:
+                cycle.status = 500
+                self.send_error(500, "Internal Server Error", cycle)
+            raise
+        if type(data) is bytes:
+            if data:
+                if more:
+                    self.write_soon(data)
+                else:
+                    self.write(data)
         else:
-            # The app answered without reading the whole body: read and drop the rest (bounded
-            # by the body deadline) so that the connection can be reused.
-            self.resume_reading()
-            self.wait_for_body()
-
-    def abort_response(self, cycle: RequestCycle) -> None:
-        """The response cannot be completed correctly: close rather than desynchronise."""
-        self._finish(cycle)
-        self.close()
-
-    def send_error(self, status: int, reason: str, cycle: RequestCycle | None = None) -> None:
-        self.write(error_response(status, reason, self.state.head_defaults(None)))
-        if cycle is not None:
-            cycle.bytes_sent = len(reason.encode())
+            self.writelines(data)  # type: ignore[arg-type]
+        if not self.core.no_body:
+            cycle.bytes_sent += len(body)
+        if not more:
             self._finish(cycle)
+            after = self.core.after
+            if after == NEXT:
+                self._next_cycle()
+            elif after == DISCARD and self.phase != CLOSED:
+                # The app answered without reading the whole body: read and drop the rest
+                # (bounded in size, and by the body deadline) so the connection can be reused.
+                self.core.discard_body()
+                self.want_body()
+            else:
+                self.close()
+
+    def fail(self, cycle: RequestCycle) -> None:
+        if self.cycle is not cycle or self.phase == CLOSED:
+            return
+        if not cycle.response_started or self.core.head:  # nothing is out yet: answer 500
+            cycle.response_started = True
+            cycle.status = 500
+            self.send_error(500, "Internal Server Error", cycle)
+        else:
+            self._finish(cycle)
+            self.close()
+
+    def send_error(self, status: int, reason: str, record: Any = None, extra: bytes = b"") -> None:
+        """An answer of the server's own instead of the app's; the connection closes after it."""
+        self.write(self.core.error(status, reason, extra))
+        if record is not None:
+            record.bytes_sent = len(reason.encode())
+            self._finish(record)
         self.close()
+
+    # -- the WebSocket handshake -----------------------------------------------------------------
+    def _hold_early(self, data: bytes) -> None:
+        """Bytes behind a handshake (the client's first frames): kept, bounded, until accept."""
+        if self.upgrade is not None:
+            self._early.append(data)
+            if sum(map(len, self._early)) > EARLY_DATA_LIMIT:
+                self.pause_reading()
+
+    def start_denial(self, record: Any) -> RequestCycle:
+        """The app refuses the handshake with an HTTP response of its own: a cycle for it."""
+        cycle = self.cycle = RequestCycle(self, record.scope)
+        self.upgrade = None  # the phase stays UPGRADE: later input is dropped, the close follows
+        self.core.keep_alive = self.core.keep_alive_allowed = False
+        cycle.start_time, cycle.start_clock, cycle.task = record.start_time, record.start_clock, record.task
+        return cycle
+
+    def refuse_handshake(self, record: Any, status: int, reason: str, extra: bytes = b"") -> None:
+        """The handshake ends with an answer of the server's own (400, 403, 426, 500, 503)."""
+        if self.upgrade is record:
+            self.upgrade = None
+            record.status = status
+            self.send_error(status, reason, record, extra)
+
+    def hand_over(self, ws: WebSocketConnection) -> bytes:
+        """websocket.accept: the transport now belongs to ``ws``; returns the bytes read past
+        the handshake (its first frames)."""
+        early = self.core.trailing_data + b"".join(self._early)
+        self._early.clear()
+        self.upgrade = None
+        self.phase = CLOSED
+        self.state.connections.discard(self)
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return early
 
     # -- lifecycle ------------------------------------------------------------------------
-    def shutdown(self) -> None:
+    @property
+    def task(self) -> asyncio.Task[None] | None:  # type: ignore[override]
+        if self.upgrade is not None:
+            return self.upgrade.task
+        return self.cycle.task if self.cycle is not None else None
+
+    def shutdown(self, close_idle: bool = False) -> None:
         """Retire: answer what is in flight with Connection: close; no new keep-alive."""
-        self.keep_alive_allowed = False
-        if self.cycle is not None and not self.cycle.response_started:
-            self.cycle.keep_alive = False
+        self.core.keep_alive_allowed = False
+        if self.upgrade is not None:
+            self.upgrade.retire()
+        elif close_idle and (self.phase == KEEP_ALIVE or (self.phase == WAIT_HEAD and self.fresh)):
+            if self.parser.holding_input:
+                return  # a pipelined request is waiting: it gets its answer first
+            self._close_idle()
 
-    def close(self) -> None:
-        if self.phase != CLOSED:
-            self.batch.flush()
-            self.phase = CLOSED
-            self.deadline = 0.0
-            self.transport.close()
+    def _close_idle(self) -> None:
+        """RFC 9112 §9.6: half-close first, so that a request crossing our FIN meets the
+        client's read of our FIN rather than a reset; then wait briefly for the client's."""
+        transport = self.transport
+        if self.write_paused or not transport.can_write_eof():
+            self.close()
+            return
+        self.batch.flush()
+        self.phase = LINGER
+        transport.write_eof()
+        self.resume_reading()
+        self._set_deadline(LINGER_TIME)
 
-    def _drop(self) -> None:
-        """Close now, discarding unsent bytes: the client is not reading them."""
-        self.phase = CLOSED
-        self.transport.abort()
-
-    def abort(self) -> None:
-        """Shutdown's last resort: cancel the app and drop the connection."""
-        if self.cycle is not None and self.cycle.task is not None:
-            self.cycle.task.cancel()
-        self._drop()
-
-    # -- internals ------------------------------------------------------------------------
-    def _finish(self, cycle: RequestCycle) -> None:
-        if not cycle.finished:
-            cycle.finished = True
-            self.state.request_done(cycle)
+    def _finish(self, record: Any) -> None:
+        if not record.finished:
+            record.finished = True
+            self.state.request_done(record)
 
     def _next_cycle(self) -> None:
         self.cycle = None
         self.phase = KEEP_ALIVE
-        self._discarded = 0
         self._set_deadline(self.config.timeout_keep_alive)
+        if self.state.closing_idle and not self.parser.holding_input:
+            self._close_idle()  # the whole server is stopping: nobody would answer a next request
+            return
         if self.write_paused:
             return  # resume_writing() continues once the client reads its responses
         try:
             self.parser.next_cycle()
         except HTTPError as exc:
-            self._reject(exc)
+            self.on_refused(exc)
             return
         if self.reading_paused:
             self.resume_reading()  # unless more pipelined input is still held
-
-    def _reject(self, exc: HTTPError) -> None:
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            cycle.on_disconnect()  # the app sees its request end badly
-            if cycle.task is not None:
-                cycle.task.cancel()
-            if cycle.response_started and not cycle.head:
-                self.abort_response(cycle)
-                return
-            cycle.response_started = cycle.response_complete = True
-            cycle.status = exc.status
-            self.send_error(exc.status, exc.reason, cycle)
-            return
-        self.send_error(exc.status, exc.reason)
 
     def _set_deadline(self, delay: float) -> None:
         self.deadline = self.loop.time() + delay
@@ -339,47 +394,17 @@ class HTTPConnection(asyncio.Protocol):
         self.deadline = 0.0
         cycle = self.cycle
         if self.phase != CYCLE or cycle is None:
-            # Header or keep-alive timeout. A client that stopped reading our responses would
-            # keep a graceful close waiting for the flush forever: abort those.
-            self._drop() if self.write_paused else self.close()
-        elif not cycle.response_started or cycle.head:
+            # Header, keep-alive or linger timeout. A client that stopped reading our responses
+            # would keep a graceful close waiting for the flush forever: abort those.
+            self.drop() if self.write_paused else self.close()
+        elif not cycle.response_started or self.core.head:
             cycle.on_disconnect()  # the body stalled before any answer: 408
             cycle.response_started = cycle.response_complete = True
             cycle.status = 408
             self.send_error(408, "Request Timeout", cycle)
         else:  # the body stalled after the answer began, or the client stopped reading it
             cycle.on_disconnect()
-            self._drop() if self.write_paused else self.close()
-
-    def _trusted(self, address: tuple[str, int] | None) -> bool:
-        host = address[0] if address else None
-        return host is None or host in self.config.forwarded_allow
-
-    def _read_proxy_header(self, data: bytes) -> bytes:
-        from uvworker.proxy import V1_PREFIX, V2_SIGNATURE, ProxyProtocolError, parse_proxy_protocol
-
-        buffer = self._proxy_buffer + data  # type: ignore[operator]
-        if not (V1_PREFIX.startswith(buffer[:6]) or V2_SIGNATURE.startswith(buffer[:12])):
-            self._proxy_buffer = None
-            return buffer
-        host = self.client[0] if self.client else None
-        try:
-            if host is not None and host not in self.state.proxy_allow:
-                raise ProxyProtocolError("PROXY header from a peer not in proxy_allow_ips")
-            info = parse_proxy_protocol(buffer)
-        except ProxyProtocolError as exc:
-            self.send_error(400, f"Invalid PROXY protocol header: {exc}")
-            return b""
-        if info is None:
-            self._proxy_buffer = buffer
-            return b""
-        self._proxy_buffer = None
-        if info.client is not None:
-            self.client = info.client
-            self.server = info.server or self.server
-            self._peer_trusted_for_proxy = self.config.proxy_headers and self._trusted(self.client)
-        return buffer[info.consumed :]
-
+            self.drop() if self.write_paused else self.close()
 
 
 def _address(address: Any) -> Any:

@@ -1,0 +1,350 @@
+"""One HTTP/1.1 connection, sans-I/O: request bytes in, events out; response messages in, bytes out.
+
+Rules this module keeps:
+
+* One request at a time. Input behind a complete request (pipelining) is held by the parser
+  adapter until ``next_request()``, after the response, and then delivered in order.
+* Every head is checked once (``core.request``), whichever parser read it. Input that is
+  refused becomes an ``on_refused(HTTPError)`` event; ``error()`` gives the answer's bytes.
+* Response framing is decided once, at the first body piece, when both the app's headers and
+  whether more body follows are known: the app's Content-Length; else the Content-Length of
+  the single piece; else chunked (HTTP/1.1) or close-delimited (HTTP/1.0). HEAD, 204 and 304
+  never carry a body. The head and the first piece leave as one write.
+* A body that contradicts its declared Content-Length raises ``BodyLengthError``: when nothing
+  has been written yet the client gets a 500, else the connection closes after at most the
+  declared bytes. The peer never sees a desynchronised stream, and never silence.
+* The keep-alive decision is made here, from the request (version, Connection), the response
+  (the app's Connection: close, a close-delimited body, a 100-continue the app never took)
+  and ``keep_alive_allowed``, which the transport clears when the server retires.
+
+Theory of operation. The transport (``protocols.http``) moves bytes and runs timers; it calls:
+
+    feed(data)             the PROXY header if expected, then the parser; the handler gets
+                           on_request(scope) | on_upgrade(scope), on_body(data), on_end(),
+                           on_discarded(reusable); refused input raises HTTPError
+                           (``receive_data`` turns it into an on_refused(error) event)
+    continue_()            the bytes of a 100 Continue, once, if the client asked for one
+    start(status, headers) checks and encodes the response head (RuntimeError if invalid)
+    body(data, more)       the framed bytes to write: bytes, or a tuple to write by reference
+    error(status, reason)  a whole answer of the server's own, with Connection: close
+    after                  set by the last body piece: NEXT, CLOSE, or DISCARD (the app left
+                           request body unread: it is read and dropped, bounded, and
+                           on_discarded says whether the connection can be reused)
+    next_request()         the next request may start: held input is delivered now (raises
+                           HTTPError for a refused one; the hot path calls parser.next_cycle)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from uvworker.core.parsers import Headers, Limits, make_parser
+from uvworker.core.request import build_scope, check_head, check_version
+from uvworker.core.response import (
+    HEADER_LINES, RESP_CONNECTION, RESP_ENCODING, RESP_LENGTH, STATUS_LINES, HeadDefaults, error_response,
+    header_line,
+)
+from uvworker.errors import HTTPError
+
+if TYPE_CHECKING:
+    from uvworker.proxy import TrustedHosts
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+NO_BODY_STATUSES = frozenset({204, 304})
+LARGE_BODY = 64 * 1024  # body pieces this big are written by reference, not copied next to framing
+MAX_DISCARD = 4 * 1024 * 1024  # unread request body dropped to keep a connection, at most
+NEXT, CLOSE, DISCARD = range(3)  # what finish() says the connection does next
+
+
+class Handler(Protocol):
+    """The events a connection's core produces (the transport implements them)."""
+
+    def on_request(self, scope: dict[str, Any]) -> None: ...
+    def on_upgrade(self, scope: dict[str, Any]) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_end(self) -> None: ...
+    def on_refused(self, error: HTTPError) -> None: ...
+    def on_discarded(self, reusable: bool) -> None: ...
+
+
+class BodyLengthError(RuntimeError):
+    """The app's body does not match its Content-Length. ``data`` is what may still be written
+    (at most the declared bytes) when the head is already out (``committed``)."""
+
+    def __init__(self, committed: bool, data: bytes | tuple[bytes, ...] = b"") -> None:
+        super().__init__("Response body does not match the Content-Length header")
+        self.committed = committed
+        self.data = data
+
+
+@dataclass(frozen=True)
+class H1Options:
+    """What the core needs from the settings (one object per server, shared by connections)."""
+
+    parser: str = "h11"
+    limits: Limits = field(default_factory=lambda: Limits(8190, 100, 8190))
+    root_path: str = ""
+    proxy_headers: bool = False  # apply X-Forwarded-* / Forwarded from trusted peers
+    forwarded_allow: TrustedHosts | None = None
+    proxy_protocol: bool = False  # expect a PROXY protocol header from proxy_allow peers
+    proxy_allow: TrustedHosts | None = None
+    websocket: bool = True  # hand WebSocket upgrade requests to on_upgrade
+    keep_alive: bool = True  # False: every response closes the connection
+    lifespan_state: dict[str, Any] = field(default_factory=dict)
+
+
+class H1Core:
+    # Per-response framing state: class-level defaults, set per instance only when they change.
+    head = b""  # the response head, until the first body piece takes it
+    chunked = False
+    remaining: int | None = None  # Content-Length bytes still to come
+    no_body = False
+    http10 = False
+    head_method = False
+    expect_continue = False
+    body_complete = True  # the request body has been read to its end
+    discarding = False
+    discarded = 0
+    after = NEXT  # what the connection does once the response is complete
+
+    def __init__(
+        self, options: H1Options, handler: Handler, defaults: HeadDefaults,
+        client: tuple[str, int | None] | None, server: tuple[str, int | None] | None, scheme: str,
+    ) -> None:
+        self.options = options
+        self.handler = handler
+        self.defaults = defaults
+        self.client = client
+        self.server = server
+        self.scheme = scheme
+        self.keep_alive = True
+        self.keep_alive_allowed = options.keep_alive
+        self.parser = make_parser(options.parser, self, options.limits)
+        self._proxy_buffer: bytes | None = b"" if options.proxy_protocol else None
+        self.feed = self.parser.feed if self._proxy_buffer is None else self._feed_after_proxy_header
+        self._trust_proxy_headers = options.proxy_headers and self._trusted(client)
+
+    # -- bytes in -----------------------------------------------------------------------------
+    feed: Any  # (data: bytes) -> None; raises HTTPError for input that is refused
+
+    def receive_data(self, data: bytes) -> None:
+        """``feed``, with a refusal delivered as the handler's ``on_refused`` event."""
+        try:
+            self.feed(data)
+        except HTTPError as exc:
+            self.handler.on_refused(exc)
+
+    def _feed_after_proxy_header(self, data: bytes) -> None:
+        data = self._read_proxy_header(data)
+        if self._proxy_buffer is None:
+            self.feed = self.parser.feed  # the header is behind us (or there was none)
+        if data:
+            self.parser.feed(data)
+
+    def next_request(self) -> None:
+        """The response is out: deliver held (pipelined) input, up to the next request's end."""
+        self.parser.next_cycle()
+
+    @property
+    def holding_input(self) -> bool:
+        """Input for a later request waits in the parser: the transport should stop reading."""
+        return self.parser.holding_input
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes read past an upgrade request: the first bytes of the other protocol."""
+        return self.parser.trailing_data
+
+    # -- parser events (the adapters' sink) ----------------------------------------------------------
+    def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers) -> None:
+        if http_version != "1.1" and http_version != "1.0":
+            http_version = check_version(http_version)
+        keep_alive, expect, upgrade, proxied = check_head(http_version, headers)
+        options = self.options
+        scope = build_scope(
+            method, target, http_version, headers, self.server, self.client, self.scheme,
+            options.root_path, options.lifespan_state,
+        )
+        if proxied and self._trust_proxy_headers:
+            from uvworker.proxy import apply_proxy_headers
+
+            apply_proxy_headers(scope, options.forwarded_allow)  # type: ignore[arg-type]
+        self.keep_alive = keep_alive and self.keep_alive_allowed
+        self.expect_continue = expect
+        self.body_complete = False
+        self.http10 = http_version == "1.0"
+        self.head_method = method == b"HEAD"
+        self.remaining = None
+        if self.chunked or self.no_body:
+            self.chunked = self.no_body = False
+        if upgrade == b"websocket" and options.websocket and method == b"GET" and http_version == "1.1":
+            self.handler.on_upgrade(scope)
+        else:
+            self.handler.on_request(scope)
+
+    def on_body(self, data: bytes) -> None:
+        if self.discarding:
+            self.discarded += len(data)
+            if self.discarded > MAX_DISCARD:
+                self.discarding = False
+                self.handler.on_discarded(False)
+            return
+        self.handler.on_body(data)
+
+    def on_end(self) -> None:
+        self.body_complete = True
+        if self.discarding:
+            self.discarding = False
+            self.handler.on_discarded(True)
+        else:
+            self.handler.on_end()
+
+    # -- response bytes out ----------------------------------------------------------------------
+    def continue_(self) -> bytes:
+        """``100 Continue``, once, for a client that asked with ``Expect: 100-continue``."""
+        if self.expect_continue and not self.body_complete:
+            self.expect_continue = False
+            return CONTINUE
+        return b""
+
+    def start(self, status: int, headers: Any) -> None:
+        """Check and encode the response head; it goes out with the first body piece."""
+        parts = [STATUS_LINES[status]]
+        override_defaults = False
+        lines = HEADER_LINES
+        for pair in headers:
+            try:
+                line, kind = lines[pair]
+            except (KeyError, TypeError):  # new, or not a hashable (name, value) tuple
+                line, kind = header_line(*pair)
+                if type(pair) is tuple:
+                    if len(lines) >= 4096:
+                        lines.clear()
+                    lines[pair] = line, kind
+            if kind:
+                if kind == RESP_LENGTH:
+                    self.remaining = int(pair[1])
+                elif kind == RESP_CONNECTION:
+                    if pair[1].lower().find(b"close") >= 0:
+                        self.keep_alive = False
+                    continue  # written by us, once
+                elif kind == RESP_ENCODING:
+                    continue  # framing is ours to choose
+                else:
+                    override_defaults = True
+            parts.append(line)
+        parts.insert(1, self.defaults.without(headers) if override_defaults else self.defaults.encoded)
+        if status in NO_BODY_STATUSES:
+            self.no_body = True
+            self.remaining = None
+        elif self.head_method:
+            self.no_body = True
+        if self.expect_continue:
+            # Answered without taking the body the client may still send: close after.
+            self.expect_continue = False
+            self.keep_alive = False
+        if not self.keep_alive_allowed:
+            self.keep_alive = False
+        self.head = b"".join(parts)
+
+    def body(self, body: bytes, more: bool) -> bytes | tuple[bytes, ...]:
+        """The bytes that carry ``body``: one buffer, or pieces for a large one (by reference)."""
+        size = len(body)
+        if self.head:
+            prefix, suffix = self._frame_head(size, more)
+        elif self.chunked and not self.no_body:
+            prefix, suffix = (b"%x\r\n" % size, b"\r\n") if size else (b"", b"")
+            if not more:
+                suffix += b"0\r\n\r\n"
+        else:
+            prefix = suffix = b""
+        if not more:
+            self.after = NEXT if self.keep_alive and self.body_complete else CLOSE if not self.keep_alive else DISCARD
+        if self.no_body:
+            return prefix
+        remaining = self.remaining
+        if remaining is not None:
+            self.remaining = remaining - size
+            if size > remaining or (not more and size < remaining):
+                self.keep_alive = False
+                self.after = CLOSE
+                if not prefix and self.head:  # nothing at all is out: the caller answers 500
+                    raise BodyLengthError(False)
+                raise BodyLengthError(not self.head, prefix + body[:remaining])
+        if size >= LARGE_BODY:  # by reference (writev), not copied next to its framing
+            if type(body) is not bytes:
+                body = bytes(body)  # the app may reuse a bytearray once send() returns
+            return (prefix, body, suffix) if suffix else (prefix, body) if prefix else (body,)
+        return prefix + body + suffix  # concatenating b"" returns the other operand as is
+
+    def _frame_head(self, size: int, more: bool) -> tuple[bytes, bytes]:
+        """Choose the framing: (head + framing of the first body bytes, what follows them)."""
+        head, self.head = self.head, b""
+        framing = start = suffix = b""
+        remaining = self.remaining
+        if self.no_body:
+            pass
+        elif remaining is None:
+            if not more:
+                framing = b"content-length: %d\r\n" % size
+            elif not self.http10:
+                self.chunked = True
+                framing = b"transfer-encoding: chunked\r\n"
+                if size:
+                    start, suffix = b"%x\r\n" % size, b"\r\n"
+            else:
+                self.keep_alive = False  # close-delimited: the end of the body is the close
+        elif size > remaining or (not more and size < remaining):
+            self.head = head  # nothing goes out: the whole response is replaced by a 500
+            return b"", b""
+        if not self.keep_alive:
+            framing += b"connection: close\r\n"
+        elif self.http10:
+            framing += b"connection: keep-alive\r\n"
+        return b"%s%s\r\n%s" % (head, framing, start), suffix
+
+    def error(self, status: int, reason: str, extra: bytes = b"") -> bytes:
+        """A whole plain-text answer of the server's own; the connection closes after it."""
+        self.keep_alive = False
+        self.after = CLOSE
+        self.head = b""
+        return error_response(status, reason, self.defaults.encoded, extra)
+
+    def discard_body(self) -> None:
+        """``after`` said DISCARD: what is left of the request body is read and dropped."""
+        self.discarding = True
+        self.discarded = 0
+
+    # -- the connection's addresses ----------------------------------------------------------------
+    def _trusted(self, address: tuple[str, int | None] | None) -> bool:
+        host = address[0] if address else None
+        allow = self.options.forwarded_allow
+        return allow is None or host in allow
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        from uvworker.proxy import V1_PREFIX, V2_SIGNATURE, ProxyProtocolError, parse_proxy_protocol
+
+        buffer = self._proxy_buffer + data  # type: ignore[operator]
+        if not (V1_PREFIX.startswith(buffer[:6]) or V2_SIGNATURE.startswith(buffer[:12])):
+            self._proxy_buffer = None
+            return buffer
+        host = self.client[0] if self.client else None
+        allow = self.options.proxy_allow
+        try:
+            if allow is not None and host is not None and host not in allow:
+                raise ProxyProtocolError("PROXY header from a peer not in proxy_allow_ips")
+            info = parse_proxy_protocol(buffer)
+        except ProxyProtocolError as exc:
+            self._proxy_buffer = None
+            self.handler.on_refused(HTTPError(400, f"Invalid PROXY protocol header: {exc}"))
+            return b""
+        if info is None:
+            self._proxy_buffer = buffer
+            return b""
+        self._proxy_buffer = None
+        if info.client is not None:
+            self.client = info.client
+            self.server = info.server or self.server
+            self._trust_proxy_headers = self.options.proxy_headers and self._trusted(self.client)
+        return buffer[info.consumed :]

@@ -1,0 +1,174 @@
+"""What every connection of a server shares, and the transport work every protocol does alike.
+
+``ServerState`` is made by the server and handed to each connection: the settings the
+transports read (the sans-I/O core gets its own ``H1Options``), the app, the connection
+registry and the books (requests in flight and served, request hooks, the access log). It is
+touched only on the server's event loop.
+
+``Connection`` is the base of the HTTP/1.1 and WebSocket transports: it joins and leaves the
+registry, batches writes per loop turn (``batch.py``), tracks backpressure both ways (writes
+paused by the transport → ``drain()`` waits; reading paused on request), holds one deadline
+that the server's sweep checks a few times a second, and offers the server ``shutdown()``
+(retire gracefully), ``abort()`` (cancel the app, drop the connection) and ``task`` (the app
+task to wait for at shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from uvworker.protocols.batch import WriteBatch
+
+if TYPE_CHECKING:
+    from uvworker.config import Config
+    from uvworker.core.h1 import H1Options
+    from uvworker.core.response import HeadDefaults
+    from uvworker.logging import AccessLog
+
+CLOSED = 0  # the phase every protocol ends in
+
+
+class ServerState:
+    """Shared by every connection of one server."""
+
+    def __init__(
+        self, config: Config, loop: asyncio.AbstractEventLoop, app: Any, h1: H1Options,
+        defaults: HeadDefaults, access_log: AccessLog | None,
+    ) -> None:
+        self.config = config  # transports read their timeouts and limits here
+        self.loop = loop
+        self.app = app
+        self.h1 = h1
+        self.defaults = defaults
+        self.access_log = access_log
+        self.connections: set[Connection] = set()
+        self.active_requests = 0
+        self.requests_served = 0
+        self.accepting_requests = True
+        self.closing_idle = False  # the whole server stops: idle connections close at once
+        self.request_hooks: list[Callable[[Any], None]] = []
+
+    @property
+    def lifespan_state(self) -> dict[str, Any]:
+        return self.h1.lifespan_state
+
+    def request_done(self, record: Any) -> None:
+        """One request (or WebSocket session) is over: count it, log it, run the hooks.
+
+        ``record`` has scope, status, response_headers, bytes_sent, start_time, start_clock."""
+        self.active_requests -= 1
+        self.requests_served += 1
+        if self.access_log is not None:
+            self.access_log.log(
+                record.scope, record.status, record.response_headers, record.bytes_sent,
+                record.start_time, time.perf_counter() - record.start_clock,
+            )
+        for hook in self.request_hooks:
+            hook(record)
+
+
+class Connection(asyncio.Protocol):
+    phase = CLOSED
+    deadline = 0.0  # 0: none running; else the loop time the sweep acts at
+    task: asyncio.Task[None] | None = None
+    transport: asyncio.Transport
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.config = state.config
+        self.loop = state.loop
+        self.write_paused = False
+        self.reading_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    def attach(self, transport: asyncio.Transport, batch_limit: int) -> None:
+        """Take ``transport`` (new, or handed over by another protocol) and join the registry."""
+        self.transport = transport
+        self.batch = WriteBatch(transport, self.loop, batch_limit)
+        self.state.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = CLOSED
+        self.deadline = 0.0
+        self.state.connections.discard(self)
+        self._release_writers()
+
+    # -- bytes out ------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        """Write now, after whatever write_soon() batched."""
+        if self.phase != CLOSED:
+            self.batch.write(data)
+
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        """Write now, by reference (one writev): for large pieces, which a join would copy."""
+        if self.phase != CLOSED:
+            self.batch.write(*parts)
+
+    def write_soon(self, data: bytes) -> None:
+        """Batch a piece: the pieces of one loop turn go out in one write (bounded)."""
+        if self.phase != CLOSED:
+            self.batch.add(data)
+
+    # -- flow control ------------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._release_writers()
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is over its high-water mark."""
+        if self.write_paused and self.phase != CLOSED:
+            waiter = self.loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def _release_writers(self) -> None:
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.phase != CLOSED:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.phase != CLOSED:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # -- ending -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close after what is written and batched has gone out."""
+        if self.phase != CLOSED:
+            self.batch.flush()
+            self.phase = CLOSED
+            self.deadline = 0.0
+            self.transport.close()
+
+    def drop(self) -> None:
+        """Close now, discarding unsent bytes (a client that does not read them)."""
+        self.phase = CLOSED
+        self.deadline = 0.0
+        self.transport.abort()
+
+    def abort(self) -> None:
+        """Shutdown's last resort: cancel the app and drop the connection."""
+        if self.task is not None:
+            self.task.cancel()
+        self.drop()
+
+    def shutdown(self, close_idle: bool = False) -> None:
+        """Retire: finish what is in flight, start nothing new. ``close_idle``: the whole
+        server is stopping, so an idle connection is closed now instead of waiting for its
+        next request."""
+        raise NotImplementedError  # each protocol retires in its own way
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the server's sweep when ``deadline`` is set."""
