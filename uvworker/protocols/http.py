@@ -15,6 +15,8 @@ Theory of operation. A connection is always in one of these phases:
                    client does not read
     UPGRADE        none (the app decides)     websocket.accept → the transport belongs to a
                                               WebSocketConnection; a refusal → close
+    LINGER         LINGER_TIME                our FIN is sent; input is read and dropped
+                                              until the client's FIN → CLOSED
     CLOSED         none                       (final)
 
 The server's sweep enforces the deadline a few times a second (``check_deadline``).
@@ -58,7 +60,8 @@ logger = logging.getLogger("uvworker.error")
 WAIT_HEAD, KEEP_ALIVE, CYCLE, UPGRADE, LINGER = range(1, 6)
 WRITE_BATCH = 64 * 1024  # streamed response bytes that may wait for the end of a loop turn
 EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send behind a WebSocket handshake, unparsed
-LINGER_TIME = 2.0  # after our FIN to an idle connection, how long we wait for the client's
+LINGER_TIME = 2.0  # after our FIN, how long we read and drop input waiting for the client's
+LINGER_BYTES = 1024 * 1024  # ... and how much of it
 
 
 class HTTPConnection(Connection):
@@ -68,6 +71,7 @@ class HTTPConnection(Connection):
         self.cycle: RequestCycle | None = None
         self.upgrade: WebSocketConnection | None = None  # a WebSocket handshake in progress
         self.fresh = True  # nothing received yet: idle, for a stopping server
+        self._lingered = 0  # bytes dropped after our FIN
         self._early: list[bytes] = []  # bytes after a WebSocket handshake, until accept
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -99,8 +103,11 @@ class HTTPConnection(Connection):
         phase = self.phase
         if phase == KEEP_ALIVE:
             self.phase = WAIT_HEAD
-        elif phase == UPGRADE or phase == LINGER:
+        elif phase == UPGRADE:
             self._hold_early(data)
+            return
+        elif phase == LINGER:
+            self._linger(data)
             return
         elif phase == CLOSED:
             return
@@ -119,7 +126,7 @@ class HTTPConnection(Connection):
 
     def eof_received(self) -> bool | None:
         if self.phase == LINGER:
-            self.close()
+            Connection.close(self)  # the client's FIN: the graceful close is complete
         return None
 
     def pause_writing(self) -> None:
@@ -347,20 +354,32 @@ class HTTPConnection(Connection):
         elif close_idle and (self.phase == KEEP_ALIVE or (self.phase == WAIT_HEAD and self.fresh)):
             if self.parser.holding_input:
                 return  # a pipelined request is waiting: it gets its answer first
-            self._close_idle()
-
-    def _close_idle(self) -> None:
-        """RFC 9112 §9.6: half-close first, so that a request crossing our FIN meets the
-        client's read of our FIN rather than a reset; then wait briefly for the client's."""
-        transport = self.transport
-        if self.write_paused or not transport.can_write_eof():
             self.close()
+
+    def close(self) -> None:
+        """Close after what is written, gracefully (RFC 9112 §9.6): our FIN first, then read
+        and drop what the client still sends until its FIN, for at most LINGER_TIME and
+        LINGER_BYTES. Closing a socket with unread input makes the kernel send a reset, which
+        can destroy our last response (a 400, a 431) before the client has read it."""
+        if self.phase == CLOSED or self.phase == LINGER:
+            return
+        transport = self.transport
+        if self.write_paused or not transport.can_write_eof():  # stuck, or TLS: no half-close
+            super().close()
             return
         self.batch.flush()
         self.phase = LINGER
+        self._lingered = 0
         transport.write_eof()
-        self.resume_reading()
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
         self._set_deadline(LINGER_TIME)
+
+    def _linger(self, data: bytes) -> None:
+        self._lingered += len(data)
+        if self._lingered > LINGER_BYTES:
+            self.drop()
 
     def _finish(self, record: Any) -> None:
         if not record.finished:
@@ -372,7 +391,7 @@ class HTTPConnection(Connection):
         self.phase = KEEP_ALIVE
         self._set_deadline(self.config.timeout_keep_alive)
         if self.state.closing_idle and not self.parser.holding_input:
-            self._close_idle()  # the whole server is stopping: nobody would answer a next request
+            self.close()  # the whole server is stopping: nobody would answer a next request
             return
         if self.write_paused:
             return  # resume_writing() continues once the client reads its responses
@@ -393,7 +412,9 @@ class HTTPConnection(Connection):
             return
         self.deadline = 0.0
         cycle = self.cycle
-        if self.phase != CYCLE or cycle is None:
+        if self.phase == LINGER:
+            Connection.close(self)  # the client never sent its FIN: close anyway
+        elif self.phase != CYCLE or cycle is None:
             # Header, keep-alive or linger timeout. A client that stopped reading our responses
             # would keep a graceful close waiting for the flush forever: abort those.
             self.drop() if self.write_paused else self.close()

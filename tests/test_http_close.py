@@ -1,0 +1,61 @@
+"""How the server closes a connection, as a client sees it (RFC 9112 §9.6).
+
+Closing a socket that still has unread input makes the kernel send a reset, and a reset can
+destroy the server's last response (a 400, a 431) before the client has read it. uvworker
+closes gracefully: its FIN first, then it reads and drops what the client still sends, until
+the client's FIN (or a short, bounded linger).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from tests.http_client import Conn, build_request
+
+
+async def never_called(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    raise AssertionError("never called")
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_an_error_answer_survives_the_rest_of_a_large_bad_request(serve: Any) -> None:
+    junk = b"X-Junk: " + b"j" * 1000 + b"\r\n"
+    request = b"GET / HTTP/1.1\r\nHost: a\r\n" + junk * 300  # far beyond the header limits
+    with serve(never_called) as srv:
+        for _ in range(10):
+            with socket.create_connection((srv.host, srv.port), timeout=5) as sock:
+                try:
+                    sock.sendall(request)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                assert read_all(sock).startswith(b"HTTP/1.1 431 ")
+
+
+def test_the_answer_to_a_bad_request_survives_pipelined_bytes_behind_it(serve: Any) -> None:
+    with serve(never_called) as srv:
+        for _ in range(10):
+            with socket.create_connection((srv.host, srv.port), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\n\r\n" + build_request() * 200)  # no Host: 400
+                assert read_all(sock).startswith(b"HTTP/1.1 400 ")
+
+
+def test_after_our_fin_the_client_may_still_send_and_then_close(serve: Any) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": b"bye"})
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request())
+        resp = conn.read_response()
+        assert resp.body == b"bye" and resp.has_token("connection", "close")
+        assert conn.read_until_close() == b""  # our FIN ...
+        conn.send(build_request())  # ... the client's late bytes are dropped, not answered
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert conn.sock.recv(100) == b""
