@@ -69,6 +69,11 @@ async def app(scope, receive, send):
         await asyncio.sleep(float(query or 1))
     elif path == "/block":
         stuck_here()
+    elif path == "/hold":  # blocks the event loop until the test creates the file EVENTS.go
+        record(f"holding {os.getpid()}")
+        deadline = time.monotonic() + 10
+        while not os.path.exists(os.environ["EVENTS"] + ".go") and time.monotonic() < deadline:
+            time.sleep(0.005)
     elif path == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         while True:

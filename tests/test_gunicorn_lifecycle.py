@@ -80,6 +80,27 @@ def test_max_requests_under_keep_alive_load_fails_no_request(tmp_path: Path, wor
     assert max(served.values()) <= 50 + clients
 
 
+@pytest.mark.parametrize("worker_class", WORKERS)
+def test_a_connection_accepted_in_the_turn_the_budget_ends_is_served(tmp_path: Path, worker_class: str) -> None:
+    """The budget's last request and a new connection reach the worker in one loop turn. asyncio
+    accepts the connection in that turn but gives it its transport in a task the next one: the
+    retirement must not close the listener in between (that dropped the socket: a reset)."""
+    with run_gunicorn(tmp_path, worker_class, "max_requests = 3\n") as server:
+        with Conn.open("127.0.0.1", server.port) as last, Conn.open("127.0.0.1", server.port) as holder:
+            last.send(build_request())  # 1: and this connection is surely accepted
+            assert last.read_response().status == 200
+            holder.send(build_request("GET", "/hold"))  # 2: blocks the worker's event loop
+            wait_for(lambda: server.events("holding"))
+            last.send(build_request())  # 3: the budget's last, retires the worker ...
+            with Conn.open("127.0.0.1", server.port) as newcomer:  # ... seen in the same turn
+                newcomer.send(build_request())
+                (tmp_path / "events.go").touch()  # the loop runs again
+                responses = [holder.read_response(), last.read_response(), newcomer.read_response()]
+        log = server.log
+    assert [r.status for r in responses] == [200, 200, 200], log
+    assert responses[1].has_token("connection", "close")  # the newcomer's: from this worker or its replacement
+
+
 @pytest.mark.parametrize(
     ("worker_class", "sig"),
     [(WORKERS[0], signal.SIGQUIT), (WORKERS[1], signal.SIGQUIT), (WORKERS[0], signal.SIGINT)],

@@ -126,8 +126,7 @@ class Server:
                 await self._main_loop()
             await self._drain()
         finally:
-            for server in self._servers:
-                server.close()
+            self._close_listeners()
             await lifespan.shutdown()
 
     async def _listen(self, sockets: list[socket.socket] | None) -> None:
@@ -206,10 +205,21 @@ class Server:
         assert state is not None
         state.accepting_requests = False
         state.closing_idle = close_idle = self._close_idle
-        for server in self._servers:
-            server.close()
+        loop = state.loop
+        if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+            # asyncio accepts in one loop turn and builds the connection's transport in a task
+            # the next; a server closed in between drops that socket, and the client, which has
+            # sent its request, gets a reset. Stop accepting now, close after those tasks ran.
+            for server in self._servers:
+                for sock in server.sockets:
+                    loop.remove_reader(sock.fileno())
+        loop.call_soon(self._close_listeners)
         for conn in list(state.connections):
             conn.shutdown(close_idle)
+
+    def _close_listeners(self) -> None:
+        for server in self._servers:
+            server.close()
 
     # -- signals ----------------------------------------------------------------------------
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
