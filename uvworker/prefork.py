@@ -115,7 +115,8 @@ def supervise(config: Config) -> int:
     """
     from supervisor.master import run
     from supervisor.sockets import systemd_listeners
-    from uvworker.server import listen, warm_imports
+    from uvworker.server import listen
+    from uvworker.warm_imports import warm_imports
 
     settings = supervisor_config(config)
     if config.umask is not None:

@@ -25,8 +25,6 @@ once, then still run lifespan shutdown.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -283,19 +281,6 @@ def listen(config: Config) -> list[socket.socket]:
         return [open_listener(config.host, config.port, config.uds, config.fd, config.backlog)]
     except ListenError as err:
         raise ConfigError(str(err)) from err
-
-
-def warm_imports(config: Config) -> None:
-    """Import the server's modules and the chosen loop and parser, never the app: called in a
-    process that forks workers (our supervisor, Gunicorn's arbiter), so that every worker
-    starts with them loaded, shares those pages, and needs no read access to them after
-    switching to --user. The server's own code is therefore not reloaded by SIGHUP."""
-    import uvworker.lifespan  # noqa: F401
-
-    for name, setting in (("uvloop", config.loop), ("httptools", config.http)):
-        if setting in ("auto", name):
-            with contextlib.suppress(ImportError):
-                importlib.import_module(name)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

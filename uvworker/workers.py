@@ -63,8 +63,9 @@ from uvworker.gunicorn_hooks import front, hook_set, request_hooks, route_error_
 from uvworker.gunicorn_objects import GunicornRequest
 from uvworker.gunicorn_settings import settings_from_gunicorn
 from uvworker.logging import AccessLog
-from uvworker.server import Server, warm_imports
+from uvworker.server import Server
 from uvworker.settings import BY_NAME
+from uvworker.warm_imports import warm_imports
 
 __all__ = ["Worker", "H11Worker"]
 
