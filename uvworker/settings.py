@@ -262,12 +262,13 @@ SETTINGS: tuple[Setting, ...] = (
        kind="list", flags=("--header",), metavar="NAME:VALUE"),
     _S("limit_concurrency", None, integer(1), "Beyond this many requests in flight, answer 503 at "
        "once (load shedding); no limit by default.", metavar="N", gunicorn="worker_connections"),
-    _S("limit_request_line", 8190, integer(1), "Longest request line in bytes; longer gets 414.",
-       metavar="BYTES", gunicorn="limit_request_line"),
-    _S("limit_request_fields", 100, integer(1), "Most header fields in a request; more gets 431.",
-       metavar="N", gunicorn="limit_request_fields"),
-    _S("limit_request_field_size", 8190, integer(1), "Largest header field in bytes; larger gets 431.",
-       metavar="BYTES", gunicorn="limit_request_field_size"),
+    _S("limit_request_line", 8190, integer(1), "Longest request line in bytes, as sent, without its "
+       "CRLF; longer gets 414.", metavar="BYTES", gunicorn="limit_request_line"),
+    _S("limit_request_fields", 100, integer(1), "Most header field lines in a request (and, apart, in "
+       "its trailer); more gets 431.", metavar="N", gunicorn="limit_request_fields"),
+    _S("limit_request_field_size", 8190, integer(1), "Longest header field line in bytes, as sent "
+       "(name, colon, spaces and value) without its CRLF; longer gets 431. A whole head is at most "
+       "128 KiB.", metavar="BYTES", gunicorn="limit_request_field_size"),
     _S("h11_max_incomplete_event_size", None, integer(1), "With --http h11: the most bytes of an "
        "incomplete request head (or chunk header) held while it arrives; more gets 431 (414 within "
        "the request line). Default: the bound the --limit-request-* options give, at most 128 KiB. "
