@@ -1,0 +1,100 @@
+"""Parser agreement without sockets: httptools and h11 adapters, fed the same bytes whole and in
+random pieces, must read the same requests (scope and body) and refuse with the same status.
+
+The corpus (``agreement_corpus.py``) also pins each case's outcome to the agreement table; the
+mutation fuzzer feeds thousands of mutated corpus requests per run, bounded in time. Its seed
+is printed with any failure; ``UVWORKER_FUZZ_SEED=<seed>`` runs that seed again.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+
+from tests.agreement import LIMITS, random_cuts, verdict
+from uvworker.core.parsers import Limits
+from tests.agreement_corpus import CORPUS
+
+PARSERS = ("httptools", "h11")
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_corpus_outcome(name: str) -> None:
+    raw, expected = CORPUS[name]
+    for parser in PARSERS:
+        assert verdict(parser, raw).outcome == expected, parser
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_corpus_same_reading_whole_and_in_pieces(name: str) -> None:
+    raw, _ = CORPUS[name]
+    reference = verdict("httptools", raw)
+    rng = random.Random(name)
+    for parser in PARSERS:
+        assert verdict(parser, raw) == reference, parser
+        for _ in range(6):
+            cuts = random_cuts(rng, len(raw))
+            assert verdict(parser, raw, cuts, lazy=rng) == reference, (parser, cuts)
+
+
+# -- the mutation fuzzer ------------------------------------------------------------------------------
+SEEDS = [raw for raw, _ in CORPUS.values() if raw]
+# Pieces that sit on the table's boundaries: line ends, separators, framing words, edge bytes.
+PIECES = [
+    b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b";", b"=", b",", b'"', b"\\", b"#", b"?", b"*", b"/", b"%",
+    b"\x00", b"\x01", b"\x0b", b"\x7f", b"\x80", b"\xff", b"0", b"5", b"a", b"F", b"00000000",
+    b"chunked", b"Chunked", b"gzip, ", b"identity", b"HTTP/1.1", b"HTTP/2.0", b"HTTP/1.0", b"RTSP/1.0",
+    b"\r\n\r\n", b"0\r\n\r\n", b"5\r\nhello\r\n", b"Host: example.com\r\n", b"Host: evil\r\n",
+    b"Transfer-Encoding: chunked\r\n", b"Content-Length: 5\r\n", b"Content-Length: 0\r\n",
+    b"Content-Type: a\r\n", b"Connection: upgrade\r\nUpgrade: x\r\n", b"Expect: 100-continue\r\n",
+    b" chunked\r\n", b"X: \x01\r\n", b"http://example.com", b"GET ", b"POST ", b"CONNECT ", b"OPTIONS * ",
+]
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.random()
+        at = rng.randrange(len(out) + 1)
+        if op < 0.2 and out:
+            out[rng.randrange(len(out))] = rng.randrange(256)
+        elif op < 0.5:
+            out[at:at] = rng.choice(PIECES)
+        elif op < 0.7 and out:
+            del out[at : at + rng.choice((1, 1, 2, 4, 16))]
+        elif op < 0.85:
+            start = rng.randrange(len(out) + 1)
+            out[at:at] = out[start : start + rng.randint(1, 40)]
+        else:
+            other = rng.choice(SEEDS)
+            start = rng.randrange(len(other))
+            out[at:] = other[start:]
+    return bytes(out)
+
+
+def test_mutated_requests_read_the_same_by_both_parsers() -> None:
+    seed = int(os.environ.get("UVWORKER_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
+    rng = random.Random(seed)
+    deadline = time.monotonic() + float(os.environ.get("UVWORKER_FUZZ_SECONDS", "6"))
+    count = 0
+    while count < 3000 or (time.monotonic() < deadline and count < 200_000):
+        data = mutate(rng, rng.choice(SEEDS))
+        if rng.random() < 0.2:
+            data += mutate(rng, rng.choice(SEEDS))
+        # Now and then small limits, so that mutations cross their boundaries.
+        limits = LIMITS if rng.random() < 0.7 else Limits(rng.randint(14, 60), rng.randint(1, 4), rng.randint(6, 40))
+        reference = verdict("httptools", data, limits=limits)
+        for parser in PARSERS:
+            cuts = random_cuts(rng, len(data))
+            for got in (verdict(parser, data, limits=limits), verdict(parser, data, cuts, limits, lazy=rng)):
+                assert got == reference, (
+                    f"UVWORKER_FUZZ_SEED={seed}: {parser} read {data!r} (cut at {cuts}) differently:\n"
+                    f"  {got}\n  httptools whole: {reference}"
+                )
+        count += 1
+        if count >= 3000 and time.monotonic() > deadline:
+            break
+    print(f"{count} mutated requests, seed {seed}")
