@@ -4,7 +4,7 @@ It knows nothing of HTTP and imports nothing from ``uvworker``. Give it listenin
 worker target (a callable run in each forked child with a ``WorkerContext``); the child reports
 over ``context.channel`` (``ready()``, ``heartbeat(requests)``, ``nearing(requests, eta)``,
 ``retiring()``) and obeys signals (HUP retire gracefully while the others serve, TERM stop
-gracefully, QUIT stop quickly, USR1 reopen logs,
+gracefully, QUIT stop quickly, USR1 reopen logs, USR2 report memory,
 ``child.HANDOVER_SIGNAL`` stop at the request budget; ``supervisor.budget`` keeps one)::
 
     from supervisor import SupervisorConfig, run

@@ -14,7 +14,8 @@ A line is ``<kind>[ <count>][ key=value ...]``. The master skips what it does no
 (an unknown kind, a malformed field), so a newer worker can say more than an older master knows.
 
 The master talks back with signals only (HUP: retire gracefully while the others serve; TERM:
-stop gracefully, the whole server is stopping; QUIT: stop quickly; USR1: reopen logs; ABRT: you look hung, dump your stacks; ``child.HANDOVER_SIGNAL``: your
+stop gracefully, the whole server is stopping; QUIT: stop quickly; USR1: reopen logs; USR2:
+log a memory report; ABRT: you look hung, dump your stacks; ``child.HANDOVER_SIGNAL``: your
 replacement is ready, stop at your budget), so the channel stays one-way and the
 worker never blocks on it: the write end is non-blocking and a full pipe drops the message (a
 later heartbeat says the same thing again).

@@ -24,7 +24,7 @@ from supervisor.channel import Channel
 
 # Signals the master handles; they are blocked across fork() and reset in the child.
 MASTER_SIGNALS = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
     signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD,
 )
 # Master -> worker "retire: stop accepting and finish, the others go on serving" (SIGTERM says the
@@ -34,10 +34,13 @@ RETIRE_SIGNAL: int = signal.SIGHUP
 # budget (now, if you are past it)". A real-time signal: no terminal or tool sends it by
 # accident, and SIGWINCH (which a terminal resize sends the whole process group) would.
 HANDOVER_SIGNAL: int = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGWINCH  # (no RT signals on macOS)
+# Master -> worker "log where your memory grew" (a worker recycled for memory gets it first;
+# SIGUSR2 to the master is forwarded to every worker).
+REPORT_SIGNAL: int = signal.SIGUSR2
 # Signals whose default action would kill a worker that does not handle them: a worker gets a
 # no-op handler for each (Python handlers are reset by exec, unlike SIG_IGN, so the app's
 # subprocesses are not affected); a target that cares installs its own.
-OPTIONAL_SIGNALS = (HANDOVER_SIGNAL,)
+OPTIONAL_SIGNALS = (HANDOVER_SIGNAL, REPORT_SIGNAL)
 
 
 @dataclass

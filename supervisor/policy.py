@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 
 from supervisor.budget import lead_time
 from supervisor.channel import HEARTBEAT, NEARING, READY, RETIRING, Message
-from supervisor.child import HANDOVER_SIGNAL, RETIRE_SIGNAL
+from supervisor.child import HANDOVER_SIGNAL, REPORT_SIGNAL, RETIRE_SIGNAL
 from supervisor.config import EXIT_OK, EXIT_STARTUP_FAILED, SupervisorConfig
 
 MAX_BACKOFF = 10.0
@@ -456,11 +456,13 @@ class Policy:
                 )
                 if worker.reason is None:
                     worker.reason, worker.why = Reason.MAX_MEMORY, f"uses {used / 1048576:.0f} MiB"
+                    self._signal(worker, REPORT_SIGNAL)
                 self._transition(worker, "retire", now)
                 continue
             worker.memory_over = worker.memory_over + 1 if used > limit else 0
             if worker.reason is None and worker.memory_over >= cfg.memory_samples:
                 self._replace(worker, Reason.MAX_MEMORY, f"uses {used / 1048576:.0f} MiB, limit {cfg.max_memory:g} MiB")
+                self._signal(worker, REPORT_SIGNAL)  # where it grew, while it still holds it
         self._reconcile(now)
 
     def command(self, signum: int, now: float) -> None:
@@ -485,6 +487,10 @@ class Policy:
             self._act(ReopenLogs(len(self.workers)))
             for worker in self.workers:
                 self._signal(worker, signal.SIGUSR1)
+        elif signum == REPORT_SIGNAL:
+            self.log.info("%s: asking %d worker(s) for a memory report.", signal.Signals(signum).name, len(self.workers))
+            for worker in self.workers:
+                self._signal(worker, REPORT_SIGNAL)
 
     def reload(self, why: str, now: float) -> None:
         """Replace every worker with one on the new code (rolling; old ones serve until then)."""

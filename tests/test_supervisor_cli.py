@@ -263,13 +263,40 @@ def test_max_requests_bound_holds_under_keepalive_load(served: Callable[..., Ser
     assert len(gone) >= 3 and max(gone.values()) <= limit + clients, (gone, server.log)
 
 
-def test_max_memory_recycles_a_leaking_worker(served: Callable[..., Served]) -> None:
-    server = served("--workers", "1", "--max-memory", "40")
+LEAK_SITE = f"svapp.py:{APP.splitlines().index('        LEAK.append(os.urandom(1 << 20))') + 1}"
+
+
+def test_max_memory_recycles_a_leaking_worker_and_reports_where_it_grew(served: Callable[..., Served]) -> None:
+    server = served("--workers", "1", "--max-memory", "40", "--trace-memory", "1")
     first = server.get()
     for _ in range(60):
         server.get("/leak")
     server.wait_log("MiB, limit 40 MiB")
     wait_for(lambda: server.try_get() not in (first, None))
+    server.wait_log(LEAK_SITE)
+    report = server.log[server.log.index("Memory grown since"):]
+    top = report.splitlines()[1]  # the site holding the most: the leak, 1 MiB per request
+    assert top.endswith(LEAK_SITE) and float(top.split()[1]) >= 40, report
+
+
+def test_usr2_logs_each_workers_memory_report(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2", "--trace-memory", "3")
+    pids = server.serving_pids(2)
+    for _ in range(4):
+        server.get("/leak")
+    server.proc.send_signal(signal.SIGUSR2)
+    wait_for(lambda: server.log.count("Memory grown since") == 2)
+    server.wait_log(LEAK_SITE)
+    assert "from " in server.log  # three frames: the callers of the leaking line too
+    assert server.serving_pids(2) == pids == server.workers()
+
+
+def test_usr2_without_trace_memory_says_how_to_turn_it_on(served: Callable[..., Served]) -> None:
+    server = served("--workers", "1")
+    pid = server.get()
+    server.proc.send_signal(signal.SIGUSR2)
+    server.wait_log("Memory tracing is off: start the server with --trace-memory")
+    assert server.get() == pid
 
 
 def test_killed_worker_is_replaced(served: Callable[..., Served]) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from supervisor.budget import EXHAUSTED, LEAD_FACTOR, LEAD_MARGIN, NEARING, RequestBudget, lead_time
 from supervisor.channel import Message
-from supervisor.child import HANDOVER_SIGNAL, RETIRE_SIGNAL
+from supervisor.child import HANDOVER_SIGNAL, REPORT_SIGNAL, RETIRE_SIGNAL
 from supervisor.config import SupervisorConfig
 from supervisor.policy import (
     HANDOVER_GRACE,
@@ -40,6 +40,7 @@ from supervisor.policy import (
 ROOT = Path(__file__).resolve().parent.parent
 TERM, KILL, QUIT, ABRT = signal.SIGTERM, signal.SIGKILL, signal.SIGQUIT, signal.SIGABRT
 RETIRE = RETIRE_SIGNAL  # SIGHUP: retire while the others serve (TERM: the whole server stops)
+REPORT = REPORT_SIGNAL  # SIGUSR2: log where your memory grew
 
 
 def exit_status(code: int = 0, signum: int | None = None) -> int:
@@ -466,10 +467,10 @@ def test_max_memory_needs_consecutive_samples_and_twice_the_limit_is_at_once() -
     fleet.advance(0.6)
     assert slow.reason is None  # one or two samples are not enough
     fleet.advance(1.0)
-    assert slow.reason is Reason.MAX_MEMORY and fleet.signalled(slow) == []
+    assert slow.reason is Reason.MAX_MEMORY and fleet.signalled(slow) == [REPORT]  # where it grew
     fleet.usage[fast.pid or 0] = 250 * MiB
     fleet.advance(0.5)
-    assert fleet.signalled(fast) == [RETIRE]  # no waiting for its replacement
+    assert fleet.signalled(fast) == [REPORT, RETIRE]  # no waiting for its replacement
     assert fast.state is State.RETIRING
 
 
@@ -520,6 +521,12 @@ def test_usr1_reopens_the_masters_logs_and_reaches_every_worker(running: Fleet) 
     running.command(signal.SIGUSR1)
     assert running.reopened == 1
     assert all(running.signalled(w) == [signal.SIGUSR1] for w in running.policy.workers)
+
+
+def test_usr2_asks_every_worker_for_a_memory_report(running: Fleet) -> None:
+    running.command(signal.SIGUSR2)
+    assert all(running.signalled(w) == [REPORT] for w in running.policy.workers)
+    assert all(w.state is State.SERVING for w in running.policy.workers)
 
 
 def test_a_worker_retiring_on_its_own_is_replaced_at_once(running: Fleet) -> None:

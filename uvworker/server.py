@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from uvworker import memtrace
 from uvworker.core.h1 import H1Options
 from uvworker.core.parsers import Limits
 from uvworker.core.response import HeadDefaults
@@ -119,6 +120,7 @@ class Server:
                 await self._listen(sockets)
                 self.started = True
                 self._log_started()
+                memtrace.start(config.trace_memory)  # after startup: growth from here on
                 if self.on_ready is not None:
                     self.on_ready()
                 await self._main_loop()
@@ -226,6 +228,7 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(sig, self.handle_signal, sig)
         loop.add_signal_handler(signal.SIGUSR1, reopen_files)
+        loop.add_signal_handler(signal.SIGUSR2, memtrace.log_report)
         # Without a supervisor there is nothing to reload onto: say so instead of dying.
         loop.add_signal_handler(signal.SIGHUP, logger.warning, "SIGHUP ignored: reloading needs --workers.")
 

@@ -356,6 +356,10 @@ SETTINGS: tuple[Setting, ...] = (
     _S("max_memory", 0.0, number, "Replace a worker whose USS (the memory only it holds: pages it "
        "shares with other workers or the --preload template do not count) stays above this many "
        "MiB for 3 samples half a second apart (at once above twice as many); 0 never.", metavar="MIB"),
+    _S("trace_memory", 0, integer(0, 100), "Trace memory allocations (tracemalloc, FRAMES deep) in each "
+       "worker from the moment it serves; SIGUSR2, and recycling by --max-memory, log the 10 "
+       "allocation sites that grew most, as file:line. Costs CPU on every allocation; 0 off.",
+       metavar="FRAMES"),
     _S("timeout_worker", 30.0, help="A worker that sends no heartbeat for this long is aborted "
        "(stack dump, then killed) and replaced.", flags=("--timeout-worker", "--timeout-worker-healthcheck"),
        gunicorn="timeout", **_SECONDS),
