@@ -270,8 +270,9 @@ def test_gunicorn_values_are_adapted() -> None:
     settings = settings_from_gunicorn(cfg, {})
     assert settings["timeout_keep_alive"] == 0.0
     assert settings["limit_request_line"] == 1 << 20  # Gunicorn's "unlimited" stays bounded
-    assert settings["limit_request_field_size"] == 8190
+    assert settings["limit_request_field_size"] == 8188  # Gunicorn's 8190, which counts the CRLF
     assert settings["limit_request_fields"] == 32768
+    assert settings["limit_request_head"] == 0  # no head bound beyond Gunicorn's three limits
     assert settings["proxy_protocol"] is True
     assert settings["log_level"] == "debug"
     assert settings["limit_concurrency"] == 3

@@ -77,6 +77,25 @@ def test_limits_are_exact(serve: Any) -> None:
             assert status(build_request(headers=[(f"X-{i}", "1") for i in range(count - 1)])) == expected, count
 
 
+def test_head_bound_is_exact_and_0_leaves_it_to_the_other_limits(serve: Any) -> None:
+    """--limit-request-head counts the whole head as sent, CRLFs and the empty line included:
+    128 KiB by default; 0 leaves only the line and field limits (as under Gunicorn)."""
+    def status(srv: Any, raw: bytes) -> int:
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(raw)
+            return conn.read_response().status
+
+    base = len(build_request(headers=[("X-A", "")]))
+    with serve(PathApp(), limit_request_head=1000) as srv:
+        for size, expected in ((1000, 200), (1001, 431)):
+            assert status(srv, build_request(headers=[("X-A", "v" * (size - base))])) == expected, size
+    big = build_request(headers=[(f"X-{i}", "v" * 8000) for i in range(30)])  # 240 KB
+    with serve(PathApp()) as srv:
+        rejected(srv, big, 431)
+    with serve(PathApp(), limit_request_head=0) as srv:
+        assert status(srv, big) == 200
+
+
 def test_request_line_limit_is_on_by_default(serve: Any) -> None:
     app = PathApp()
     with serve(app) as srv:

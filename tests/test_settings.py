@@ -13,7 +13,7 @@ from uvworker.settings import BY_NAME, SETTINGS, from_environ, markdown_table
 
 CORE = """app factory app_dir host port uds fd backlog http loop interface lifespan root_path
 proxy_headers forwarded_allow_ips server_header date_header headers limit_concurrency
-limit_request_line limit_request_fields limit_request_field_size timeout_keep_alive
+limit_request_line limit_request_fields limit_request_field_size limit_request_head timeout_keep_alive
 timeout_request_header timeout_request_body min_request_body_rate timeout_graceful_shutdown
 ssl_keyfile ssl_certfile ssl_keyfile_password ssl_ca_certs ssl_cert_reqs ssl_ciphers log_level
 log_config access_log access_log_format proxy_protocol proxy_allow_ips""".split()

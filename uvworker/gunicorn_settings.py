@@ -29,9 +29,14 @@ _ADAPT: dict[str, Callable[[Any], Any]] = {
     # The arbiter SIGKILLs graceful_timeout after its TERM: stop draining a little earlier so
     # that lifespan shutdown still runs.
     "graceful_timeout": lambda v: max(v - 1.0, v * 0.8),
-    "limit_request_line": lambda v: v if v > 0 else 1 << 20,  # Gunicorn's "unlimited" is 1 MiB
-    "limit_request_fields": lambda v: v if 0 < v <= 32768 else 32768,
-    "limit_request_field_size": lambda v: v if v > 0 else 8190,
+    # Gunicorn's request limits, as its parser applies them (gunicorn/http/message.py), in
+    # uvworker's arithmetic. The request line: without its CRLF in both; 0 is unlimited (here
+    # 1 MiB, the bound of Gunicorn's C parser), above 8190 it is 8190.
+    "limit_request_line": lambda v: min(v, 8190) if v > 0 else 1 << 20,
+    "limit_request_fields": lambda v: v if 0 < v <= 32768 else 32768,  # Host included in both
+    # A field line: Gunicorn counts its CRLF, uvworker does not. 0 is 8190 (Gunicorn's docs say
+    # unlimited; its parser says 8190).
+    "limit_request_field_size": lambda v: max((v if v > 0 else 8190) - 2, 1),
     "proxy_protocol": lambda v: v not in (False, None, "off"),  # v1, v2, auto: both accepted
     "cert_reqs": int,
     # Gunicorn's default of 1 thread suits its sync worker; here it would serialise every WSGI
@@ -52,6 +57,8 @@ def settings_from_gunicorn(cfg: Any, environ: Mapping[str, str]) -> dict[str, An
     except ValueError as err:
         raise ConfigError(str(err)) from None
     chosen.pop("app", None)  # the application is Gunicorn's to name
+    # Gunicorn bounds a head by its three limits only: no 128 KiB bound of our own.
+    chosen.setdefault("limit_request_head", 0)
     for setting in SETTINGS:
         source = cfg.settings.get(setting.gunicorn) if setting.gunicorn else None
         if source is None or (setting.name in chosen and _at_default(source)):

@@ -251,7 +251,7 @@ def make_state(config: Config, loop: asyncio.AbstractEventLoop, lifespan_state: 
     h1 = H1Options(
         parser=config.http_parser,
         limits=Limits(config.limit_request_line, config.limit_request_fields, config.limit_request_field_size,
-                      config.h11_max_incomplete_event_size),
+                      config.h11_max_incomplete_event_size, config.limit_request_head),
         root_path=config.root_path,
         proxy_headers=config.proxy_headers,
         forwarded_allow=config.forwarded_allow,

@@ -264,15 +264,19 @@ SETTINGS: tuple[Setting, ...] = (
        "once (load shedding); no limit by default.", metavar="N", gunicorn="worker_connections"),
     _S("limit_request_line", 8190, integer(1), "Longest request line in bytes, as sent, without its "
        "CRLF; longer gets 414.", metavar="BYTES", gunicorn="limit_request_line"),
-    _S("limit_request_fields", 100, integer(1), "Most header field lines in a request (and, apart, in "
-       "its trailer); more gets 431.", metavar="N", gunicorn="limit_request_fields"),
+    _S("limit_request_fields", 100, integer(1), "Most header field lines in a request, Host included "
+       "(and, apart, in its trailer); more gets 431.", metavar="N", gunicorn="limit_request_fields"),
     _S("limit_request_field_size", 8190, integer(1), "Longest header field line in bytes, as sent "
-       "(name, colon, spaces and value) without its CRLF; longer gets 431. A whole head is at most "
-       "128 KiB.", metavar="BYTES", gunicorn="limit_request_field_size"),
+       "(name, colon, spaces and value) without its CRLF; longer gets 431.", metavar="BYTES",
+       gunicorn="limit_request_field_size"),
+    _S("limit_request_head", 128 * 1024, integer(0), "Largest request head in bytes, as sent: request "
+       "line, field lines and the empty line, CRLFs included; larger gets 431. The three limits "
+       "above bound it too; 0 leaves only them (the default under Gunicorn, as in Gunicorn).",
+       metavar="BYTES"),
     _S("h11_max_incomplete_event_size", None, integer(1), "With --http h11: the most bytes of an "
        "incomplete request head (or chunk header) held while it arrives; more gets 431 (414 within "
-       "the request line). Default: the bound the --limit-request-* options give, at most 128 KiB. "
-       "httptools ignores it, as in uvicorn.", metavar="BYTES"),
+       "the request line). Default: the head bound (--limit-request-head). httptools ignores it, "
+       "as in uvicorn.", metavar="BYTES"),
     _S("timeout_keep_alive", 5.0, help="Close an idle keep-alive connection after this long.",
        gunicorn="keepalive", **_SECONDS),
     _S("timeout_request_header", 10.0, help="Close a connection whose request line and headers take "

@@ -22,7 +22,7 @@ same way. Each class of input has one decision, enforced for both parsers:
     request line over limit_request_line            414                      RFC 9112 §3
     more fields than limit_request_fields, a field
       line over limit_request_field_size, or a
-      head over 128 KiB (standalone)                431                      RFC 6585 §5
+      head over limit_request_head                  431                      RFC 6585 §5
     request line not exactly three parts joined by
       one SP (HTAB, two SP, trailing SP, the
       HTTP/0.9 form ``GET /``)                      400                      RFC 9112 §3
@@ -143,17 +143,23 @@ class Limits:
 
     ``request_line``: the request line without its CRLF (414 beyond). ``fields``: field lines in
     the head, and apart in the trailer (431 beyond). ``field_line``: one field line as sent,
-    ``Name: value`` with its whitespace, without its CRLF (431 beyond). ``head``: the whole head.
+    ``Name: value`` with its whitespace, without its CRLF (431 beyond). ``head``: the whole head
+    with its CRLFs, at most what the three allow and at most ``head_bound`` (0: no bound of its
+    own, as under Gunicorn).
     """
 
     __slots__ = ("request_line", "fields", "field_size", "field_line", "head", "chunk_line", "fast", "h11_head")
 
-    def __init__(self, request_line: int, fields: int, field_size: int, h11_head: int | None = None) -> None:
+    def __init__(
+        self, request_line: int, fields: int, field_size: int, h11_head: int | None = None,
+        head_bound: int = HEAD_BOUND,
+    ) -> None:
         self.request_line = request_line
         self.fields = fields
         self.field_size = field_size
         self.field_line = field_size  # the longest field line, without its CRLF
-        self.head = min(request_line + 2 + fields * (field_size + 2) + 2, HEAD_BOUND)
+        allowed = request_line + 2 + fields * (field_size + 2) + 2
+        self.head = min(allowed, head_bound) if head_bound else allowed
         self.chunk_line = MAX_CHUNK_LINE
         # --h11-max-incomplete-event-size: uvicorn's bound on what h11 holds of an incomplete
         # head or chunk line. Set, it is h11's alone (an exception to the agreement, as asked).
