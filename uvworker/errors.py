@@ -19,7 +19,7 @@ import traceback
 from supervisor.config import EXIT_ERROR, EXIT_OK, EXIT_STARTUP_FAILED
 
 __all__ = [
-    "AppImportError", "ClientDisconnected", "ConfigError", "HTTPError",
+    "AppImportError", "ClientDisconnected", "ConfigError", "HTTPError", "REQUEST_TIMEOUT",
     "EXIT_OK", "EXIT_CONFIG_ERROR", "EXIT_USAGE", "EXIT_STARTUP_FAILED", "report",
 ]
 
@@ -46,6 +46,12 @@ class HTTPError(Exception):
 
 class ClientDisconnected(OSError):
     """Raised by ``send()`` once the client has gone (ASGI spec 2.4)."""
+
+
+# The message an app's task is cancelled with when --timeout-request ends its request. An
+# adapter whose work cannot be cancelled (a WSGI thread) keeps the task until that work ends,
+# so the server sees it still running (``ServerState.abandoned``).
+REQUEST_TIMEOUT = "request timeout"
 
 
 def report(err: Exception, debug: bool = False) -> int:

@@ -213,7 +213,8 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
         elif budget is not None and served < budget.limit:
             decide(budget.update(served, time.monotonic()), served)  # the rate, also when idle
 
-    server = Server(config, on_ready=on_ready, on_tick=on_tick, install_signal_handlers=True)
+    server = Server(config, on_ready=on_ready, on_tick=on_tick, on_stuck=lambda: leave("hung"),
+                    install_signal_handlers=True)
     server.run(sockets=context.sockets)
     reopen_on_sigusr1()  # the loop's handler is gone; the final heartbeat and exit remain
     channel.heartbeat(server.requests_served)  # the final count, for the master's totals

@@ -59,11 +59,13 @@ class Server:
         *,
         on_ready: Callable[[], None] | None = None,
         on_tick: Callable[[Server], None] | None = None,
+        on_stuck: Callable[[], None] | None = None,
         install_signal_handlers: bool = True,
     ) -> None:
         self.config = config
         self.on_ready = on_ready
         self.on_tick = on_tick
+        self.on_stuck = on_stuck  # asks the supervisor for a replacement (see _check_abandoned)
         self.install_signal_handlers = install_signal_handlers
         self.started = False
         self.should_exit = False
@@ -73,6 +75,7 @@ class Server:
         self._servers: list[asyncio.base_events.Server] = []
         self._interrupts = 0
         self._close_idle = False
+        self._stuck = False
 
     @property
     def requests_served(self) -> int:
@@ -169,8 +172,28 @@ class Server:
             _sweep(state)
             if now >= next_tick:
                 next_tick = now + 1.0
+                if state.abandoned:
+                    self._check_abandoned()
                 if self.on_tick is not None:
                     self.on_tick(self)
+
+    def _check_abandoned(self) -> None:
+        """More requests ended by --timeout-request still running than --wsgi-threads (threads
+        that cannot be stopped, holding memory and connections): ask to be replaced, once. The
+        worker retires gracefully, like at the end of a budget."""
+        state = self.state
+        assert state is not None
+        count, limit = len(state.abandoned), self.config.wsgi_threads
+        if self._stuck or count <= limit:
+            return
+        self._stuck = True
+        if self.on_stuck is None:
+            logger.error("%d requests ended by --timeout-request are still running (more than --wsgi-threads "
+                         "%d); without a supervisor (--workers) nothing replaces this process.", count, limit)
+            return
+        logger.error("%d requests ended by --timeout-request are still running (more than --wsgi-threads %d): "
+                     "this worker asks to be replaced.", count, limit)
+        self.on_stuck()
 
     async def _drain(self) -> None:
         """Stop accepting, then wait (bounded) for connections to finish their work."""
@@ -267,12 +290,17 @@ def make_state(config: Config, loop: asyncio.AbstractEventLoop, lifespan_state: 
 
 
 def _sweep(state: ServerState) -> None:
-    """Once a tick: the Date header, and every connection's deadline."""
+    """Once a tick: the Date header, every connection's deadline and, with --timeout-request,
+    the age of its request (a request costs no timer of its own)."""
     state.defaults.refresh(time.time())
     now = state.loop.time()
+    timeout = state.config.timeout_request
+    cutoff = time.perf_counter() - timeout if timeout else 0.0
     for conn in list(state.connections):
         if conn.deadline:
             conn.check_deadline(now)
+        if cutoff:
+            conn.expire_requests(cutoff)
 
 
 def listen(config: Config) -> list[socket.socket]:

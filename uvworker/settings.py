@@ -288,6 +288,11 @@ SETTINGS: tuple[Setting, ...] = (
        metavar="RATE"),
     _S("timeout_send", 60.0, help="Close a connection whose client has taken none of the response "
        "for this long while the server waits to send more.", **_SECONDS),
+    _S("timeout_request", None, number, "End a request whose response is not complete this long "
+       "after its head arrived: 504 if nothing was sent yet, else the connection is closed; the "
+       "ASGI task is cancelled, a WSGI thread is left to finish (a worker with more such threads "
+       "than --wsgi-threads asks to be replaced). WebSockets are exempt. Unset or 0: no limit.",
+       metavar="SECONDS"),
     _S("timeout_graceful_shutdown", 30.0, help="On shutdown, wait this long for in-flight requests "
        "to finish before closing their connections.", gunicorn="graceful_timeout", **_SECONDS),
     _S("ssl_keyfile", None, text, "TLS private key file (PEM).", metavar="FILE", gunicorn="keyfile"),

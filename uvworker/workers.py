@@ -15,6 +15,8 @@ Where each part of Gunicorn's configuration goes:
                                       sends SIGABRT and replaces the worker
     max_requests (+ jitter)           ``self.nr`` counts requests as they reach the app; the
                                       last one of the budget calls ``Server.retire()``
+    (UVWORKER_TIMEOUT_REQUEST)        too many requests still running after it ended them:
+                                      the worker retires, the arbiter starts another
     forwarded_allow_ips,              applied per request in front of the app, where the peer
       secure_scheme_headers           address is still known (gunicorn_hooks.front)
     pre_request / post_request        in front of the app / a ``ServerState`` request hook
@@ -120,7 +122,8 @@ class Worker(GunicornWorker):
             self.log.error("uvworker: %s", err)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
         server = self.server = Server(
-            config, on_ready=self._on_ready, on_tick=self._on_tick, install_signal_handlers=False
+            config, on_ready=self._on_ready, on_tick=self._on_tick, on_stuck=self._on_term,
+            install_signal_handlers=False,
         )
         with asyncio.Runner(loop_factory=config.loop_factory) as runner:
             runner.run(self._serve(server))

@@ -37,6 +37,12 @@ request a single job hand-off. If the pump ends early (the task is cancelled, or
 refuses what the app sent) the Exchange is *detached*: later ops are settled on arrival
 (RECEIVE answered with a disconnect, pending bytes released), so the thread never waits for
 a loop that no longer listens.
+
+A thread cannot be stopped. When --timeout-request ends a request whose app is still running
+(its task is cancelled with ``REQUEST_TIMEOUT``), the pump detaches and then waits for the
+thread to finish, so the server sees the task alive and counts it (``ServerState.abandoned``);
+meanwhile the pool no longer counts that thread and may start another in its place. Once the
+thread finishes it rejoins the pool, and a pool over its size shrinks back as jobs end.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from urllib.parse import unquote_to_bytes
 
 from uvworker import __version__
 from uvworker.core.request import PERCENT
-from uvworker.errors import ClientDisconnected
+from uvworker.errors import REQUEST_TIMEOUT, ClientDisconnected
 
 logger = logging.getLogger("uvworker.error")
 
@@ -102,13 +108,29 @@ class WorkerPool:
         self.in_progress += 1
         self.jobs.put(job)
         if self.threads < self.max_threads and self.threads < self.in_progress:
-            with self.lock:
-                if self.threads < self.max_threads and self.threads < self.in_progress:
-                    self.threads += 1
-                    threading.Thread(target=self._work, name="uvworker-wsgi", daemon=True).start()
+            self._grow()
+
+    def _grow(self) -> None:
+        with self.lock:
+            if self.threads < self.max_threads and self.threads < self.in_progress:
+                self.threads += 1
+                threading.Thread(target=self._work, name="uvworker-wsgi", daemon=True).start()
 
     def done(self) -> None:
         self.in_progress -= 1
+
+    def set_aside(self) -> None:
+        """A thread runs on after its request ended (event loop): it no longer counts, so
+        another thread may start in its place."""
+        self.in_progress -= 1
+        with self.lock:
+            self.threads -= 1
+        self._grow()  # for the requests waiting in the queue
+
+    def rejoin(self) -> None:
+        """The thread set aside has finished its job (event loop) and takes jobs again."""
+        with self.lock:
+            self.threads += 1
 
     def stop(self) -> None:
         """Let the idle threads exit (server shutdown); busy ones exit after their job."""
@@ -132,6 +154,11 @@ class WorkerPool:
                     self.threads -= 1
                 return
             job()
+            if self.threads > self.max_threads:  # a thread set aside has rejoined: shrink back
+                with self.lock:
+                    if self.threads > self.max_threads:
+                        self.threads -= 1
+                        return
 
 
 class FileWrapper:
@@ -324,7 +351,7 @@ class Exchange:
     __slots__ = (
         "app", "pool", "loop", "scope", "receive", "send", "base",
         "ops", "wake_scheduled", "waiter", "gate", "mutex", "pending", "blocked", "receiving",
-        "received", "disconnected", "detached",
+        "received", "disconnected", "detached", "running", "finished", "set_aside",
         "status", "headers", "headers_sent", "remaining", "complete",
     )
 
@@ -349,6 +376,9 @@ class Exchange:
         self.received: dict[str, Any] | None = None
         self.disconnected = False  # set on the loop; the thread stops producing when it sees it
         self.detached = False
+        self.running = False  # set by the thread before it looks at ``disconnected``
+        self.finished = False  # the loop has seen FINISH
+        self.set_aside = False  # the pool no longer counts the thread (--timeout-request)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] | None = None
         self.headers_sent = False
@@ -359,6 +389,7 @@ class Exchange:
     def run(self) -> None:
         """Run the app and stream its response (in a pool thread; never raises)."""
         error: BaseException | None = None
+        self.running = True
         if not self.disconnected:
             result: Any = None
             try:
@@ -568,14 +599,25 @@ class Exchange:
                     self.receiving = False
                     self.gate.release()
                 else:
-                    self.detached = True
+                    self.detached = self.finished = True
                     self.pool.done()
                     if op[1] is not None:
                         raise op[1]
                     return
-        except BaseException:
+        except BaseException as exc:
             self._detach()
+            if isinstance(exc, asyncio.CancelledError) and exc.args == (REQUEST_TIMEOUT,):
+                if self.running and not self.finished:
+                    await self._outlive()
             raise
+
+    async def _outlive(self) -> None:
+        """The request timed out but its thread runs on: keep this task until the thread ends
+        (or the server cancels the task again, when it stops)."""
+        self.set_aside = True
+        self.pool.set_aside()
+        waiter = self.waiter = self.loop.create_future()
+        await waiter
 
     def _sent(self, size: int) -> None:
         with self.mutex:
@@ -609,7 +651,14 @@ class Exchange:
                 self.received = DISCONNECT
                 self.gate.release()
             elif kind == FINISH:
-                self.pool.done()
+                self.finished = True
+                if self.set_aside:
+                    self.pool.rejoin()
+                    waiter, self.waiter = self.waiter, None
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
+                else:
+                    self.pool.done()
                 error = op[1]
                 if error is not None and not isinstance(error, OSError):
                     logger.error("Exception in WSGI application", exc_info=error)

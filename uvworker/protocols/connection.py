@@ -2,8 +2,8 @@
 
 ``ServerState`` is made by the server and handed to each connection: the settings the
 transports read (the sans-I/O core gets its own ``H1Options``), the app, the connection
-registry and the books (requests in flight and served, request hooks, the access log). It is
-touched only on the server's event loop.
+registry and the books (requests in flight, served and timed out, request hooks, the access
+log). It is touched only on the server's event loop.
 
 ``Connection`` is the base of the HTTP/1.1 and WebSocket transports: it joins and leaves the
 registry, batches writes per loop turn (``batch.py``), tracks backpressure both ways (writes
@@ -16,10 +16,12 @@ task to wait for at shutdown).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from uvworker.errors import REQUEST_TIMEOUT
 from uvworker.protocols.batch import WriteBatch
 
 if TYPE_CHECKING:
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from uvworker.core.h1 import H1Options
     from uvworker.core.response import HeadDefaults
     from uvworker.logging import AccessLog
+
+logger = logging.getLogger("uvworker.error")
 
 CLOSED = 0  # the phase every protocol ends in
 
@@ -47,6 +51,10 @@ class ServerState:
         self.connections: set[Connection] = set()
         self.active_requests = 0
         self.requests_served = 0
+        self.request_timeouts = 0  # requests ended by --timeout-request
+        # Their app tasks still running (a WSGI thread that cannot be stopped, a task that
+        # ignores the cancellation): the server asks to be replaced when there are too many.
+        self.abandoned: set[asyncio.Task[None]] = set()
         self.accepting_requests = True
         self.closing_idle = False  # the whole server stops: idle connections close at once
         self.request_hooks: list[Callable[[Any], None]] = []
@@ -68,6 +76,21 @@ class ServerState:
             )
         for hook in self.request_hooks:
             hook(record)
+
+    def request_timed_out(self, record: Any) -> None:
+        """--timeout-request ended ``record``'s request (its answer is out): count it, log it
+        and cancel its app, whose task is kept in ``abandoned`` until it ends."""
+        self.request_timeouts += 1
+        scope = record.scope
+        logger.error(
+            "Request timed out after %.1f s (--timeout-request %g): %s %s", time.perf_counter() - record.start_clock,
+            self.config.timeout_request, scope.get("method", ""), scope.get("path", ""),
+        )
+        task = record.task
+        if task is not None and not task.done():
+            task.cancel(REQUEST_TIMEOUT)
+            self.abandoned.add(task)
+            task.add_done_callback(self.abandoned.discard)
 
 
 class Connection(asyncio.Protocol):
@@ -172,3 +195,8 @@ class Connection(asyncio.Protocol):
 
     def check_deadline(self, now: float) -> None:
         """Called by the server's sweep when ``deadline`` is set."""
+
+    def expire_requests(self, cutoff: float) -> None:
+        """Called by the server's sweep with --timeout-request: end each request whose cycle
+        started (``start_clock``) before ``cutoff`` and whose response is not complete.
+        WebSocket sessions are exempt."""

@@ -19,7 +19,9 @@ Theory of operation. A connection is always in one of these phases:
                                               until the client's FIN → CLOSED
     CLOSED         none                       (final)
 
-The server's sweep enforces the deadline a few times a second (``check_deadline``).
+The server's sweep enforces the deadline a few times a second (``check_deadline``), and with
+--timeout-request it ends a CYCLE whose response is not complete in time (``expire_requests``):
+504 if nothing is out yet, else the close (a partial response must not pass for a whole one).
 
 A fresh connection starts in WAIT_HEAD, so a client that connects and never sends a request
 is cut off by the header timeout, and one that trickles its head is cut off by the same
@@ -426,6 +428,22 @@ class HTTPConnection(Connection):
         else:  # the body stalled after the answer began, or the client stopped reading it
             cycle.on_disconnect()
             self.drop() if self.write_paused else self.close()
+
+
+    def expire_requests(self, cutoff: float) -> None:
+        cycle = self.cycle
+        if cycle is None or self.phase != CYCLE or cycle.response_complete or cycle.start_clock >= cutoff:
+            return
+        self.state.request_timed_out(cycle)  # logged before the answer's access log line
+        if not cycle.response_started or self.core.head:
+            cycle.response_started = cycle.response_complete = True
+            cycle.status = 504
+            self.send_error(504, "Gateway Timeout", cycle)
+        else:
+            cycle.response_complete = True
+            self._finish(cycle)
+            self.drop() if self.write_paused else self.close()
+        cycle.on_disconnect()  # the app, if it goes on, sees its client gone
 
 
 def _address(address: Any) -> Any:
