@@ -68,5 +68,12 @@ def test_bodies_do_not_make_the_heap_churn(parser: str) -> None:
 
 
 def test_the_operators_malloc_settings_win() -> None:
-    """MALLOC_TOP_PAD_=0 in the environment: glibc's own behaviour, which faults per body."""
-    assert faults_per_request("httptools", {"MALLOC_TOP_PAD_": "0"}) > 4
+    """MALLOC_TOP_PAD_=0 in the environment: glibc's own behaviour, which faults per body.
+
+    How many faults glibc's own trimming costs varies with the machine (4.4 per request here,
+    3.7 on CI), so the untuned server is compared with the tuned one in the same run: had the
+    server applied its pad over the operator's setting, the two would be alike.
+    """
+    tuned = faults_per_request("httptools")
+    untuned = faults_per_request("httptools", {"MALLOC_TOP_PAD_": "0"})
+    assert untuned > max(3 * tuned, 1.5), (tuned, untuned)

@@ -171,6 +171,30 @@ def test_whole_server_stop_closes_idle_connections_at_once(serve: Any) -> None:
         wait_for(lambda: not srv.thread.is_alive(), timeout=5)
 
 
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("kept_alive", [False, True], ids=["fresh", "kept-alive"])
+def test_request_not_yet_read_when_the_server_stops_is_answered(serve: Any, loop: str, kept_alive: bool) -> None:
+    # The request is in the server's socket, unread, in the very loop turn in which the whole
+    # server begins to stop (seen on CI: a connection accepted as a worker took SIGTERM). The
+    # connection looks idle but is not: the client gets its answer, with Connection: close.
+    with serve(BlockingApp(), loop=loop, timeout_keep_alive=30, timeout_graceful_shutdown=30) as srv:
+        with Conn.open(srv.host, srv.port) as conn:
+            if kept_alive:
+                conn.send(build_request(target="/first"))
+                assert conn.read_response().body == b"/first"
+            wait_for(lambda: len(srv.server.state.connections) == 1)
+
+            def send_then_stop() -> None:  # on the server's loop: nothing is read in between
+                conn.send(build_request(target="/late"))
+                srv.server.retire(close_idle=True)
+
+            srv.server.state.loop.call_soon_threadsafe(send_then_stop)
+            resp = conn.read_response(timeout=5)
+            assert (resp.status, resp.body) == (200, b"/late") and resp.has_token("connection", "close")
+            assert conn.read_until_close(timeout=3) == b""
+        wait_for(lambda: not srv.thread.is_alive(), timeout=5)
+
 def test_connection_that_becomes_idle_while_the_server_stops_is_closed(serve: Any) -> None:
     # The head went out (keep-alive, chunked) before the stop; the response ends after it.
     release, started = threading.Event(), threading.Event()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,25 @@ if TYPE_CHECKING:
 logger = logging.getLogger("uvworker.error")
 
 CLOSED = 0  # the phase every protocol ends in
+
+
+def input_waiting(transport: asyncio.BaseTransport) -> bool:
+    """Whether the client's bytes wait in the kernel, not read yet: a request sent on a
+    connection accepted in the very loop turn in which the server began to stop (a peek;
+    only called when stopping)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        probe = socket.socket(fileno=sock.fileno())
+    except OSError:
+        return False
+    try:
+        return bool(probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))  # b"": the client's FIN
+    except OSError:  # nothing there (EAGAIN), or the socket is gone
+        return False
+    finally:
+        probe.detach()  # the fd stays the transport's
 
 
 class ServerState:

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from uvworker.core.h1 import DISCARD, NEXT, BodyLengthError, H1Core
 from uvworker.errors import HTTPError
-from uvworker.protocols.connection import CLOSED, Connection, ServerState
+from uvworker.protocols.connection import CLOSED, Connection, ServerState, input_waiting
 from uvworker.protocols.cycle import RequestCycle
 
 if TYPE_CHECKING:
@@ -354,8 +354,8 @@ class HTTPConnection(Connection):
         if self.upgrade is not None:
             self.upgrade.retire()
         elif close_idle and (self.phase == KEEP_ALIVE or (self.phase == WAIT_HEAD and self.fresh)):
-            if self.parser.holding_input:
-                return  # a pipelined request is waiting: it gets its answer first
+            if self.parser.holding_input or input_waiting(self.transport):
+                return  # a request is here, read or not yet: it gets its answer first
             self.close()
 
     def close(self) -> None:
