@@ -4,8 +4,11 @@ Every server is a subprocess started as ``taskset -c CPU python -m ...`` on a fr
 (found by binding port 0), with one worker, no access log, uvloop and the parser named in its
 spec. uvworker and uvicorn get the same options where both have them (keep-alive timeout,
 lifespan off, log level); uvicorn runs WebSockets on the same ``websockets`` sans-I/O engine
-uvworker uses. For Gunicorn the app runs in the one worker process, a child of the master: CPU
-time and RSS are read from that child.
+uvworker uses. granian (HTTP in Rust on its own runtime; the ASGI app on uvloop, a WSGI app on
+WSGI_THREADS blocking threads) is measured on the hello-world rows, and so is the ceiling
+(``ceiling.py``: a bare uvloop protocol that answers without parsing). For Gunicorn and granian
+the app runs in one worker process, a child of the master: CPU time and RSS are read from that
+child.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from tests.benchmarks.wsgi_upload import status_kib
 
 ROOT = Path(__file__).resolve().parents[3]
 ASGI_APP = "tests.benchmarks.suite.apps:app"
+CEILING = "tests.benchmarks.suite.ceiling"
 WSGI_APP = "tests.benchmarks.wsgi_hello:app"
 WSGI_THREADS = 10  # uvworker's default --wsgi-threads; Gunicorn gthread gets the same
 KEEP_ALIVE = "60"  # seconds: longer than any idle hold in the suite
 START_TIMEOUT = 30.0
+HELLO_ROWS = frozenset({"hello-64-httptools", "hello-1024-httptools", "wsgi-hello"})
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class ServerSpec:
     name: str  # as shown in the table: "uvworker", "uvicorn", "gunicorn gthread", ...
     argv: tuple[str, ...]  # after ``python``; "{port}" is replaced by the port
     tree: Path = ROOT  # where ``uvworker`` is imported from (another commit: see uvworker_tree)
+    rows: frozenset[str] | None = None  # the row ids it is measured on; None: all of its group's
 
     def __str__(self) -> str:
         return self.name
@@ -60,8 +66,15 @@ def uvworker_tree(commit: str | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def granian(interface: str, app: str, *options: str) -> ServerSpec:
+    return ServerSpec(f"granian {interface}", (
+        "-m", "granian", "--interface", interface, "--host", "127.0.0.1", "--port", "{port}", "--workers", "1",
+        "--backlog", "2048", "--log-level", "warning", "--no-access-log", *options, app), rows=HELLO_ROWS)
+
+
 def asgi_server(name: str, parser: str, tree: Path = ROOT) -> ServerSpec:
-    """uvworker or uvicorn serving ``apps.app`` with ``parser`` on uvloop."""
+    """uvworker or uvicorn serving ``apps.app`` with ``parser`` on uvloop; granian's ASGI server (on
+    uvloop too; its HTTP parser is its own) or the ceiling on the hello-world rows."""
     common = ("--host", "127.0.0.1", "--port", "{port}", "--http", parser, "--loop", "uvloop",
               "--lifespan", "off", "--no-access-log", "--log-level", "warning",
               "--timeout-keep-alive", KEEP_ALIVE)
@@ -69,6 +82,10 @@ def asgi_server(name: str, parser: str, tree: Path = ROOT) -> ServerSpec:
         return ServerSpec("uvworker", ("-m", "uvworker", ASGI_APP, *common), tree)
     if name == "uvicorn":
         return ServerSpec("uvicorn", ("-m", "uvicorn", ASGI_APP, *common, "--ws", "websockets-sansio"))
+    if name == "granian":
+        return granian("asgi", ASGI_APP, "--loop", "uvloop")
+    if name == "ceiling":
+        return ServerSpec("ceiling (bare uvloop)", ("-m", CEILING, "--port", "{port}"), rows=HELLO_ROWS)
     raise ValueError(f"Unknown ASGI server {name!r}.")
 
 
@@ -85,6 +102,8 @@ def wsgi_server(name: str, tree: Path = ROOT) -> ServerSpec:
         return ServerSpec("gunicorn gthread", (
             "-m", "gunicorn", "-k", "gthread", "--threads", str(WSGI_THREADS), "--workers", "1",
             "--bind", "127.0.0.1:{port}", "--keep-alive", KEEP_ALIVE, "--log-level", "warning", WSGI_APP))
+    if name == "granian":
+        return granian("wsgi", WSGI_APP, "--blocking-threads", str(WSGI_THREADS))
     raise ValueError(f"Unknown WSGI server {name!r}.")
 
 
