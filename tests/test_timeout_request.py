@@ -199,11 +199,11 @@ def test_a_worker_with_more_stuck_threads_than_wsgi_threads_is_replaced(tmp_path
         )
     sock.close()
     try:
-        first = wait_for(lambda: _pid(url), timeout=20)
+        first = wait_for(lambda: served_pid(url), timeout=20)
         assert status_of(url + "/stuck") == 504  # one stuck thread: as many as --wsgi-threads
-        assert _pid(url) == first
+        assert served_pid(url) == first
         assert status_of(url + "/stuck") == 504  # two: more, so the worker asks for a replacement
-        wait_for(lambda: _pid(url) not in (first, None), timeout=20)
+        wait_for(lambda: served_pid(url) not in (first, None), timeout=20)
         text = log_path.read_text()
         assert "this worker asks to be replaced" in text and "retiring on its own" in text, text
         assert "Traceback" not in text
@@ -212,7 +212,8 @@ def test_a_worker_with_more_stuck_threads_than_wsgi_threads_is_replaced(tmp_path
         proc.wait(20)
 
 
-def _pid(url: str) -> int | None:
+def served_pid(url: str) -> int | None:
+    """The pid a worker answers with, None while nobody answers."""
     try:
         response = httpx.get(url, timeout=5)
     except httpx.HTTPError:

@@ -8,7 +8,8 @@ The supervisor knows nothing of HTTP; this module is the only place the two meet
 - ``serve_worker(config, context)``: the worker target, in each forked child. It imports the
   app (after fork, so a reload picks up new code), runs ``Server`` on the inherited sockets and
   wires the channel: ``on_ready`` → ``ready``; ``on_tick`` → ``heartbeat`` with the requests
-  served (and ``retiring`` once the server is draining).
+  served (and ``retiring`` once the server is draining); SIGABRT from the master (no
+  heartbeat) logs the requests in flight next to the stacks (``uvworker.inflight``).
 
 Recycling by --max-requests is kept exactly (``supervisor.budget``): a request hook counts the
 requests done, asks the master for a replacement (``nearing``) ahead of time, and once the
@@ -30,6 +31,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from supervisor.config import DEFAULT_RELOAD_EXCLUDE, DEFAULT_RELOAD_INCLUDE, SupervisorConfig
@@ -148,6 +150,7 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     """The worker target: serve until the master retires or stops us; the exit code."""
     from supervisor.budget import EXHAUSTED, NEARING, RequestBudget, lead_time
     from supervisor.child import HANDOVER_SIGNAL
+    from uvworker.inflight import hung_report, on_abort
     from uvworker.logging import reopen_on_sigusr1
     from uvworker.server import Server
 
@@ -213,8 +216,15 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
         elif budget is not None and served < budget.limit:
             decide(budget.update(served, time.monotonic()), served)  # the rate, also when idle
 
+    def report_hung(signum: int, frame: FrameType | None) -> None:
+        # SIGABRT from the master: no heartbeat. faulthandler has written the stacks.
+        logger.critical("Worker %d aborted (pid %d); %s", context.number, os.getpid(), hung_report(server.state, frame))
+        signal.signal(signal.SIGABRT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGABRT)  # die of it, as without this report
+
     server = Server(config, on_ready=on_ready, on_tick=on_tick, on_stuck=lambda: leave("hung"),
                     install_signal_handlers=True)
+    on_abort(report_hung)
     server.run(sockets=context.sockets)
     reopen_on_sigusr1()  # the loop's handler is gone; the final heartbeat and exit remain
     channel.heartbeat(server.requests_served)  # the final count, for the master's totals

@@ -38,7 +38,8 @@ Signals, once the event loop runs: TERM graceful (bounded by graceful_timeout); 
 run worker_int, then the quick stop (connections closed, lifespan shutdown still runs); USR1
 reopens the log files; WINCH is ignored. ABRT keeps a plain ``signal.signal`` handler, so it
 runs even while the event loop is blocked (Python runs signal handlers between bytecodes,
-not on the loop): it logs where the main thread was, runs worker_abort and exits. Before
+not on the loop): it logs where the main thread was and the requests in flight
+(``uvworker.inflight``), runs worker_abort and exits. Before
 that, ``faulthandler`` writes every thread's stack to stderr from C, which works even when
 the loop is stuck inside C code that holds the GIL.
 """
@@ -64,6 +65,7 @@ from uvworker.errors import ConfigError
 from uvworker.gunicorn_hooks import front, hook_set, request_hooks, route_error_log
 from uvworker.gunicorn_objects import GunicornRequest
 from uvworker.gunicorn_settings import settings_from_gunicorn
+from uvworker.inflight import hung_report
 from uvworker.logging import AccessLog
 from uvworker.server import Server
 from uvworker.settings import BY_NAME
@@ -207,9 +209,8 @@ class Worker(GunicornWorker):
     def handle_abort(self, sig: int, frame: Any) -> None:
         """SIGABRT from the arbiter (heartbeat timeout): runs outside the event loop."""
         self.alive = False
-        # The innermost frames: where the app was stuck, not how Gunicorn got there.
-        where = "".join(traceback.format_stack(frame, limit=12)) if frame is not None else "(unknown)\n"
-        self.log.critical("Worker aborted (pid: %s); the main thread was here:\n%s", self.pid, where.rstrip())
+        state = self.server.state if self.server is not None else None
+        self.log.critical("Worker aborted (pid: %s); %s", self.pid, hung_report(state, frame))
         self.cfg.worker_abort(self)
         sys.exit(1)
 

@@ -216,6 +216,11 @@ class Connection(asyncio.Protocol):
     def check_deadline(self, now: float) -> None:
         """Called by the server's sweep when ``deadline`` is set."""
 
+    def in_flight(self) -> tuple[Any, ...]:
+        """The requests (or WebSocket session) this connection serves now: records with
+        ``scope`` and ``start_clock`` (for a hung worker's report, ``uvworker.inflight``)."""
+        return ()
+
     def expire_requests(self, cutoff: float) -> None:
         """Called by the server's sweep with --timeout-request: end each request whose cycle
         started (``start_clock``) before ``cutoff`` and whose response is not complete.

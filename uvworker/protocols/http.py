@@ -430,6 +430,9 @@ class HTTPConnection(Connection):
             self.drop() if self.write_paused else self.close()
 
 
+    def in_flight(self) -> tuple[Any, ...]:
+        return tuple(record for record in (self.cycle, self.upgrade) if record is not None and not record.finished)
+
     def expire_requests(self, cutoff: float) -> None:
         cycle = self.cycle
         if cycle is None or self.phase != CYCLE or cycle.response_complete or cycle.start_clock >= cutoff:

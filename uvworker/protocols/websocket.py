@@ -185,6 +185,9 @@ class WebSocketConnection(Connection):
         if http is not None:
             http.refuse_handshake(self, status, reason)
 
+    def in_flight(self) -> tuple[Any, ...]:
+        return () if self.finished else (self,)
+
     def handshake_lost(self) -> None:
         """The client went away before the handshake ended."""
         self._http = None

@@ -1,0 +1,70 @@
+"""What a worker is doing: its requests in flight, for the report of a worker that looks hung.
+
+When the heartbeat stops (standalone: the supervisor's --timeout-worker; under Gunicorn: its
+``timeout``) the worker gets SIGABRT. faulthandler writes every thread's stack first, from C;
+then a Python signal handler logs this report: each request in flight (method, path, client,
+seconds since its head arrived) and where the main thread is stuck, so the operator sees which
+endpoint blocked the event loop.
+
+The report reads the server's connection registry (``ServerState.connections``) without any
+book of its own, so serving pays nothing for it. A signal handler runs in the main thread,
+between two bytecodes of the code that blocks the loop, so the registry cannot change while it
+is read. (A loop stuck inside C code that never returns to Python gets faulthandler's stacks
+only: the master's SIGKILL follows.)
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from uvworker.protocols.connection import ServerState
+
+STACK_LIMIT = 12  # innermost frames of the main thread: where the app is stuck, not how it got there
+
+
+def in_flight(state: ServerState | None, now: float | None = None) -> list[str]:
+    """One line per request (or WebSocket session) in flight, the oldest first."""
+    if state is None:
+        return []
+    now = time.perf_counter() if now is None else now
+    records: dict[int, Any] = {}
+    for conn in list(state.connections):
+        for record in conn.in_flight():
+            records[id(record)] = record
+    lines = []
+    for record in sorted(records.values(), key=lambda r: r.start_clock):
+        scope = record.scope
+        method = scope.get("method") or scope.get("type", "?").upper()
+        client = scope.get("client")
+        who = f"{client[0]}:{client[1]}" if client and client[1] is not None else (client[0] if client else "-")
+        lines.append(f"{method} {scope.get('path', '')} from {who}, {now - record.start_clock:.1f} s")
+    return lines
+
+
+def hung_report(state: ServerState | None, frame: FrameType | None) -> str:
+    """Where the main thread is stuck (its innermost frames) and the requests in flight."""
+    where = "".join(traceback.format_stack(frame, limit=STACK_LIMIT)) if frame is not None else "  (unknown)\n"
+    requests = in_flight(state)
+    lines = [f"the main thread was here:\n{where.rstrip()}", f"{len(requests)} request(s) in flight:"]
+    return "\n".join(lines + [f"  {line}" for line in requests])
+
+
+def on_abort(handler: Callable[[int, FrameType | None], Any]) -> None:
+    """Run ``handler`` (a Python signal handler) on SIGABRT, after faulthandler's stacks."""
+    # faulthandler chains to the handler it replaced (and disabling it puts that one back):
+    # disable it, install ours, enable it again.
+    faulthandler.disable()
+    signal.signal(signal.SIGABRT, handler)
+    try:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+    except (ValueError, OSError, AttributeError):
+        pass  # stderr without a file descriptor: no stacks from C, the report still comes
+
