@@ -10,6 +10,9 @@ gracefully, QUIT stop quickly, USR1 reopen logs, USR2 report memory,
     from supervisor import SupervisorConfig, run
     exit_code = run(target, sockets, SupervisorConfig(workers=4))
 
+With ``SupervisorConfig(preload=load_app)`` the master stays app-free: ``load_app`` runs once in
+a template process and every worker is forked from it (``supervisor.forkserver``).
+
 Importing this package has no side effects; names are loaded on first use. (The unrelated PyPI
 project "supervisor" — supervisord — installs a package of the same name.)
 """

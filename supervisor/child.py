@@ -18,7 +18,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from supervisor.channel import Channel
 
@@ -66,6 +66,35 @@ class WorkerContext:
 
 
 WorkerTarget = Callable[[WorkerContext], "int | None"]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker is started with, besides its sockets and channel (a template gets it as JSON)."""
+
+    number: int
+    generation: int
+    requests_limit: int
+    spawned_at: float
+    boot_estimate: float
+
+    def context(self, sockets: list[socket.socket], channel_fd: int, master_pid: int) -> WorkerContext:
+        return WorkerContext(
+            number=self.number, generation=self.generation, sockets=sockets,
+            channel=Channel(channel_fd, master_pid), master_pid=master_pid,
+            requests_limit=self.requests_limit, spawned_at=self.spawned_at, boot_estimate=self.boot_estimate,
+        )
+
+
+def run_child(main: Callable[[], int]) -> NoReturn:
+    """In a freshly forked child (a worker, a template): run ``main``, exit with its code."""
+    code = 1
+    try:
+        code = main()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        exit_child(code)
 
 
 def reset_process(close_fds: list[int], reopen_logs: Callable[[], None] | None = None) -> None:
@@ -117,7 +146,7 @@ def run_target(target: WorkerTarget, context: WorkerContext, log: logging.Logger
     return result if isinstance(result, int) else 0
 
 
-def exit_child(code: int) -> "None":
+def exit_child(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

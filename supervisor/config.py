@@ -78,6 +78,10 @@ class SupervisorConfig:
     # A worker slot failing to start this many times in a row, before any worker ever became
     # ready, is a crash loop: the master stops with exit code 3.
     startup_attempts: int = 3
+    # A fork server (``supervisor.forkserver``): when given, this is called once in a template
+    # process (it imports the application; a non-zero result is its exit code), and every
+    # worker is forked from the template; SIGHUP starts a new template first. Linux only.
+    preload: Callable[[], int | None] | None = None
     # Process management.
     pidfile: str | None = None
     user: str | int | None = None

@@ -10,34 +10,53 @@ Rules this module keeps
    the policy's events and applies the policy's actions (fork, kill, sd_notify, memory
    samples); which worker to start, retire or signal, and when, is the policy's call.
 4. The listening sockets stay open in the master for its whole life, and the master never
-   imports the application: workers do, after fork, so a reload picks up new code.
+   imports the application: workers do, after fork, so a reload picks up new code; with
+   ``preload``, a template process does, once, and the workers are forked from it
+   (``supervisor.forkserver``: the master asks over a socket, and stays their parent).
 
 Theory of operation
 -------------------
 Each iteration: apply the policy's queued actions; wait on the selector (worker channels, the
 signal wakeup pipe, the file watcher) until the policy's next deadline; feed channel messages
-to the policy; reap exited children (a worker's channel is drained first, so its last request
-count is not lost); hand recorded signals to the policy; then ``tick`` it. Besides, the loop
+to the policy, and templates' replies (``ready``, ``spawned``: the worker's pid); reap exited
+children (a worker's channel is drained first, so its last request count is not lost); hand
+recorded signals to the policy; then ``tick`` it. Besides, the loop
 keeps two timers of its own that are about the loop itself: systemd's watchdog ping (the loop
 is turning) and the polling file watcher.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import selectors
 import signal
 import socket
 import time
+from typing import NoReturn
 
-from supervisor import child, memory, privileges, systemd
+from supervisor import child, forkserver, memory, privileges, systemd
 from supervisor.channel import decode
-from supervisor.child import MASTER_SIGNALS, WorkerContext, WorkerTarget
+from supervisor.child import MASTER_SIGNALS, WorkerSpec, WorkerTarget
 from supervisor.config import EXIT_ERROR, SupervisorConfig, SupervisorError
+from supervisor.forkserver import SpawnRequest, TemplateHandle
 from supervisor.pidfile import PidFile
-from supervisor.policy import Measure, Notify, Policy, ReopenLogs, Signal, Spawn, Worker, describe_status
-from supervisor.proctitle import master_title, set_title, worker_title
+from supervisor.policy import (
+    Measure,
+    Notify,
+    Policy,
+    ReopenLogs,
+    Signal,
+    Spawn,
+    StartTemplate,
+    Template,
+    Worker,
+    describe_status,
+)
+from supervisor.proctitle import master_title, set_title, template_title, worker_title
+
+EARLY_EXITS_KEPT = 64  # exits reaped before the template said whose pid it was
 from supervisor.watch import make_watcher
 
 
@@ -69,6 +88,10 @@ class Master:
         self._pidfile: PidFile | None = None
         self._identity = privileges.Identity(None, None, None)
         self._old_handlers: dict[int, object] = {}
+        self._templates: dict[Template, TemplateHandle] = {}
+        self._spawning: dict[int, tuple[Worker, Template]] = {}  # request id -> worker, while forked
+        self._request_ids = itertools.count(1)
+        self._early_exits: dict[int, int] = {}  # pid -> wait status, for workers not yet "spawned"
 
     # ------------------------------------------------------------------ life cycle
 
@@ -99,6 +122,8 @@ class Master:
         self.policy = policy = Policy(cfg, workers=workers, mainpid=self.pid, logger=self.log)
         if cfg.umask is not None:
             os.umask(cfg.umask)
+        if cfg.preload is not None:
+            forkserver.become_subreaper()
         self._identity = privileges.resolve(cfg.user, cfg.group)
         if cfg.pidfile:
             self._pidfile = PidFile(cfg.pidfile)
@@ -137,6 +162,9 @@ class Master:
             self._wakeup = None
         for worker in list(self._fds):
             self._close_channel(worker)
+        for handle in self._templates.values():
+            handle.close()
+        self._templates.clear()
         if self._selector is not None:
             self._selector.close()
             self._selector = None
@@ -154,7 +182,12 @@ class Master:
         while actions := self.policy.take():
             for action in actions:
                 if isinstance(action, Spawn):
-                    self._fork(action)
+                    if action.template is not None:
+                        self._spawn_from(action.template, action)
+                    else:
+                        self._fork(action)
+                elif isinstance(action, StartTemplate):
+                    self._fork_template(action.template)
                 elif isinstance(action, Signal):
                     try:
                         os.kill(action.pid, action.signum)
@@ -198,12 +231,17 @@ class Master:
                     pass
             elif key.data == "watcher":
                 self._check_watcher()
+            elif isinstance(key.data, Template):
+                self._read_template(key.data)
             else:
                 self._read_channel(key.data)
 
     def _read_channel(self, worker: Worker, drain: bool = False) -> None:
         """Feed what the worker wrote to the policy; ``drain``: everything, it has exited."""
         assert self.policy is not None
+        if worker.pid is None:  # forked by a template: its "spawned" (the pid) comes first
+            for template in list(self._templates):
+                self._read_template(template)
         fd = self._fds.get(worker)
         while fd is not None:
             try:
@@ -232,12 +270,29 @@ class Master:
             if pid == 0:
                 return
             worker = self.policy.worker(pid)
+            template = self.policy.template(pid)
+            if worker is None and template is None and self._templates:
+                for known in list(self._templates):  # perhaps its "spawned" is still unread
+                    self._read_template(known)
+                worker = self.policy.worker(pid)
             if worker is not None:
-                self._read_channel(worker, drain=True)  # its last request count
-                self._close_channel(worker)
-                self.policy.exited(worker, status, time.monotonic())
+                self._worker_exited(worker, status)
+            elif template is not None:
+                self._template_exited(template, status)
+            elif self._templates and not (self._watcher is not None and pid == getattr(self._watcher, "pid", None)):
+                # A worker whose template has not said its pid yet, or an orphan of the app's
+                # re-parented to us (we are a subreaper): kept until a "spawned" claims it.
+                self._early_exits[pid] = status
+                while len(self._early_exits) > EARLY_EXITS_KEPT:
+                    del self._early_exits[next(iter(self._early_exits))]
             elif self._watcher is not None and pid == getattr(self._watcher, "pid", None):
                 self._watcher_exited(status)
+
+    def _worker_exited(self, worker: Worker, status: int) -> None:
+        assert self.policy is not None
+        self._read_channel(worker, drain=True)  # its last request count
+        self._close_channel(worker)
+        self.policy.exited(worker, status, time.monotonic())
 
     def _watcher_exited(self, status: int) -> None:
         assert self.policy is not None and self._watcher is not None
@@ -309,35 +364,118 @@ class Master:
         self._selector.register(read_fd, selectors.EVENT_READ, worker)
         self.policy.started(worker, pid, time.monotonic())
 
-    def _become_worker(self, spawn: Spawn, read_fd: int, write_fd: int) -> None:
-        """In the child: never returns."""
-        worker = spawn.worker
-        code = 1
+    # ------------------------------------------------------------------ templates (--preload)
+
+    def _fork_template(self, template: Template) -> None:
+        assert self.policy is not None and self._selector is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            ours.close()
+            theirs.close()
+            self.log.error("Cannot start the template: %s.", exc.strerror)
+            self.policy.template_exited(template, None, time.monotonic())
+            return
+        if pid == 0:
+            def main() -> int:
+                child.reset_process([ours.fileno(), *self._inherited_fds()], self.config.reopen_logs)
+                set_title(template_title(self.config.proc_name, template.generation, self.config.label))
+                privileges.drop(self._identity)  # the app is imported as the workers' user
+                return forkserver.Template(theirs, self.target, self.sockets, self.config, self.pid, self.log).run()
+
+            child.run_child(main)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        theirs.close()
+        handle = self._templates[template] = TemplateHandle(ours, pid)
+        self._selector.register(handle.fileno(), selectors.EVENT_READ, template)
+        self.policy.template_started(template, pid, time.monotonic())
+
+    def _spawn_from(self, template: Template, spawn: Spawn) -> None:
+        """Ask ``template`` to fork ``spawn.worker``; its pid comes in the reply."""
+        assert self.policy is not None and self._selector is not None
+        worker = spawn.worker
+        handle = self._templates.get(template)
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        request = SpawnRequest(next(self._request_ids), _spec(spawn))
+        try:
+            if handle is None:
+                raise OSError(0, "its template is gone")
+            handle.spawn(request, write_fd)
+        except OSError as exc:
+            os.close(read_fd)
+            self.policy.start_failed(worker, f"cannot ask the template: {exc.strerror}", time.monotonic())
+            return
+        finally:
+            os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        self._fds[worker] = read_fd
+        self._selector.register(read_fd, selectors.EVENT_READ, worker)
+        self._spawning[request.id] = (worker, template)
+
+    def _read_template(self, template: Template) -> None:
+        assert self.policy is not None
+        handle = self._templates.get(template)
+        replies = handle.read() if handle is not None else None
+        for words in replies or ():
+            now = time.monotonic()
+            if words[0] == "ready":
+                self.policy.template_ready(template, now)
+            elif words[0] in ("spawned", "failed") and len(words) == 3 and words[1].isdigit():
+                worker, _ = self._spawning.pop(int(words[1]), (None, None))
+                if worker is None:
+                    continue
+                if words[0] == "failed":
+                    self._close_channel(worker)
+                    self.policy.start_failed(worker, words[2], now)
+                    continue
+                self.policy.started(worker, int(words[2]), now)
+                status = self._early_exits.pop(int(words[2]), None)
+                if status is not None:  # it exited before we knew its pid
+                    self._worker_exited(worker, status)
+        if replies is None and handle is not None and self._selector is not None:
+            try:
+                self._selector.unregister(handle.fileno())  # it exited: _reap does the rest
+            except (KeyError, ValueError):
+                pass
+
+    def _template_exited(self, template: Template, status: int) -> None:
+        assert self.policy is not None
+        self._read_template(template)  # the replies it sent before it exited
+        handle = self._templates.pop(template, None)
+        if handle is not None:
+            if self._selector is not None:
+                try:
+                    self._selector.unregister(handle.fileno())
+                except (KeyError, ValueError):
+                    pass
+            handle.close()
+        now = time.monotonic()
+        for request_id, (worker, source) in list(self._spawning.items()):
+            if source is template:  # asked for, never forked
+                del self._spawning[request_id]
+                self._close_channel(worker)
+                self.policy.start_failed(worker, "its template exited before forking it", now)
+        self.policy.template_exited(template, status, now)
+
+    def _become_worker(self, spawn: Spawn, read_fd: int, write_fd: int) -> NoReturn:
+        """In the child: never returns."""
+
+        def main() -> int:
+            worker = spawn.worker
             child.reset_process([read_fd, *self._inherited_fds()], self.config.reopen_logs)
             set_title(worker_title(self.config.proc_name, worker.number, self.config.label))
             privileges.drop(self._identity)
-            context = WorkerContext(
-                number=worker.number,
-                generation=worker.generation,
-                sockets=self.sockets,
-                channel=child.Channel(write_fd, self.pid),
-                master_pid=self.pid,
-                requests_limit=worker.requests_limit,
-                spawned_at=worker.spawned_at,
-                boot_estimate=spawn.boot_estimate,
-            )
-            code = child.run_target(self.target, context, self.log)
-        except BaseException:
-            import traceback
+            context = _spec(spawn).context(self.sockets, write_fd, self.pid)
+            return child.run_target(self.target, context, self.log)
 
-            traceback.print_exc()
-        finally:
-            child.exit_child(code)
+        child.run_child(main)
 
     def _inherited_fds(self) -> list[int]:
         """The master's descriptors a child must close (other channels, wakeup, selector...)."""
-        fds = list(self._fds.values())
+        fds = list(self._fds.values()) + [handle.fileno() for handle in self._templates.values()]
         if self._wakeup is not None:
             fds += [end.fileno() for end in self._wakeup]
         if self._selector is not None and hasattr(self._selector, "fileno"):
@@ -362,6 +500,11 @@ class Master:
         self._buffers.pop(worker, None)
         if fd is not None:
             os.close(fd)
+
+
+def _spec(spawn: Spawn) -> WorkerSpec:
+    worker = spawn.worker
+    return WorkerSpec(worker.number, worker.generation, worker.requests_limit, worker.spawned_at, spawn.boot_estimate)
 
 
 def _describe_socket(sock: socket.socket) -> str:

@@ -4,10 +4,10 @@ Rules this module keeps
 -----------------------
 1. No I/O and no clock. The policy never forks, signals, reads a pipe or the time: every input
    is an event that carries the time it happened (``now``, monotonic seconds), every output is
-   an action (``Spawn``, ``Signal``, ``Notify``, ``Measure``, ``ReopenLogs``) that the master's
-   loop applies. Tests drive it with a fake clock and fake events, without processes.
+   an action (``Spawn``, ``StartTemplate``, ``Signal``, ``Notify``, ``Measure``, ``ReopenLogs``)
+   that the master's loop applies. Tests drive it with a fake clock and fake events, without processes.
 2. One place for state changes: ``_transition`` applies ``TRANSITIONS``; no other code assigns
-   ``Worker.state``.
+   ``Worker.state`` (templates: ``_template_transition`` and ``TEMPLATE_TRANSITIONS``).
 3. Capacity first. A worker that has to go for a planned reason (reload, max requests, max
    lifetime, max memory) is retired only after its replacement has reported ``ready``. Only a
    crash or a hang loses capacity, and only until the respawn. (One exception: a worker above
@@ -27,6 +27,12 @@ Rules this module keeps
 8. Nothing is forgotten at exit: a worker that exits leaves a record (requests served, why it
    left, how it ended) in ``history`` and in the ``totals``, so counters summed over the fleet
    never go backwards when a worker is replaced.
+9. With --preload, workers are forked from a template (``supervisor.forkserver``): a worker is
+   spawned only from a READY template, and a reload's successors only from the reload's own
+   template. A reload starts a new template first; the reload goes on once it is ready, and if
+   it dies first the reload fails and the old template keeps forking. A template that dies is
+   restarted with backoff (the workers serve on); one that never becomes ready at startup,
+   ``startup_attempts`` times in a row, is a crash loop (exit code 3).
 
 Theory of operation
 -------------------
@@ -51,6 +57,13 @@ Worker states, every change made by ``_transition`` from this table::
     STARTING/SERVING/FINISHING/RETIRING --halt--> RETIRING  (the master stops quickly: SIGQUIT)
     STARTING/SERVING/FINISHING/RETIRING --hung--> ABORTING  (SIGABRT; abort grace, then SIGKILL)
     any --exit (reaped)--> gone               (``exited``: crash accounting, backoff, respawn)
+
+Templates (with --preload)::
+
+    STARTING --ready--> READY --stop--> STOPPING   (stop: replaced by a reload's template, or the
+    STARTING --stop--> STOPPING                     master stops; SIGTERM)
+    any --exit (reaped)--> gone                    (a reload's template: the reload fails; the
+                                                    last ready one: restarted with backoff)
 
 Master phases::
 
@@ -173,6 +186,35 @@ class Worker:
         return self.ready_at + self.lifetime_limit
 
 
+class TemplateState(enum.Enum):
+    STARTING = "starting"  # loading the application
+    READY = "ready"  # forks workers
+    STOPPING = "stopping"  # replaced, or the master stops: SIGTERM sent
+
+
+T = TemplateState
+TEMPLATE_TRANSITIONS: dict[tuple[TemplateState, str], TemplateState] = {
+    (T.STARTING, "ready"): T.READY,
+    (T.STARTING, "stop"): T.STOPPING,
+    (T.READY, "stop"): T.STOPPING,
+}
+
+
+@dataclass(eq=False)
+class Template:
+    """With --preload: a process that loaded the application once; workers are forked from it."""
+
+    generation: int  # the code it loaded: its workers get this generation
+    spawned_at: float
+    pid: int | None = None  # None until ``template_started``
+    state: TemplateState = TemplateState.STARTING
+    ready_at: float | None = None
+    killed: bool = False
+
+    def describe(self) -> str:
+        return f"template (pid {self.pid})" if self.pid is not None else "template"
+
+
 @dataclass(eq=False)
 class Slot:
     number: int
@@ -200,6 +242,15 @@ class Spawn:
 
     worker: Worker
     boot_estimate: float = 0.0  # the fleet's recent boot time, for the worker's context
+    template: Template | None = None  # fork it from this template (--preload), else from the master
+
+
+@dataclass(frozen=True, eq=False)
+class StartTemplate:
+    """Start ``template`` (fork; it loads the app); answer with ``template_started``, then
+    ``template_ready`` or ``template_exited``."""
+
+    template: Template
 
 
 @dataclass(frozen=True)
@@ -229,7 +280,7 @@ class ReopenLogs:
     forwarded: int
 
 
-Action = Spawn | Signal | Notify | Measure | ReopenLogs
+Action = Spawn | StartTemplate | Signal | Notify | Measure | ReopenLogs
 
 
 def _rotated(worker: Worker | None) -> bool:
@@ -296,6 +347,13 @@ class Policy:
         self._next_memory_at = 0.0
         self._next_status_at = 0.0
         self._last_status = ""
+        # --preload: the templates (the last one READY forks the workers) and, after one died,
+        # when the next one starts.
+        self.preloading = config.preload is not None
+        self.templates: list[Template] = []
+        self.template_failures = 0
+        self.ever_template_ready = False
+        self._next_template_at: float | None = 0.0 if self.preloading else None
 
     # ------------------------------------------------------------------ outputs
 
@@ -311,7 +369,7 @@ class Policy:
     @property
     def finished(self) -> bool:
         """Stopping, and every worker has exited: the master can return ``exit_code``."""
-        return self.stopping and not self.workers
+        return self.stopping and not self.workers and not self.templates
 
     def next_deadline(self, now: float) -> float:
         """When the policy next wants a ``tick`` (at the latest a second from now)."""
@@ -329,8 +387,13 @@ class Policy:
                     deadlines.append(end - self.lead(worker))
             elif worker.deadline is not None and not worker.killed:
                 deadlines.append(worker.deadline)
+        for template in self.templates:
+            if template.state is TemplateState.STARTING:
+                deadlines.append(template.spawned_at + cfg.startup_timeout)
         if not self.stopping:
             deadlines.extend(s.next_spawn_at for s in self.slots.values() if s.current is None)
+            if self._next_template_at is not None:
+                deadlines.append(self._next_template_at)
             if cfg.max_memory:
                 deadlines.append(self._next_memory_at)
         if self.stop_deadline is not None:
@@ -350,6 +413,9 @@ class Policy:
             if worker.pid == pid:
                 return worker
         return None
+
+    def template(self, pid: int) -> Template | None:
+        return next((t for t in self.templates if t.pid == pid), None)
 
     def attached(self) -> list[Worker]:
         """The workers in slots (current and successors)."""
@@ -386,6 +452,43 @@ class Policy:
         worker.reason, worker.why, worker.status = Reason.CRASH, why, why
         self._record_exit(worker, now)
         self._never_ready(worker, why, why, now)
+
+    def template_started(self, template: Template, pid: int, now: float) -> None:
+        """The fork for ``template`` succeeded."""
+        template.pid = pid
+        if template.state is TemplateState.STOPPING:  # stopped before it had a pid
+            self._act(Signal(pid, signal.SIGTERM))
+
+    def template_ready(self, template: Template, now: float) -> None:
+        """``template`` loaded the application: workers can be forked from it."""
+        if template.state is not TemplateState.STARTING:
+            return
+        self._template_transition(template, "ready", now)
+        self._reconcile(now)
+
+    def template_exited(self, template: Template, status: int | None, now: float) -> None:
+        """``template`` was reaped (``status``), or could not be started at all (None)."""
+        if template in self.templates:
+            self.templates.remove(template)
+        how = describe_status(status) if status is not None else "could not be started"
+        if template.state is TemplateState.STOPPING or self.stopping:
+            self.log.info("The %s %s.", template.describe(), how)
+            return
+        self.template_failures += 1
+        if template.state is TemplateState.READY:
+            self.log.error("The %s %s; starting a new one (the workers serve on).", template.describe(), how)
+        elif template.generation == self.generation and self.phase is Phase.RELOADING and self._fallback():
+            self._abandon_reload(f"the new {template.describe()} {how} before it loaded the application", now)
+        else:
+            self.log.error("The %s %s before it loaded the application.", template.describe(), how)
+            if not self.ever_template_ready and self.template_failures >= self.config.startup_attempts:
+                self.log.error("The template keeps failing before it loads the application (%d attempts "
+                               "in a row); stopping. See its error above.", self.template_failures)
+                self.exit_code = EXIT_STARTUP_FAILED
+                self._begin_stop(now, halting=False, why=None, bound=min(self.config.graceful_timeout, 5.0))
+                return
+        if not any(t.state is not TemplateState.STOPPING for t in self.templates):
+            self._next_template_at = now + backoff(self.template_failures)
 
     def message(self, worker: Worker, message: Message, now: float) -> None:
         worker.last_seen = now
@@ -487,6 +590,8 @@ class Policy:
             self._act(ReopenLogs(len(self.workers)))
             for worker in self.workers:
                 self._signal(worker, signal.SIGUSR1)
+            for template in self.templates:  # it logs too
+                self._signal_template(template, signal.SIGUSR1)
         elif signum == REPORT_SIGNAL:
             self.log.info("%s: asking %d worker(s) for a memory report.", signal.Signals(signum).name, len(self.workers))
             for worker in self.workers:
@@ -503,6 +608,11 @@ class Policy:
                 worker.reason, worker.why = Reason.RELOAD, why
                 flagged += 1
         self.log.info("Reloading (%s): replacing %d worker(s), %d at a time.", why, flagged, self.rotate_at_once)
+        if self.preloading:  # the new code is loaded once, in a new template, before any worker
+            for template in self.templates:
+                if template.state is TemplateState.STARTING:
+                    self._template_transition(template, "stop", now)  # superseded
+            self._start_template(now)
         if self.phase in (Phase.RUNNING, Phase.RELOADING):
             self.phase = Phase.RELOADING
             # systemd wants CLOCK_MONOTONIC in microseconds: the clock ``now`` comes from.
@@ -526,11 +636,21 @@ class Policy:
                 worker.killed = True
                 self._signal(worker, signal.SIGKILL)
         if self.stopping:
-            if self.stop_deadline is not None and now >= self.stop_deadline and self.workers:
+            if self.stop_deadline is not None and now >= self.stop_deadline and (self.workers or self.templates):
                 self.log.warning("%d worker(s) did not stop in time; killing them.", len(self.workers))
                 self._kill_all()
                 self.stop_deadline = None
             return
+        for template in list(self.templates):
+            if (template.state is TemplateState.STARTING and not template.killed
+                    and now - template.spawned_at > cfg.startup_timeout):
+                self.log.error("The %s did not load the application within %g s; killing it.",
+                               template.describe(), cfg.startup_timeout)
+                template.killed = True  # its exit counts as a failure
+                self._signal_template(template, signal.SIGKILL)
+        if self._next_template_at is not None and now >= self._next_template_at:
+            self._next_template_at = None
+            self._start_template(now)
         self._check_budgets(now)
         if cfg.max_memory and now >= self._next_memory_at:
             self._next_memory_at = now + cfg.memory_interval
@@ -590,30 +710,98 @@ class Policy:
                 or slot.successor is not None or now < slot.next_spawn_at
             ):
                 continue
+            if self.preloading and current.reason is Reason.RELOAD and self._forking_template(self.generation) is None:
+                continue  # the reload's template is not ready yet
             if _rotated(current):
                 if in_flight >= self.rotate_at_once:
                     continue
                 in_flight += 1
             slot.successor = self._spawn(slot, now)
-        self._update_phase()
+        self._update_phase(now)
 
-    def _spawn(self, slot: Slot, now: float) -> Worker:
+    def _spawn(self, slot: Slot, now: float) -> Worker | None:
+        """A new worker for ``slot``; None while no template can fork it (--preload)."""
         cfg = self.config
+        template = None
+        if self.preloading:
+            template = self._forking_template()
+            if template is None:
+                return None
         requests_limit = lifetime_limit = 0
         if cfg.max_requests > 0:
             requests_limit = cfg.max_requests + self.rng.randint(0, max(0, cfg.max_requests_jitter))
         if cfg.max_lifetime > 0:
             lifetime_limit = cfg.max_lifetime + self.rng.uniform(0, max(0.0, cfg.max_lifetime_jitter))
         worker = Worker(
-            number=slot.number, generation=self.generation, spawned_at=now, last_seen=now,
-            requests_limit=requests_limit, lifetime_limit=lifetime_limit,
+            number=slot.number, generation=template.generation if template else self.generation,
+            spawned_at=now, last_seen=now, requests_limit=requests_limit, lifetime_limit=lifetime_limit,
         )
         self.workers.append(worker)
         self.totals.spawned += 1
-        self._act(Spawn(worker, self.boot_estimate()))
+        self._act(Spawn(worker, self.boot_estimate(), template))
         return worker
 
-    def _update_phase(self) -> None:
+    # ------------------------------------------------------------------ templates (--preload)
+
+    def _forking_template(self, generation: int | None = None) -> Template | None:
+        """The newest READY template (of ``generation``, if given)."""
+        for template in reversed(self.templates):
+            if template.state is TemplateState.READY and generation in (None, template.generation):
+                return template
+        return None
+
+    def _fallback(self) -> Template | None:
+        """A READY template older than the current generation (a reload's previous code)."""
+        for template in reversed(self.templates):
+            if template.state is TemplateState.READY and template.generation < self.generation:
+                return template
+        return None
+
+    def _start_template(self, now: float) -> None:
+        template = Template(self.generation, now)
+        self.templates.append(template)
+        self._act(StartTemplate(template))
+
+    def _signal_template(self, template: Template, signum: int) -> None:
+        if template.pid is not None:  # else ``template_started`` sends TERM once it has one
+            self._act(Signal(template.pid, signum))
+
+    def _template_transition(self, template: Template, event: str, now: float) -> None:
+        new = TEMPLATE_TRANSITIONS.get((template.state, event))
+        if new is None:
+            return
+        template.state = new
+        if event == "ready":
+            template.ready_at = now
+            self.template_failures = 0
+            self.ever_template_ready = True
+            self.log.info("The %s loaded the application in %.0f ms; workers are forked from it.",
+                          template.describe(), (now - template.spawned_at) * 1000)
+        elif event == "stop":
+            self._signal_template(template, signal.SIGTERM)
+
+    def _retire_templates(self, below: int, now: float) -> None:
+        """Stop the templates of generations older than ``below`` (a reload is complete)."""
+        for template in self.templates:
+            if template.generation < below:
+                self._template_transition(template, "stop", now)
+
+    def _abandon_reload(self, why: str, now: float) -> None:
+        """A reload failed: the previous workers (and, with --preload, their template) stay."""
+        self.log.error("Reload failed: %s; the previous workers keep serving.", why)
+        for other in self.attached():
+            if other.reason is Reason.RELOAD:
+                other.reason, other.why = None, ""
+        self.phase = Phase.RUNNING
+        fallback = self._fallback()
+        if fallback is not None:  # forget the new code: respawns come from the old template
+            self.generation = fallback.generation
+            for template in self.templates:
+                if template.generation > fallback.generation:
+                    self._template_transition(template, "stop", now)
+        self._act(Notify(("READY=1", f"STATUS=Reload failed: {why}; previous workers still serving.")))
+
+    def _update_phase(self, now: float) -> None:
         if self.phase is Phase.STARTING:
             if all(s.current is not None and s.current.state is State.SERVING for s in self.slots.values()):
                 reloading = any(w.reason is Reason.RELOAD for w in self.attached())
@@ -628,6 +816,7 @@ class Policy:
             )
             if done:
                 self.phase = Phase.RUNNING
+                self._retire_templates(self.generation, now)
                 self.log.info("Reload complete: %d worker(s) serving the new code.", len(self.slots))
                 self._act(Notify(("READY=1", f"STATUS={self.status_text()}")))
 
@@ -671,11 +860,15 @@ class Policy:
         self.stop_deadline = now + bound + self.config.stop_margin
         for worker in list(self.workers):
             self._transition(worker, "halt" if halting else "stop", now)
+        for template in self.templates:
+            self._template_transition(template, "stop", now)
 
     def _kill_all(self) -> None:
         for worker in self.workers:
             worker.killed = True
             self._signal(worker, signal.SIGKILL)
+        for template in self.templates:
+            self._signal_template(template, signal.SIGKILL)
 
     # ------------------------------------------------------------------ the one place for state changes
 
@@ -730,7 +923,7 @@ class Policy:
                 worker.reason, worker.why = Reason.HUNG, why
             failed_start = old is State.STARTING
             if failed_start:
-                self._start_failed(worker, why)
+                self._start_failed(worker, why, now)
             self._detach(worker, now, failure=True)
             self._signal(worker, signal.SIGABRT)
             worker.deadline = now + cfg.abort_grace
@@ -800,22 +993,17 @@ class Policy:
         self._transition(predecessor, "handover" if finish else "retire", now)
 
     def _never_ready(self, worker: Worker, why: str, how: str, now: float) -> None:
-        self._start_failed(worker, why)
+        self._start_failed(worker, why, now)
         self._detach(worker, now, failure=True)
         self._check_crash_loop(worker, how, now)
 
-    def _start_failed(self, worker: Worker, why: str) -> None:
+    def _start_failed(self, worker: Worker, why: str, now: float) -> None:
         """A worker never became ready. If it was meant to replace a reloaded worker, stop the reload."""
         slot = self.slots.get(worker.number)
         if slot is None or slot.successor is not worker or slot.current is None:
             return
         if slot.current.reason is Reason.RELOAD and self.phase is Phase.RELOADING:
-            self.log.error("Reload failed: the new %s %s; the previous workers keep serving.", worker.describe(), why)
-            for other in self.attached():
-                if other.reason is Reason.RELOAD:
-                    other.reason, other.why = None, ""
-            self.phase = Phase.RUNNING
-            self._act(Notify(("READY=1", f"STATUS=Reload failed: new worker {why}; previous workers still serving.")))
+            self._abandon_reload(f"the new {worker.describe()} {why}", now)
         else:
             self.log.error(
                 "The replacement for %s %s; %s keeps serving and will be replaced later.",

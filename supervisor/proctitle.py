@@ -19,3 +19,8 @@ def master_title(proc_name: str, label: str) -> str:
 
 def worker_title(proc_name: str, number: int, label: str) -> str:
     return f"{proc_name}: worker {number} [{label}]" if label else f"{proc_name}: worker {number}"
+
+
+def template_title(proc_name: str, generation: int, label: str) -> str:
+    role = f"template {generation}"
+    return f"{proc_name}: {role} [{label}]" if label else f"{proc_name}: {role}"

@@ -54,7 +54,7 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
     It keeps its request budget as ``supervisor.budget`` describes (``nearing``, then the
     handover signal, then it stops accepting at the limit), unless the mode file says ``lax``.
     """
-    mode = os.environ.get("SV_MODE") or Path(os.environ["SV_MODE_FILE"]).read_text().strip()
+    mode = PRELOADED.get("mode") or os.environ.get("SV_MODE") or Path(os.environ["SV_MODE_FILE"]).read_text().strip()
     if mode == "crash":
         print("ImportError: cannot import name 'app' from 'broken' (test)", file=sys.stderr)
         return 1
@@ -161,6 +161,28 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
     return 0
 
 
+PRELOADED: dict[str, str] = {}  # with "preload": the mode the template read (the "code" it loaded)
+
+
+def fake_preload() -> int:
+    """The template's "import": read the mode file once (``crash`` fails like a broken import,
+    ``slow:<s>`` takes that long) and log "pid uid" to the ``preloads`` file beside it."""
+    mode_file = Path(os.environ["SV_MODE_FILE"])
+    if os.environ.get("SV_MODE"):  # e.g. --user: the test's directory is not ours to read
+        PRELOADED["mode"] = os.environ["SV_MODE"]
+        return 0
+    mode = mode_file.read_text().strip()
+    if mode == "crash":
+        print("ImportError: cannot import name 'app' from 'broken' (test)", file=sys.stderr)
+        return 1
+    if mode.startswith("slow:"):
+        time.sleep(float(mode.split(":")[1]))
+    with open(mode_file.with_name("preloads"), "a") as log:
+        log.write(f"{os.getpid()} {os.getuid()}\n")
+    PRELOADED["mode"] = "ok" if mode.startswith("slow:") else mode
+    return 0
+
+
 def master_main(spec: dict[str, Any]) -> int:
     from supervisor import run
     from supervisor.sockets import adopt_fd
@@ -175,6 +197,8 @@ def master_main(spec: dict[str, Any]) -> int:
     else:
         sockets = [adopt_fd(spec["fd"])]
     config = SupervisorConfig(proc_name="svtest", label="test:app", **spec.get("config", {}))
+    if spec.get("preload"):
+        config.preload = fake_preload
     return run(blocking_http_worker, sockets, config)
 
 
@@ -224,7 +248,7 @@ class Supervised:
     """One master subprocess running this file, with its log, its port and its mode file."""
 
     def __init__(self, tmp: Path, *, systemd: bool = False, env: dict[str, str] | None = None,
-                 mode: str = "ok", **config: Any) -> None:
+                 mode: str = "ok", preload: bool = False, **config: Any) -> None:
         self.tmp = tmp
         self.mode_file = tmp / "mode"
         self.mode_file.write_text(mode)
@@ -234,7 +258,7 @@ class Supervised:
         self.listener.listen(128)
         self.port = self.listener.getsockname()[1]
         fd = self.listener.fileno()
-        spec = {"fd": fd, "systemd": systemd, "config": config, "log_file": str(tmp / "file.log")}
+        spec = {"fd": fd, "systemd": systemd, "config": config, "log_file": str(tmp / "file.log"), "preload": preload}
         full_env = {**os.environ, "SV_MODE_FILE": str(self.mode_file), "PYTHONPATH": str(ROOT)}
         full_env.update(env or {})
         argv = [sys.executable, __file__, json.dumps(spec)]
@@ -278,6 +302,11 @@ class Supervised:
 
         wait_for(enough, timeout)
         return seen
+
+    def preloads(self) -> list[int]:
+        """The pids of the templates that loaded the "app" so far (``preload``)."""
+        path = self.tmp / "preloads"
+        return [int(line.split()[0]) for line in path.read_text().splitlines()] if path.exists() else []
 
     def worker_pids(self) -> set[int]:
         out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)

@@ -32,7 +32,10 @@ from supervisor.policy import (
     ReopenLogs,
     Signal,
     Spawn,
+    StartTemplate,
     State,
+    Template,
+    TemplateState,
     Worker,
     backoff,
 )
@@ -62,6 +65,8 @@ class Fleet:
         self.notified: list[tuple[str, ...]] = []
         self.usage: dict[int, int] = {}  # pid -> USS bytes answered to Measure
         self.reopened = 0
+        self.templates: list[Template] = []  # every template started (--preload)
+        self.forked_from: dict[Worker, Template | None] = {}
         self.policy.start(self.now)
         self.apply()
 
@@ -70,8 +75,13 @@ class Fleet:
         policy = self.policy
         while actions := policy.take():
             for action in actions:
-                if isinstance(action, Spawn):
+                if isinstance(action, StartTemplate):
+                    self.templates.append(action.template)
+                    self.next_pid += 1
+                    policy.template_started(action.template, self.next_pid, self.now)
+                elif isinstance(action, Spawn):
                     self.spawned.append(action.worker)
+                    self.forked_from[action.worker] = action.template
                     if self.defer_start:
                         self.pending.append(action.worker)
                     else:
@@ -115,6 +125,16 @@ class Fleet:
         for worker in workers or self.starting():
             self.say(worker, "ready")
 
+    def template_ready(self, template: Template | None = None) -> None:
+        self.policy.template_ready(template or self.templates[-1], self.now)
+        self.policy.tick(self.now)
+        self.apply()
+
+    def template_exit(self, template: Template, code: int = 0, signum: int | None = None) -> None:
+        self.policy.template_exited(template, exit_status(code, signum), self.now)
+        self.policy.tick(self.now)
+        self.apply()
+
     def exit(self, worker: Worker, code: int = 0, signum: int | None = None) -> None:
         self.policy.exited(worker, exit_status(code, signum), self.now)
         self.policy.tick(self.now)
@@ -144,7 +164,7 @@ class Fleet:
         assert worker is not None
         return worker
 
-    def signalled(self, worker: Worker) -> list[int]:
+    def signalled(self, worker: Worker | Template) -> list[int]:
         return [signum for pid, signum in self.signals if pid == worker.pid]
 
     def notes(self) -> list[str]:
@@ -565,8 +585,133 @@ def test_next_deadline_is_the_nearest_timer(running: Fleet) -> None:
     assert running.policy.next_deadline(running.now) == pytest.approx(running.now + 1.0)  # the idle tick
 
 
+# -- --preload: workers forked from a template -------------------------------------------------
+
+
+def preloading(workers: int = 2, **config: Any) -> Fleet:
+    """A fleet whose template loaded the app and whose workers all serve."""
+    fleet = Fleet(workers, preload=lambda: None, **config)
+    fleet.template_ready()
+    fleet.ready()
+    assert fleet.policy.phase is Phase.RUNNING
+    return fleet
+
+
+def test_preload_starts_the_template_first_and_forks_every_worker_from_it() -> None:
+    fleet = Fleet(2, preload=lambda: None)
+    assert len(fleet.templates) == 1 and fleet.spawned == []  # nothing to fork from yet
+    template = fleet.templates[0]
+    fleet.advance(1.0)
+    assert fleet.spawned == []
+    fleet.template_ready(template)
+    assert len(fleet.spawned) == 2 and all(fleet.forked_from[w] is template for w in fleet.spawned)
+    fleet.ready()
+    assert fleet.policy.phase is Phase.RUNNING
+    fleet.exit(fleet.current(1), signum=KILL)  # a crash: respawned from the same template
+    fleet.command(signal.SIGTTIN)  # and a new slot too
+    assert [fleet.forked_from[w] for w in fleet.spawned[2:]] == [template, template]
+    assert len(fleet.templates) == 1
+
+
+def test_preload_reload_waits_for_the_new_template_then_stops_the_old_one() -> None:
+    fleet = preloading(2)
+    old_template, old = fleet.templates[0], fleet.serving()
+    fleet.command(signal.SIGHUP)
+    assert len(fleet.templates) == 2 and fleet.starting() == []  # the new code loads first
+    new_template = fleet.templates[1]
+    fleet.advance(1.0)
+    assert fleet.starting() == [] and fleet.signalled(old_template) == []
+    fleet.template_ready(new_template)
+    for _ in range(2):  # rotate_at_once 1: one replacement at a time
+        (successor,) = fleet.starting()
+        assert fleet.forked_from[successor] is new_template and successor.generation == 2
+        fleet.ready(successor)
+        fleet.exit_signalled()
+    assert fleet.policy.phase is Phase.RUNNING and all(w not in fleet.policy.workers for w in old)
+    assert fleet.signalled(old_template) == [TERM] and old_template.state is TemplateState.STOPPING
+    fleet.template_exit(old_template)
+    assert fleet.policy.templates == [new_template] and fleet.policy.template_failures == 0
+
+
+def test_preload_broken_deploy_keeps_the_old_template_and_workers() -> None:
+    fleet = preloading(2)
+    old_template, old = fleet.templates[0], set(fleet.serving())
+    fleet.command(signal.SIGHUP)
+    fleet.template_exit(fleet.templates[1], code=1)  # the new code does not import
+    assert fleet.policy.phase is Phase.RUNNING and any("STATUS=Reload failed" in n for n in fleet.notes())
+    assert set(fleet.serving()) == old and all(w.reason is None and fleet.signalled(w) == [] for w in old)
+    assert fleet.policy.templates == [old_template] and fleet.policy.generation == 1
+    assert len(fleet.templates) == 2  # no new template: the old one forks what is needed
+    fleet.exit(fleet.current(2), signum=KILL)
+    (respawned,) = fleet.starting()
+    assert fleet.forked_from[respawned] is old_template and respawned.generation == 1
+    fleet.ready(respawned)
+    fleet.command(signal.SIGHUP)  # a fixed deploy reloads as usual
+    fleet.template_ready(fleet.templates[-1])
+    assert [w.generation for w in fleet.starting()] == [2]  # the failed one left no worker
+
+
+def test_preload_a_new_worker_failing_aborts_the_reload_and_stops_the_new_template() -> None:
+    fleet = preloading(2)
+    old_template = fleet.templates[0]
+    fleet.command(signal.SIGHUP)
+    new_template = fleet.templates[1]
+    fleet.template_ready(new_template)
+    fleet.exit(fleet.starting()[0], code=3)  # its lifespan startup failed
+    assert fleet.policy.phase is Phase.RUNNING and fleet.policy.generation == 1
+    assert fleet.signalled(new_template) == [TERM] and fleet.signalled(old_template) == []
+
+
+def test_a_template_that_dies_is_restarted_with_backoff_while_the_workers_serve() -> None:
+    fleet = preloading(2)
+    serving = set(fleet.serving())
+    first = fleet.templates[0]
+    fleet.template_exit(first, signum=KILL)
+    assert len(fleet.templates) == 2  # the first restart is immediate
+    fleet.template_exit(fleet.templates[1], code=1)  # and fails before it is ready
+    assert len(fleet.templates) == 2
+    fleet.advance(backoff(2))
+    assert len(fleet.templates) == 3  # then after a backoff
+    assert set(fleet.serving()) == serving and all(fleet.signalled(w) == [] for w in serving)
+    fleet.exit(fleet.current(1), signum=KILL)
+    assert fleet.starting() == []  # the respawn waits for a template
+    fleet.template_ready(fleet.templates[2])
+    (respawned,) = fleet.starting()
+    assert fleet.forked_from[respawned] is fleet.templates[2]
+    assert fleet.policy.template_failures == 0
+
+
+def test_a_template_failing_before_ready_at_startup_ends_the_master_with_code_3() -> None:
+    fleet = Fleet(2, preload=lambda: None, startup_attempts=3)
+    for _ in range(3):
+        fleet.template_exit(fleet.templates[-1], code=1)
+        fleet.advance(10.0)
+    assert fleet.policy.finished and fleet.policy.exit_code == 3 and len(fleet.templates) == 3
+
+
+def test_a_template_that_never_loads_the_app_is_killed_and_retried() -> None:
+    fleet = Fleet(1, preload=lambda: None, startup_timeout=5.0)
+    template = fleet.templates[0]
+    fleet.advance(5.5)
+    assert fleet.signalled(template) == [KILL]
+    fleet.template_exit(template, signum=KILL)
+    assert len(fleet.templates) == 2 and fleet.policy.template_failures == 1
+
+
+def test_stopping_stops_the_templates_and_waits_for_them() -> None:
+    fleet = preloading(1)
+    template, worker = fleet.templates[0], fleet.current(1)
+    fleet.command(TERM)
+    assert fleet.signalled(template) == [TERM] and fleet.signalled(worker) == [TERM]
+    fleet.exit(worker)
+    assert not fleet.policy.finished
+    fleet.template_exit(template)
+    assert fleet.policy.finished and fleet.policy.exit_code == 0
+
+
 def test_only_the_transition_table_changes_a_workers_state() -> None:
-    """Rule 2 of supervisor/policy.py: no ``something.state = ...`` outside ``_transition``."""
+    """Rule 2 of supervisor/policy.py: no ``something.state = ...`` outside ``_transition`` (and
+    ``_template_transition`` for templates)."""
     offenders = []
     for path in sorted((ROOT / "supervisor").glob("*.py")):
         tree = ast.parse(path.read_text())
@@ -577,6 +722,6 @@ def test_only_the_transition_table_changes_a_workers_state() -> None:
                 targets = node.targets if isinstance(node, ast.Assign) else []
                 for target in targets:
                     for leaf in ast.walk(target):
-                        if isinstance(leaf, ast.Attribute) and leaf.attr == "state" and function.name != "_transition":
+                        if isinstance(leaf, ast.Attribute) and leaf.attr == "state" and function.name not in ("_transition", "_template_transition"):
                             offenders.append(f"{path.name}:{node.lineno} in {function.name}")
     assert offenders == []

@@ -2,11 +2,14 @@
 
 The supervisor knows nothing of HTTP; this module is the only place the two meet:
 
-- ``supervise(config)``: the master. It binds the sockets once (or takes systemd's),
-  imports the application only with ``--preload``, maps the settings onto ``SupervisorConfig``
-  and runs the supervisor loop.
+- ``supervise(config)``: the master. It binds the sockets once (or takes systemd's), maps the
+  settings onto ``SupervisorConfig`` and runs the supervisor loop. It never imports the
+  application: with ``--preload``, ``preload_app`` does, in the supervisor's template process
+  (``supervisor.forkserver``), and the workers are forked from it.
 - ``serve_worker(config, context)``: the worker target, in each forked child. It imports the
-  app (after fork, so a reload picks up new code), runs ``Server`` on the inherited sockets and
+  app (after fork, so a reload picks up new code; with --preload the template already did),
+  runs ``Server`` on the inherited sockets (lifespan startup in each worker, as without
+  --preload: the template runs no event loop) and
   wires the channel: ``on_ready`` → ``ready``; ``on_tick`` → ``heartbeat`` with the requests
   served (and ``retiring`` once the server is draining); SIGABRT from the master (no
   heartbeat) logs the requests in flight next to the stacks (``uvworker.inflight``).
@@ -101,7 +104,17 @@ def supervisor_config(config: Config) -> SupervisorConfig:
         proc_name="uvworker",
         label=str(app),
         reopen_logs=_reopen_logs,
+        preload=functools.partial(preload_app, config) if config.preload else None,
     )
+
+
+def preload_app(config: Config) -> int:
+    """In the template process: import the application once (0), or report why not (its code)."""
+    try:
+        config.load()
+    except ConfigError as err:
+        return report(err, config.log_level == "debug")
+    return EXIT_OK
 
 
 def _reopen_logs() -> None:
@@ -134,9 +147,6 @@ def supervise(config: Config) -> int:
         own_uds = bool(config.uds and config.fd is None)
     try:
         warm_imports(config)
-        if config.preload:
-            config.load()  # imports the app in the master; workers share its pages
-            logger.info("Preloaded %s in the supervisor (SIGHUP restarts workers, not the code).", settings.label)
         return run(functools.partial(serve_worker, config), sockets, settings, logger=logger)
     finally:
         for sock in sockets:

@@ -380,8 +380,10 @@ SETTINGS: tuple[Setting, ...] = (
        metavar="GROUP", gunicorn="group"),
     _S("umask", None, octal, "File mode mask of the server processes, in octal (e.g. 022).",
        metavar="MASK", gunicorn="umask"),
-    _S("preload", False, boolean, "Import the application in the supervisor before forking workers "
-       "(shares memory; SIGHUP then restarts workers without new code).", kind="flag",
+    _S("preload", False, boolean, "Import the application once, in a template process, and fork "
+       "every worker from it: workers share its memory and are ready in milliseconds; SIGHUP "
+       "loads the new code in a new template first (Linux). Under Gunicorn, Gunicorn's preload_app.",
+       kind="flag",
        gunicorn="preload_app"),
     _S("reload", False, boolean, "Development: restart the workers when source files change.",
        kind="flag", gunicorn="reload"),
