@@ -44,6 +44,7 @@ ALWAYS = (
     "uvworker.logging",
     "uvworker.importer",
     "uvworker.interfaces",
+    "uvworker.inflight",  # prefork.serve_worker: the hung-worker report
 )
 
 # interface setting -> the adapters it may need ("auto" detects: any of them)
