@@ -99,6 +99,21 @@ def test_a_started_response_is_cut_never_completed(serve: Any, target: str) -> N
         assert srv.server.state.request_timeouts == 1
 
 
+def test_a_started_close_delimited_response_ends_with_a_reset(serve: Any) -> None:
+    """HTTP/1.0 without Content-Length: the body ends at the close, so a FIN would pass a
+    cut body off as whole. The client sees a reset instead."""
+    app = StuckApp()
+    with serve(app, timeout_request=TIMEOUT) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request(target="/half-chunked", version="1.0"))
+        head = conn.read_head(timeout=5)
+        assert head.status == 200 and head.get("content-length") is None
+        conn.sock.settimeout(10)
+        with pytest.raises(ConnectionResetError):
+            while conn.sock.recv(65536):  # "abc", then the reset: never a clean end of file
+                pass
+        assert app.cancelled.wait(5)
+
+
 def test_quick_requests_keep_their_connection_and_off_means_no_limit(serve: Any) -> None:
     app = StuckApp()
     with serve(app, timeout_request=TIMEOUT) as srv, Conn.open(srv.host, srv.port) as conn:

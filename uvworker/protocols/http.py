@@ -43,7 +43,10 @@ closed at once, gracefully (our side first, then the client's FIN or a short lin
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import struct
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
@@ -388,6 +391,14 @@ class HTTPConnection(Connection):
             record.finished = True
             self.state.request_done(record)
 
+    def _reset(self) -> None:
+        """Close with a reset (RST), which no client takes for the end of a response."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.drop()
+
     def _next_cycle(self) -> None:
         self.cycle = None
         self.phase = KEEP_ALIVE
@@ -445,7 +456,10 @@ class HTTPConnection(Connection):
         else:
             cycle.response_complete = True
             self._finish(cycle)
-            self.drop() if self.write_paused else self.close()
+            if self.core.remaining is None and not self.core.chunked:
+                self._reset()  # close-delimited (HTTP/1.0): a FIN would read as the body's end
+            else:
+                self.drop() if self.write_paused else self.close()
         cycle.on_disconnect()  # the app, if it goes on, sees its client gone
 
 
