@@ -115,18 +115,23 @@ def request_hooks(worker: Any) -> list[Hook]:
     request (``worker`` is the Gunicorn worker: its ``log`` and ``cfg``)."""
     log, cfg = worker.log, worker.cfg
     hooks: list[Hook] = []
-    enabled = getattr(log, "access_log_enabled", None)
-    if enabled is None:  # Gunicorn before 25
-        enabled = bool(cfg.accesslog or cfg.logconfig or cfg.logconfig_dict or cfg.syslog)
-    if enabled:
-        logger_class = type(log)
-        if logger_class.access is glogging.Logger.access and logger_class.atoms is glogging.Logger.atoms:
-            hooks.append(_render_access(log, AccessLog(cfg.access_log_format)))
-        else:
-            hooks.append(_call_access(log))
+    logger_class = type(log)
+    if logger_class.access is not glogging.Logger.access or logger_class.atoms is not glogging.Logger.atoms:
+        # Gunicorn's workers call access() for every request, access log or not: a logger
+        # class may do more there (Gunicorn's statsd logger counts and times requests).
+        hooks.append(_call_access(log))
+    elif _access_log_enabled(log, cfg):
+        hooks.append(_render_access(log, AccessLog(cfg.access_log_format)))
     if hook_set(cfg, "post_request"):
         hooks.append(_call_post_request(worker))
     return hooks
+
+
+def _access_log_enabled(log: Any, cfg: Any) -> bool:
+    enabled = getattr(log, "access_log_enabled", None)
+    if enabled is None:  # Gunicorn before 25
+        enabled = bool(cfg.accesslog or cfg.logconfig or cfg.logconfig_dict or cfg.syslog)
+    return bool(enabled)
 
 
 def _render_access(log: Any, access_format: AccessLog) -> Hook:
@@ -147,7 +152,7 @@ def _render_access(log: Any, access_format: AccessLog) -> Hook:
 
 
 def _call_access(log: Any) -> Hook:
-    """A custom logger_class (statsd, ...): its access() with Gunicorn's own objects."""
+    """Another logger_class (statsd, ...): its access() with Gunicorn's own objects."""
 
     def hook(done: FinishedRequest) -> None:
         duration = datetime.timedelta(seconds=time.perf_counter() - done.start_clock)
@@ -174,10 +179,13 @@ def _call_post_request(worker: Any) -> Hook:
 # -- the error log ------------------------------------------------------------------------------
 def route_error_log(log: Any, level: str) -> None:
     """Send "uvworker.error" records to Gunicorn's error log, unless the user's logconfig
-    already routes that logger."""
+    already routes that logger. Gunicorn's own Logger gets each record as it is; another
+    logger_class gets the calls Gunicorn's workers make (``log.warning(message)``, ...), so
+    that what it does there happens too (Gunicorn's statsd logger counts gunicorn.log.*)."""
     error_logger = logging.getLogger("uvworker.error")
     if not error_logger.handlers:
-        error_logger.addHandler(_Forward(log.error_log))
+        plain = type(log) is glogging.Logger
+        error_logger.addHandler(_Forward(log.error_log) if plain else _CallLogger(log))
         error_logger.propagate = False
     error_logger.setLevel(level.upper())
 
@@ -191,3 +199,26 @@ class _Forward(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.target.handle(record)
+
+
+class _CallLogger(logging.Handler):
+    """Hands records to a Gunicorn logger_class through its methods, one per level
+    (``exception`` for an error with a traceback, as Gunicorn's workers log those)."""
+
+    def __init__(self, log: Any) -> None:
+        super().__init__()
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelno
+        name = next(name for least, name in _METHODS if level >= least)
+        if name == "error" and record.exc_info:
+            name = "exception"
+        try:
+            getattr(self.log, name)(record.getMessage(), exc_info=record.exc_info)
+        except Exception:
+            self.handleError(record)
+
+
+_METHODS = ((logging.CRITICAL, "critical"), (logging.ERROR, "error"), (logging.WARNING, "warning"),
+            (logging.INFO, "info"), (0, "debug"))

@@ -209,6 +209,9 @@ class HTTPConnection(Connection):
             self.close()
 
     def on_refused(self, error: HTTPError) -> None:
+        # A warning, as in uvicorn and Gunicorn (whose statsd logger counts it: gunicorn.log.warning).
+        client = self.core.client
+        logger.warning("Invalid request from %s: %d %s", client[0] if client else "?", error.status, error.reason)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             cycle.on_disconnect()  # the app sees its request end badly
