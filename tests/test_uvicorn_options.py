@@ -38,7 +38,7 @@ from uvworker.cli import parse
 from uvworker.config import Config
 
 # Options uvicorn has that another issue adds here; each must leave this list when it lands.
-PENDING = {"--http2": "HTTP/2 (issue 12)"}
+PENDING: dict[str, str] = {}
 
 
 def help_options(command: list[str]) -> dict[str, bool]:
@@ -115,6 +115,7 @@ UVICORN_COMMAND_LINE: list[tuple[list[str], dict[str, Any]]] = [
     (["--app-dir", "src", "--factory"], {"app_dir": "src", "factory": True}),
     (["--h11-max-incomplete-event-size", "32768", "--reset-contextvars"],
      {"h11_max_incomplete_event_size": 32768, "reset_contextvars": True}),
+    (["--http2"], {"http2": True}),  # uvicorn's needs its zttp parser; ours is the h2 package
 ]
 
 

@@ -31,6 +31,7 @@ class Config:
     http_parser: str  # "httptools" or "h11"
     loop_factory: Callable[[], asyncio.AbstractEventLoop]
     ssl_context: ssl.SSLContext | None
+    serve_h2: bool  # from --http2: asked for, or unset and the h2 package is installed
     default_headers: list[tuple[bytes, bytes]]  # from --header, names lowercased
     forwarded_allow: TrustedHosts  # from --forwarded-allow-ips
     proxy_allow: TrustedHosts  # from --proxy-allow-ips
@@ -68,6 +69,7 @@ class Config:
         if self.ws == "websockets":
             _require("websockets", "--ws websockets")
         self.loop_factory = self._loop_factory()
+        self.serve_h2 = self._serve_h2()
         self.ssl_context = self._ssl_context()
         self.default_headers = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in self.headers]
         self.forwarded_allow = TrustedHosts(self.forwarded_allow_ips)
@@ -84,6 +86,13 @@ class Config:
             return "httptools" if importlib.util.find_spec("httptools") else "h11"
         _require(self.http, f"--http {self.http}")
         return self.http
+
+    def _serve_h2(self) -> bool:
+        if self.http2 is None:
+            return importlib.util.find_spec("h2") is not None
+        if self.http2:
+            _require("h2", "--http2")
+        return bool(self.http2)
 
     def _loop_factory(self) -> Callable[[], asyncio.AbstractEventLoop]:
         if self.loop == "uvloop" or (self.loop == "auto" and importlib.util.find_spec("uvloop")):
@@ -116,6 +125,7 @@ class Config:
         except ssl.SSLError as err:
             raise ConfigError(f"--ssl-ciphers {self.ssl_ciphers!r} selects no cipher") from err
         context.verify_mode = ssl.VerifyMode(self.ssl_cert_reqs)
+        offer_alpn(context, self.serve_h2)
         return context
 
     def _load_app(self) -> ASGIApp:
@@ -134,6 +144,11 @@ class Config:
     def bind_name(self) -> str:
         """Where the server listens, for messages."""
         return where(self.host, self.port, self.uds, self.fd)
+
+
+def offer_alpn(context: ssl.SSLContext, http2: bool) -> None:
+    """The protocols TLS clients may choose by ALPN: h2 first when HTTP/2 is served."""
+    context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
 
 
 # --ssl-version's ssl.PROTOCOL_TLSv1 / _TLSv1_1 / _TLSv1_2 (3, 4, 5): one TLS version only.

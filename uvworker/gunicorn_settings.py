@@ -43,6 +43,8 @@ _ADAPT: dict[str, Callable[[Any], Any]] = {
     # request of the worker, so only an explicit --threads above 1 replaces our default.
     "threads": lambda v: v if v > 1 else BY_NAME["wsgi_threads"].default,
     "loglevel": lambda v: v.lower() if v.lower() in BY_NAME["log_level"].choices else "info",
+    # h2 listed turns HTTP/2 on; Gunicorn's h1-only default leaves ours (on when h2 is installed).
+    "http_protocols": lambda v: True if "h2" in v else None,
 }
 
 

@@ -348,6 +348,14 @@ SETTINGS: tuple[Setting, ...] = (
        "takes longer than this; 0 disables.", **_SECONDS),
     _S("ws_per_message_deflate", True, boolean, "Negotiate permessage-deflate compression with "
        "WebSocket clients that offer it.", metavar="BOOL"),
+    # HTTP/2 (issue 12).
+    _S("http2", None, boolean, "Serve HTTP/2: over TLS when the client offers h2 by ALPN (else "
+       "HTTP/1.1), and in cleartext (h2c) to clients that open with the HTTP/2 preface, on the "
+       "same port as HTTP/1.1. Unset, on when the h2 package is installed. Under Gunicorn, "
+       "http_protocols with h2 turns it on.", kind="flag", gunicorn="http_protocols"),
+    _S("http2_max_concurrent_streams", 100, integer(1), "HTTP/2 streams a client may have in "
+       "flight on one connection (SETTINGS_MAX_CONCURRENT_STREAMS); more are refused.",
+       metavar="N", gunicorn="http2_max_concurrent_streams"),
     # Pre-fork supervisor (issue 6): giving any of these selects supervisor mode (uvworker.prefork).
     _S("workers", None, integer(1), "Worker processes, forked by a supervisor that restarts, reloads "
        "(SIGHUP) and recycles them; unset, one process serves without a supervisor. "

@@ -27,6 +27,7 @@ Rules kept:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ def worker_modules(config: Config) -> list[str]:
         modules.append("uvloop")
     if config.ws != "none":
         modules.append("uvworker.protocols.websocket")  # and websockets' pieces, if installed
+    if config.http2 is not False and importlib.util.find_spec("h2") is not None:
+        modules.append("uvworker.protocols.h2")  # and h2, hpack, hyperframe
     if config.env_file:  # Config.load() reads it in each worker, before importing the app
         modules += ["uvworker.envfile", "dotenv"]
     return modules

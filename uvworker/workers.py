@@ -60,7 +60,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.sock import ssl_context as gunicorn_ssl_context
 from gunicorn.workers.base import Worker as GunicornWorker
 
-from uvworker.config import Config
+from uvworker.config import Config, offer_alpn
 from uvworker.errors import ConfigError
 from uvworker.gunicorn_hooks import front, hook_set, request_hooks, route_error_log
 from uvworker.gunicorn_objects import GunicornRequest
@@ -93,8 +93,6 @@ class Worker(GunicornWorker):
         except (ConfigError, ValueError, TypeError) as err:
             raise RuntimeError(f"uvworker: {err}") from None
         warm_imports(config)  # in the arbiter, before workers fork and switch user
-        if "h2" in (getattr(cfg, "http_protocols", None) or ()):
-            raise RuntimeError("uvworker speaks HTTP/1.1: remove h2 from http_protocols.")
         if 0 < cfg.timeout < 2:
             log.warning("uvworker heartbeats once a second: a timeout under 2 s may replace healthy workers.")
 
@@ -142,6 +140,7 @@ class Worker(GunicornWorker):
         config.load()
         if cfg.is_ssl:
             config.ssl_context = gunicorn_ssl_context(cfg)  # honours the ssl_context hook
+            offer_alpn(config.ssl_context, config.serve_h2)
         route_error_log(self.log, config.log_level)
         budget = self.max_requests < sys.maxsize
         # Gunicorn's default pre_request only logs at debug level: skip it unless it would.

@@ -61,9 +61,10 @@ def error_response(status: int, reason: str, defaults: bytes, extra: bytes = b""
 
 class HeadDefaults:
     """The headers the server adds to every response — Server, the --header ones, Date —
-    pre-encoded once; ``refresh`` renews the Date line when the second changes."""
+    pre-encoded once (``encoded`` for HTTP/1.1, ``pairs`` for HTTP/2); ``refresh`` renews the
+    Date line when the second changes."""
 
-    __slots__ = ("fixed", "with_date", "encoded", "_date", "_second")
+    __slots__ = ("fixed", "with_date", "encoded", "pairs", "_date", "_second")
 
     def __init__(self, fixed: list[tuple[bytes, bytes]], date: bool, now: float = 0.0) -> None:
         self.fixed = fixed
@@ -79,6 +80,7 @@ class HeadDefaults:
             self._second = second
             if self.with_date:
                 self._date = [(b"date", email.utils.formatdate(second, usegmt=True).encode())]
+            self.pairs = [(name.lower(), value) for name, value in self.fixed + self._date]
             self.encoded = b"".join(b"%s: %s\r\n" % pair for pair in self.fixed + self._date)
 
     def without(self, app_headers: Any) -> bytes:

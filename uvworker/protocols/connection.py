@@ -225,3 +225,12 @@ class Connection(asyncio.Protocol):
         """Called by the server's sweep with --timeout-request: end each request whose cycle
         started (``start_clock``) before ``cutoff`` and whose response is not complete.
         WebSocket sessions are exempt."""
+
+
+def address(address: Any) -> Any:
+    """A transport's peername or sockname as an ASGI scope's (host, port), or None."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return (str(address[0]), int(address[1]))
+    if isinstance(address, str) and address:
+        return (address, None)
+    return None

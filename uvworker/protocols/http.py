@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from uvworker.core.h1 import DISCARD, NEXT, BodyLengthError, H1Core
 from uvworker.errors import HTTPError
-from uvworker.protocols.connection import CLOSED, Connection, ServerState, input_waiting
+from uvworker.protocols.connection import CLOSED, Connection, ServerState, address, input_waiting
 from uvworker.protocols.cycle import RequestCycle
 
 if TYPE_CHECKING:
@@ -67,9 +67,13 @@ WRITE_BATCH = 64 * 1024  # streamed response bytes that may wait for the end of 
 EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send behind a WebSocket handshake, unparsed
 LINGER_TIME = 2.0  # after our FIN, how long we read and drop input waiting for the client's
 LINGER_BYTES = 1024 * 1024  # ... and how much of it
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 class HTTPConnection(Connection):
+    h2c = False  # a cleartext connection that may open with the HTTP/2 preface
+    _preface = b""
+
     def __init__(self, state: ServerState) -> None:
         super().__init__(state)
         self.phase = WAIT_HEAD
@@ -84,9 +88,17 @@ class HTTPConnection(Connection):
         self.attach(transport, WRITE_BATCH)  # type: ignore[arg-type]
         self.is_tls = transport.get_extra_info("sslcontext") is not None
         state = self.state
+        if state.config.serve_h2:
+            if self.is_tls:  # ALPN chose the protocol during the handshake
+                ssl_object = transport.get_extra_info("ssl_object")
+                if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                    self._switch_to_h2(b"")
+                    return
+            elif not state.h1.proxy_protocol:
+                self.h2c = True  # cleartext: the first bytes tell (HTTP/2 prior knowledge)
         core = self.core = H1Core(
-            state.h1, self, state.defaults, _address(transport.get_extra_info("peername")),
-            _address(transport.get_extra_info("sockname")), "https" if self.is_tls else "http",
+            state.h1, self, state.defaults, address(transport.get_extra_info("peername")),
+            address(transport.get_extra_info("sockname")), "https" if self.is_tls else "http",
         )
         self.parser = core.parser
         self.send_start = core.start  # the cycle's stream.send_start(status, headers), direct
@@ -116,7 +128,12 @@ class HTTPConnection(Connection):
             return
         elif phase == CLOSED:
             return
-        self.fresh = False
+        if self.fresh:
+            self.fresh = False
+            if self.h2c:
+                data = self._sniff_h2c(data)
+                if not data:
+                    return
         try:
             self.core.feed(data)
         except HTTPError as exc:
@@ -311,6 +328,33 @@ class HTTPConnection(Connection):
             self._finish(record)
         self.close()
 
+    # -- HTTP/2 ----------------------------------------------------------------------------------
+    def _sniff_h2c(self, data: bytes) -> bytes:
+        """A cleartext connection's first bytes: the HTTP/2 connection preface hands the
+        connection to HTTP/2 (returns b""); anything else is returned, for HTTP/1.1."""
+        data = self._preface + data
+        if data[:1] != b"P":
+            return data
+        if data[: len(H2_PREFACE)] == H2_PREFACE:
+            self._switch_to_h2(data)
+            return b""
+        if H2_PREFACE.startswith(data):  # a part of it: wait for the rest
+            self._preface = data
+            self.fresh = True
+            return b""
+        return data
+
+    def _switch_to_h2(self, data: bytes) -> None:
+        """The transport now belongs to an HTTP/2 connection; ``data``: what it has read."""
+        from uvworker.protocols.h2 import H2Connection
+
+        self.phase = CLOSED
+        self.deadline = 0.0
+        self.state.connections.discard(self)
+        h2 = H2Connection(self.state)
+        self.transport.set_protocol(h2)
+        h2.take_over(self.transport, data)
+
     # -- the WebSocket handshake -----------------------------------------------------------------
     def _hold_early(self, data: bytes) -> None:
         """Bytes behind a handshake (the client's first frames): kept, bounded, until accept."""
@@ -465,10 +509,3 @@ class HTTPConnection(Connection):
                 self.drop() if self.write_paused else self.close()
         cycle.on_disconnect()  # the app, if it goes on, sees its client gone
 
-
-def _address(address: Any) -> Any:
-    if isinstance(address, tuple) and len(address) >= 2:
-        return (str(address[0]), int(address[1]))
-    if isinstance(address, str) and address:
-        return (address, None)
-    return None

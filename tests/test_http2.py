@@ -1,0 +1,243 @@
+"""HTTP/2 serving (issue 12, items 1-2): h2c by prior knowledge on the HTTP/1.1 port, h2 by ALPN
+over TLS, the same ASGI cycle and scope; checked with clients we did not write (httpx, curl,
+h2load) and with the h2 package's client side (tests/h2_client.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived, StreamEnded
+
+from tests.conftest import run_server
+from tests.h2_client import H2Client, get
+from tests.http_client import Conn, build_request
+from tests.test_tls import make_cert
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _curl_has_http2() -> bool:
+    curl = shutil.which("curl")
+    if curl is None:
+        return False
+    out = subprocess.run([curl, "--version"], capture_output=True, text=True).stdout
+    return "HTTP2" in out
+
+
+needs_curl = pytest.mark.skipif(not _curl_has_http2(), reason="curl with HTTP/2 support is not installed")
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_cert(tmp_path_factory.mktemp("h2tls"))
+
+
+def tls_settings(cert: tuple[Path, Path]) -> dict[str, str]:
+    return {"ssl_certfile": str(cert[0]), "ssl_keyfile": str(cert[1])}
+
+
+async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with what it saw: version, scheme, method, path, query, host, body size."""
+    assert scope["type"] == "http"
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    host = dict(scope["headers"]).get(b"host", b"-").decode()
+    text = f"{scope['http_version']} {scope['scheme']} {scope['method']} {scope['path']} " \
+           f"{scope['query_string'].decode()} {host} {size}"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": text.encode()})
+
+
+def test_h2c_prior_knowledge_with_httpx(serve: Any) -> None:
+    with serve(echo_app) as srv, httpx.Client(http1=False, http2=True, timeout=5) as client:
+        r = client.get(f"{srv.url}/a/b?x=1")
+        assert r.http_version == "HTTP/2"
+        assert r.text == f"2 http GET /a/b x=1 127.0.0.1:{srv.port} 0"
+        assert r.headers["server"] == "uvworker" and "date" in r.headers
+        assert r.headers["content-length"] == str(len(r.text))
+        body = bytes(range(256)) * 4096  # 1 MiB: more than the stream and connection windows
+        r = client.post(f"{srv.url}/up", content=body)
+        assert r.text.endswith(f" {len(body)}")
+
+
+def test_http11_on_the_same_port(serve: Any) -> None:
+    """Requests that start with P (POST, PUT, PATCH) are HTTP/1.1, not a preface."""
+    with serve(echo_app) as srv, httpx.Client(timeout=5) as client:
+        for method in ("GET", "POST", "PUT", "PATCH"):
+            r = client.request(method, f"{srv.url}/p", content=b"abc")
+            assert r.http_version == "HTTP/1.1"
+            assert r.text.startswith(f"1.1 http {method} /p")
+
+
+def test_preface_in_pieces(serve: Any) -> None:
+    """A preface split across reads is recognised: its first bytes are held until it is whole."""
+    h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    h2.initiate_connection()
+    head = [(b":method", b"GET"), (b":path", b"/split"), (b":scheme", b"http"), (b":authority", b"x")]
+    h2.send_headers(1, head, end_stream=True)
+    data = h2.data_to_send()
+    with serve(echo_app) as srv, srv.connect() as sock:
+        for piece in (data[:3], data[3:10], data[10:20]):  # the preface is 24 bytes
+            sock.sendall(piece)
+            sock.settimeout(0.05)
+            with pytest.raises(TimeoutError):  # no 400 for the partial preface: held, not parsed
+                sock.recv(1)
+        sock.settimeout(5)
+        sock.sendall(data[20:])
+        body, done = b"", False
+        while not done:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            for event in h2.receive_data(chunk):
+                if isinstance(event, DataReceived):
+                    body += event.data
+                done = done or isinstance(event, StreamEnded)
+            sock.sendall(h2.data_to_send())
+        assert body == b"2 http GET /split  x 0"
+
+
+def test_alpn_h2_and_http11_fallback(serve: Any, cert: tuple[Path, Path]) -> None:
+    with serve(echo_app, **tls_settings(cert)) as srv:
+        url = f"https://{srv.host}:{srv.port}/t"
+        with httpx.Client(http2=True, verify=False, timeout=5) as client:
+            for _ in range(2):
+                r = client.get(url)
+                assert r.http_version == "HTTP/2"
+                assert r.text.startswith("2 https GET /t")
+        with httpx.Client(verify=False, timeout=5) as client:  # offers http/1.1 only
+            r = client.get(url)
+            assert r.http_version == "HTTP/1.1"
+            assert r.text.startswith("1.1 https GET /t")
+        context = ssl.create_default_context(cafile=str(cert[0]))
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        with socket.create_connection((srv.host, srv.port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                assert tls.selected_alpn_protocol() == "h2"
+
+
+def test_no_http2(serve: Any, cert: tuple[Path, Path]) -> None:
+    """--no-http2: the preface is a bad HTTP/1.1 request, and ALPN offers http/1.1 only."""
+    with serve(echo_app, http2=False) as srv:
+        conn = Conn(srv.connect())
+        conn.send(PREFACE)
+        assert conn.read_response().status in (400, 505)
+    with serve(echo_app, http2=False, **tls_settings(cert)) as srv:
+        with httpx.Client(http2=True, verify=False, timeout=5) as client:
+            assert client.get(f"https://{srv.host}:{srv.port}/").http_version == "HTTP/1.1"
+
+
+@needs_curl
+def test_curl(cert: tuple[Path, Path]) -> None:
+    with run_server(echo_app, **tls_settings(cert)) as srv:
+        out = subprocess.run(
+            ["curl", "-sS", "-k", "--http2", "-w", " %{http_version}", "-d", "hello", f"https://127.0.0.1:{srv.port}/c"],
+            capture_output=True, text=True, timeout=20,
+        )
+        assert out.stdout == f"2 https POST /c  127.0.0.1:{srv.port} 5 2", out.stderr
+    with run_server(echo_app) as srv:
+        out = subprocess.run(
+            ["curl", "-sS", "--http2-prior-knowledge", "-w", " %{http_version}", f"http://127.0.0.1:{srv.port}/c?q"],
+            capture_output=True, text=True, timeout=20,
+        )
+        assert out.stdout == f"2 http GET /c q 127.0.0.1:{srv.port} 0 2", out.stderr
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
+def test_h2load_short_load() -> None:
+    with run_server(echo_app) as srv:
+        out = subprocess.run(
+            ["h2load", "-n", "2000", "-c", "8", "-m", "16", f"http://127.0.0.1:{srv.port}/"],
+            capture_output=True, text=True, timeout=60,
+        ).stdout
+        assert "2000 succeeded, 0 failed, 0 errored" in out, out
+
+
+def test_streams_run_concurrently() -> None:
+    """Responses leave in the order the apps finish, not the order the requests came."""
+    release = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        else:
+            release.set()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    with run_server(app) as srv:
+        client = H2Client(srv.host, srv.port)
+        slow = client.request(path="/slow")
+        fast = client.request(path="/fast")
+        client.read(lambda: client.responses[fast].ended)
+        assert client.responses[fast].body == b"/fast"
+        assert client.response(slow).body == b"/slow"
+        client.close()
+
+
+async def stream_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    path = scope["path"]
+    if path == "/error":
+        raise RuntimeError("boom")
+    if path == "/error-after-start":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        raise RuntimeError("boom")
+    if path == "/no-content":
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"X-Mixed-Case", b"kept"), (b"connection", b"close"), (b"transfer-encoding", b"chunked"),
+    ]})
+    for i in range(3):
+        await send({"type": "http.response.body", "body": b"piece%d " % i, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_streaming_head_errors() -> None:
+    with run_server(stream_app) as srv:
+        client = H2Client(srv.host, srv.port)
+        r = get(client, "/stream")
+        assert (r.status, r.body) == (200, b"piece0 piece1 piece2 ")
+        assert r.get(b"x-mixed-case") == b"kept"  # names lowercased, as HTTP/2 requires
+        assert r.get(b"connection") is None and r.get(b"transfer-encoding") is None
+        assert r.get(b"content-length") is None
+        r = client.response(client.request("HEAD", "/stream"))
+        assert (r.status, r.body) == (200, b"")
+        r = get(client, "/no-content")
+        assert (r.status, r.body) == (204, b"")
+        r = get(client, "/error")
+        assert r.status == 500 and r.body == b"Internal Server Error"
+        r = get(client, "/error-after-start")
+        assert r.status == 200 and r.reset is not None and not r.ended  # cut, never taken as whole
+        r = get(client, "/stream")  # the connection goes on
+        assert r.status == 200
+        client.close()
+
+
+def test_bad_requests_get_4xx_on_their_stream() -> None:
+    with run_server(echo_app, limit_request_fields=5) as srv:
+        client = H2Client(srv.host, srv.port)
+        r = get(client, "/", headers=[(f"x-{i}", "v") for i in range(6)])
+        assert r.status == 431
+        r = client.response(client.request("CONNECT"))
+        assert r.status == 501  # no tunnels, as on HTTP/1.1
+        r = get(client, "/", authority="a b")
+        assert r.status == 400
+        r = get(client, "/ok")
+        assert r.status == 200 and r.body.startswith(b"2 http GET /ok")
+        client.close()

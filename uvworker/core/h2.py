@@ -1,0 +1,190 @@
+"""HTTP/2 requests and responses, sans-I/O: what uvworker adds to the h2 package's state machine.
+
+The h2 package (``h2.connection.H2Connection``) frames, compresses headers (HPACK), tracks
+stream states and flow-control windows, and validates what RFC 9113 asks of a header block.
+This module holds the rest, as plain functions and objects that tests drive without sockets:
+
+* ``request_scope``: a request's decoded header block → the ASGI ``http`` scope, by the same
+  rules as HTTP/1.1 (``core.request``: target, Host, Content-Length, fields that must not
+  repeat, proxy headers), within the same limits (``--limit-request-fields``,
+  ``--limit-request-field-size``); ``:authority`` becomes the ``host`` header when the request
+  has none, as HTTP/1.1 apps expect (RFC 9113 §8.3.1). Refused input raises ``HTTPError``.
+* ``ResponseHead``: the app's status and headers → an h2 header list: names lowercased and
+  checked once per distinct (name, value) pair, the connection-specific fields HTTP/2 forbids
+  dropped (RFC 9113 §8.2.2), the server's own headers (Server, Date, ``--header``) added.
+* ``FloodBudget``: the defence against frames that cost us work and give nothing back (rapid
+  reset, CVE-2023-44487; SETTINGS, PING, PRIORITY and empty-DATA floods): each such frame
+  fills a leaky bucket, each response served empties it a little; a full bucket ends the
+  connection with ENHANCE_YOUR_CALM.
+* ``BoundedFrameBuffer``: h2's frame buffer with the header block (HEADERS + CONTINUATION)
+  bounded by the header limits before it is decoded (CVE-2024-27316); h2 alone holds up to
+  64 CONTINUATION frames of any permitted size.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from h2.exceptions import DenialOfServiceError
+from h2.frame_buffer import FrameBuffer
+
+from uvworker.core.request import build_scope, check_head, check_target
+from uvworker.core.response import RESP_DEFAULTED, RESP_LENGTH, HeadDefaults, header_line
+from uvworker.errors import HTTPError
+
+if TYPE_CHECKING:
+    from hyperframe.frame import Frame
+
+    from uvworker.core.h1 import H1Options
+
+Headers = list[tuple[bytes, bytes]]
+
+NO_BODY_STATUSES = frozenset({204, 304})
+# RFC 9113 §8.2.2: fields that only mean something to one HTTP/1.1 connection.
+CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+STATUSES = {status: str(status).encode() for status in range(100, 600)}
+
+
+def request_scope(
+    headers: Headers, options: H1Options, server: Any, client: Any, scheme: str, trust_proxy_headers: bool,
+) -> tuple[dict[str, Any], bool]:
+    """A request's header block (pseudo-header fields first, as h2 checked) → (scope,
+    expect_continue). Raises HTTPError: 431 beyond the header limits, 400 for what HTTP/1.1
+    refuses too, 501 for CONNECT (no tunnels)."""
+    method = path = authority = b""
+    fields: Headers = []
+    limits = options.limits
+    field_line = limits.field_line
+    host = False
+    for pair in headers:
+        name, value = pair
+        if name[0] == 58:  # ":"
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            continue  # :scheme: the connection's scheme is the one the server vouches for
+        if len(name) + len(value) + 2 > field_line:
+            raise HTTPError(431, "Request header field too large")
+        if name == b"host":
+            host = True
+        fields.append(pair)
+    if len(fields) > limits.fields:
+        raise HTTPError(431, "Too many request header fields")
+    if method == b"CONNECT":
+        raise HTTPError(501, "Method Not Implemented")
+    if not path or (path[0] != 47 and path != b"*"):  # origin-form, or * (RFC 9113 §8.3.1)
+        raise HTTPError(400, "Invalid request target")
+    check_target(method, path)
+    if authority and not host:
+        fields.insert(0, (b"host", authority))
+    _, expect, _, proxied = check_head("2", fields)
+    scope = build_scope(method, path, "2", fields, server, client, scheme, options.root_path, options.lifespan_state)
+    if proxied and trust_proxy_headers:
+        from uvworker.proxy import apply_proxy_headers
+
+        apply_proxy_headers(scope, options.forwarded_allow)  # type: ignore[arg-type]
+    return scope, expect
+
+
+# (name, value) pairs from apps → (lowercased name, value, kind), or None for a dropped field.
+_PAIRS: dict[tuple[bytes, bytes], tuple[bytes, bytes, int] | None] = {}
+
+
+class ResponseHead:
+    """Turns an app's response head into h2's header list (one per connection: the Date it
+    adds is the server's, refreshed once a second)."""
+
+    __slots__ = ("defaults", "_second", "_pairs")
+
+    def __init__(self, defaults: HeadDefaults) -> None:
+        self.defaults = defaults
+        self._second = -1
+        self._pairs: Headers = []
+
+    def encode(self, status: int, headers: Any) -> tuple[Headers, int | None]:
+        """(h2 header list, the app's Content-Length or None); raises RuntimeError for a
+        header that cannot be sent."""
+        out = [(b":status", STATUSES[status])]
+        length = None
+        own = False
+        cache = _PAIRS
+        for pair in headers:
+            try:
+                entry = cache[pair]
+            except (KeyError, TypeError):
+                entry = _check_pair(*pair)
+                if type(pair) is tuple:
+                    if len(cache) >= 4096:
+                        cache.clear()
+                    cache[pair] = entry
+            if entry is None:
+                continue
+            name, value, kind = entry
+            if kind:
+                if kind == RESP_LENGTH:
+                    length = int(value)
+                elif kind == RESP_DEFAULTED:
+                    own = True
+            out.append((name, value))
+        defaults = self.defaults.pairs
+        if own:
+            names = {name for name, _ in out}
+            defaults = [pair for pair in defaults if pair[0] not in names]
+        out += defaults
+        return out, length
+
+
+def _check_pair(name: bytes, value: bytes) -> tuple[bytes, bytes, int] | None:
+    _, kind = header_line(name, value)  # the HTTP/1.1 checks: token name, no CR/LF/NUL
+    name = name.lower()
+    if name in CONNECTION_FIELDS:
+        return None
+    return bytes(name), bytes(value).strip(b" \t"), kind
+
+
+class FloodBudget:
+    """A leaky bucket of unproductive frames: ``spend`` fills it (False once it overflows),
+    ``earn`` (a response served) and the passing time empty it. ``capacity`` frames at once,
+    refilled at ``rate`` per second: a client may reset every stream it may have open four
+    times in a burst, but not keep resetting (CVE-2023-44487), pinging or re-sending SETTINGS."""
+
+    __slots__ = ("capacity", "rate", "level", "since")
+
+    def __init__(self, capacity: float, rate: float, now: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.level = 0.0
+        self.since = now
+
+    def spend(self, cost: float, now: float) -> bool:
+        level = self.level - (now - self.since) * self.rate
+        self.since = now
+        self.level = level = (level if level > 0.0 else 0.0) + cost
+        return level <= self.capacity
+
+    def earn(self, amount: float) -> None:
+        level = self.level - amount
+        self.level = level if level > 0.0 else 0.0
+
+
+class HeaderBlockTooLarge(DenialOfServiceError):
+    """A header block (HEADERS and its CONTINUATION frames) beyond the header limits: the
+    connection ends with ENHANCE_YOUR_CALM (it cannot be skipped: HPACK state would desync)."""
+
+
+class BoundedFrameBuffer(FrameBuffer):
+    """h2's FrameBuffer, with the bytes of one header block bounded by ``max_block``."""
+
+    def __init__(self, max_block: int) -> None:
+        super().__init__(server=True)
+        self.max_block = max_block
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        if self._headers_buffer and f is not None:
+            size = sum(len(frame.data) for frame in self._headers_buffer) + len(getattr(f, "data", b""))
+            if size > self.max_block:
+                raise HeaderBlockTooLarge(f"Header block of {size} bytes or more: at most {self.max_block}")
+        return super()._update_header_buffer(f)
