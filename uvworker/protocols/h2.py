@@ -197,13 +197,19 @@ class H2Stream:
         if self.ended or self.conn.phase == CLOSED:
             self.finish()
             return
+        self.answer_or_cut(cycle, 500, "Internal Server Error", ErrorCodes.INTERNAL_ERROR)
+
+    def answer_or_cut(self, cycle: RequestCycle, status: int, reason: str, code: int = ErrorCodes.CANCEL) -> None:
+        """End a response the app did not complete: ``status`` when nothing is out yet, else
+        a reset (a client must never take a partial response for a whole one)."""
+        cycle.response_complete = True
         if self.head is not None or not cycle.response_started:
             cycle.response_started = True
-            cycle.status = 500
+            cycle.status = status
             self.head = None
-            self.send_error(500, "Internal Server Error")
+            self.send_error(status, reason)
         else:
-            self.reset(ErrorCodes.INTERNAL_ERROR)
+            self.reset(code)
 
     # -- sending -------------------------------------------------------------------------------
     def push(self) -> None:
@@ -613,13 +619,7 @@ class H2Connection(Connection):
         if cycle is None or stream.ended:
             return
         cycle.on_disconnect()
-        if not cycle.response_started or stream.head is not None:
-            cycle.response_started = cycle.response_complete = True
-            cycle.status = 408
-            stream.head = None
-            stream.send_error(408, "Request Timeout")
-        else:
-            stream.reset(ErrorCodes.CANCEL)
+        stream.answer_or_cut(cycle, 408, "Request Timeout")
         self.flush()
 
     # -- ending ---------------------------------------------------------------------------------
@@ -682,14 +682,7 @@ class H2Connection(Connection):
             if cycle is None or stream.ended or cycle.response_complete or cycle.start_clock >= cutoff:
                 continue
             self.state.request_timed_out(cycle)
-            if not cycle.response_started or stream.head is not None:
-                cycle.response_started = cycle.response_complete = True
-                cycle.status = 504
-                stream.head = None
-                stream.send_error(504, "Gateway Timeout")
-            else:
-                cycle.response_complete = True
-                stream.reset(ErrorCodes.CANCEL)
+            stream.answer_or_cut(cycle, 504, "Gateway Timeout")
             cycle.on_disconnect()
         self.flush()
 
