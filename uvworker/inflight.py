@@ -9,8 +9,14 @@ endpoint blocked the event loop.
 The report reads the server's connection registry (``ServerState.connections``) without any
 book of its own, so serving pays nothing for it. A signal handler runs in the main thread,
 between two bytecodes of the code that blocks the loop, so the registry cannot change while it
-is read. (A loop stuck inside C code that never returns to Python gets faulthandler's stacks
-only: the master's SIGKILL follows.)
+is read.
+
+A loop blocked inside C code that never returns to Python (a database driver waiting on a
+lock, retrying its own interrupted system calls) never runs that handler. For it a
+``Watchdog`` thread writes the same report once the loop has not swept for half the heartbeat
+timeout, before the abort: that C code has released the GIL, so the thread runs, and the loop,
+being blocked, changes nothing it reads. (Code that blocks while holding the GIL gets
+faulthandler's stacks only.)
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import faulthandler
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -68,3 +75,34 @@ def on_abort(handler: Callable[[int, FrameType | None], Any]) -> None:
     except (ValueError, OSError, AttributeError):
         pass  # stderr without a file descriptor: no stacks from C, the report still comes
 
+
+
+class Watchdog:
+    """A daemon thread that logs the hung report when the server has not swept for ``after``
+    seconds (once per blocking), so that the report comes even when no signal handler can run.
+    It reads ``ServerState.swept_at``, which the sweep sets ten times a second."""
+
+    def __init__(self, state: Callable[[], ServerState | None], after: float, log: Callable[[str], None]) -> None:
+        self.state = state
+        self.after = after
+        self.log = log
+        self.stopped = threading.Event()
+        self.loop_thread = threading.get_ident()  # the thread running the event loop
+
+    def start(self) -> None:
+        if self.after > 0:
+            threading.Thread(target=self._watch, name="uvworker-watchdog", daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _watch(self) -> None:
+        reported = 0.0
+        while not self.stopped.wait(min(1.0, max(0.1, self.after / 4))):
+            state = self.state()
+            swept_at = state.swept_at if state is not None else 0.0
+            blocked = time.monotonic() - swept_at
+            if swept_at and swept_at != reported and blocked >= self.after:
+                reported = swept_at
+                frame = sys._current_frames().get(self.loop_thread)
+                self.log(f"The event loop has not turned for {blocked:.1f} s; {hung_report(state, frame)}")

@@ -160,7 +160,7 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     """The worker target: serve until the master retires or stops us; the exit code."""
     from supervisor.budget import EXHAUSTED, NEARING, RequestBudget, lead_time
     from supervisor.child import HANDOVER_SIGNAL
-    from uvworker.inflight import hung_report, on_abort
+    from uvworker.inflight import Watchdog, hung_report, on_abort
     from uvworker.logging import reopen_on_sigusr1
     from uvworker.server import Server
 
@@ -235,7 +235,11 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     server = Server(config, on_ready=on_ready, on_tick=on_tick, on_stuck=lambda: leave("hung"),
                     install_signal_handlers=True)
     on_abort(report_hung)
+    # Half the heartbeat timeout: the report comes before the master's SIGABRT and SIGKILL.
+    watchdog = Watchdog(lambda: server.state, config.timeout_worker / 2, logger.critical)
+    watchdog.start()
     server.run(sockets=context.sockets)
+    watchdog.stop()
     reopen_on_sigusr1()  # the loop's handler is gone; the final heartbeat and exit remain
     channel.heartbeat(server.requests_served)  # the final count, for the master's totals
     return EXIT_STARTUP_FAILED if server.startup_failed else EXIT_OK

@@ -129,6 +129,7 @@ class Server:
                 await self._main_loop()
             await self._drain()
         finally:
+            state.swept_at = 0.0  # no more sweeps: the watchdog (uvworker.inflight) stands down
             self._close_listeners()
             await lifespan.shutdown()
 
@@ -293,6 +294,7 @@ def _sweep(state: ServerState) -> None:
     """Once a tick: the Date header, every connection's deadline and, with --timeout-request,
     the age of its request (a request costs no timer of its own)."""
     state.defaults.refresh(time.time())
+    state.swept_at = time.monotonic()
     now = state.loop.time()
     timeout = state.config.timeout_request
     cutoff = time.perf_counter() - timeout if timeout else 0.0

@@ -65,7 +65,7 @@ from uvworker.errors import ConfigError
 from uvworker.gunicorn_hooks import front, hook_set, request_hooks, route_error_log
 from uvworker.gunicorn_objects import GunicornRequest
 from uvworker.gunicorn_settings import settings_from_gunicorn
-from uvworker.inflight import hung_report
+from uvworker.inflight import Watchdog, hung_report
 from uvworker.logging import AccessLog
 from uvworker.server import Server
 from uvworker.settings import BY_NAME
@@ -125,8 +125,12 @@ class Worker(GunicornWorker):
             config, on_ready=self._on_ready, on_tick=self._on_tick, on_stuck=self._on_term,
             install_signal_handlers=False,
         )
+        # The hung report also comes from a thread, at half the timeout (uvworker.inflight).
+        watchdog = Watchdog(lambda: server.state, config.timeout_worker / 2, self.log.critical)
+        watchdog.start()
         with asyncio.Runner(loop_factory=config.loop_factory) as runner:
             runner.run(self._serve(server))
+        watchdog.stop()
         if server.startup_failed:  # the app's lifespan startup failed: stop Gunicorn, not loop
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
 

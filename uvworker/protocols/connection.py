@@ -72,6 +72,7 @@ class ServerState:
         self.active_requests = 0
         self.requests_served = 0
         self.request_timeouts = 0  # requests ended by --timeout-request
+        self.swept_at = 0.0  # time.monotonic() of the server's last sweep; 0 when not sweeping
         # Their app tasks still running (a WSGI thread that cannot be stopped, a task that
         # ignores the cancellation): the server asks to be replaced when there are too many.
         self.abandoned: set[asyncio.Task[None]] = set()
