@@ -221,3 +221,18 @@ def test_max_memory_does_not_count_the_pages_shared_with_the_template(
         assert server.get() == pid
         time.sleep(0.05)
     assert "Recycling" not in server.log
+
+
+def test_max_requests_bound_holds_with_preload_and_a_slow_import(served: Callable[..., Served]) -> None:
+    """The one test with a 2 s import: only the template pays it; every replacement is forked
+    ready in milliseconds, so a worker serves at most its limit plus one request per connection."""
+    limit, clients = 500, 6
+    server = served("--workers", "2", "--preload", "--max-requests", str(limit), env={"APP_IMPORT_DELAY": "2"})
+    server.serving_pids(2, timeout=30)
+    load = KeepAliveLoad(server.url, clients=clients)
+    wait_for(lambda: server.log.count("after retiring (") >= 4, timeout=60)
+    load.stop()
+    assert load.failures == []
+    gone = {pid: n for pid, n in load.served.items() if not alive(pid)}
+    assert len(gone) >= 4 and max(gone.values()) <= limit + clients, (gone, server.log)
+    assert len(server.import_log.read_text().split()) == 1  # imported once, in the template

@@ -8,9 +8,11 @@ from the --preload template is ready, and how much memory the template's workers
   with 64 keep-alive connections on CPU 1) with --trace-memory 0, 1 and 10, interleaved over
   rounds; medians of requests/s and of the server's CPU microseconds per request (/proc).
 * ``ready``: an app whose import takes 2 s, 2 workers with --preload and --max-requests, under
-  keep-alive load; for every recycled worker, the time from the moment its retirement begins
-  (the master's "Recycling worker N" decision) to its replacement's "ready", from the master's
-  log, and the time a worker forked from the template takes from spawn to ready.
+  1 and then 4 clients (4 keep both CPUs busy); for every recycled worker, the time from the
+  master's decision to recycle it ("Recycling worker N": the replacement is forked then, and
+  the old worker stops accepting only once it is ready) to its replacement's "ready", from the
+  master's log; and for a SIGKILLed worker, the time from its reaping to its replacement's
+  "ready".
 * ``memory``: an app that holds 200 MiB of Python objects after import, 4 workers, with and
   without --preload; the workers' summed USS (/proc/PID/smaps_rollup) once all serve and each
   has answered requests.
@@ -27,13 +29,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from supervisor.memory import resident_memory, unique_memory
 from tests.benchmarks.suite import loads
 from tests.benchmarks.suite.servers import ROOT, RunningServer, asgi_server, free_port
 
@@ -66,6 +69,186 @@ def trace(rounds: int, duration: int) -> str:
     return "\n".join(lines)
 
 
+# -- ready and memory: the fork server ---------------------------------------------------------
+APP = r'''
+import gc, os, time
+time.sleep(float(os.environ.get("APP_IMPORT_SECONDS", "0")))
+HELD = [{"id": n, "name": f"item-{n}", "tags": [n % 7, n % 11]} for n in range(int(os.environ.get("APP_OBJECTS", "0")))]
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/gc":
+        gc.collect()
+    body = str(os.getpid()).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+'''
+OBJECTS_200_MIB = 560_000  # dicts of an int, a str and a list: about 200 MiB (RSS growth of the import)
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \[\d+\] \[\w+\] (.*)$")
+
+
+@contextmanager
+def supervised(*args: str, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """uvworker with ``APP`` under the supervisor; (process, url, log file)."""
+    with tempfile.TemporaryDirectory(prefix="recycling-") as tmp:
+        Path(tmp, "recycling_app.py").write_text(APP)
+        port = free_port()
+        log = Path(tmp, "server.log")
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "uvworker", "recycling_app:app", "--app-dir", tmp, "--port", str(port),
+                 "--no-access-log", "--lifespan", "off", *args],
+                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                yield proc, f"http://127.0.0.1:{port}/", log
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def get(url: str) -> int | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.read())
+    except OSError:
+        return None
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def events(log: Path) -> list[tuple[float, str]]:
+    """(seconds, message) of the master's log lines."""
+    import datetime
+
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = STAMP.match(line)
+        if match:
+            stamp = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f")
+            found.append((stamp.timestamp(), match[2]))
+    return found
+
+
+def ready(clients: int, recycles: int = 12) -> str:
+    """2 s import, --preload, 2 workers, --max-requests under ``clients`` back-to-back clients
+    (4 saturate both CPUs); then SIGKILLs."""
+    import threading
+    import urllib.request
+
+    with supervised("--workers", "2", "--preload", "--max-requests", "3000",
+                    APP_IMPORT_SECONDS="2") as (proc, url, log):
+        wait(lambda: get(url), 60, "the first answer")
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    with urllib.request.urlopen(url, timeout=10) as response:
+                        response.read()
+                except OSError:
+                    failures.append(1)
+
+        failures: list[int] = []
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        wait(lambda: log.read_text().count("after retiring") >= recycles, 300, f"{recycles} recycles")
+        stop.set()
+        for thread in threads:
+            thread.join()
+        lines = events(log)
+    with supervised("--workers", "2", "--preload", APP_IMPORT_SECONDS="2") as (proc, url, log):
+        wait(lambda: get(url), 60, "the first answer")
+        for _ in range(5):  # a crash: SIGKILL to a worker, until its replacement is ready
+            victim = get(url)
+            assert victim is not None
+            before = len(re.findall(r"is ready in \d+ ms\.\n", log.read_text()))
+            os.kill(victim, signal.SIGKILL)
+            wait(lambda: len(re.findall(r"is ready in \d+ ms\.\n", log.read_text())) > before, 10, "the respawn")
+        lines += events(log)
+    crashes: list[float] = []
+    killed_at: float | None = None
+    decided: dict[str, float] = {}
+    after_decision, boots = [], []
+    for at, text in lines:
+        if m := re.match(r"Recycling worker (\d) \(pid (\d+)\)", text):
+            decided[m[2]] = at
+        elif m := re.match(r"Worker \d \(pid \d+\) is ready in (\d+) ms; handing over from worker \d \(pid (\d+)\)", text):
+            boots.append(float(m[1]))
+            if m[2] in decided:
+                after_decision.append((at - decided[m[2]]) * 1000)
+        elif re.match(r"Worker \d \(pid \d+\) was killed by SIGKILL", text):
+            killed_at = at
+        elif re.match(r"Worker \d \(pid \d+\) is ready in \d+ ms\.$", text) and killed_at is not None:
+            crashes.append((at - killed_at) * 1000)
+            killed_at = None
+    template = next((text for _, text in lines if "loaded the application in" in text), "")
+
+    def spread(values: list[float]) -> str:
+        return (f"median {statistics.median(values):.0f} ms, max {max(values):.0f} ms (n={len(values)})"
+                if values else "none")
+
+    return "\n".join([
+        f"App with a 2 s import, --preload, 2 workers, --max-requests 3000, {clients} client(s) "
+        "(a new connection per request, back to back):",
+        f"- {template}",
+        f"- recycled worker, from the master's decision to recycle it to its replacement ready: "
+        f"{spread(after_decision)}",
+        f"- the same, fork to ready: {spread(boots)}",
+        f"- SIGKILLed worker, reaped to the replacement ready: {spread(crashes)}",
+        f"- failed requests: {len(failures)}",
+    ])
+
+
+def memory() -> str:
+    """4 workers, an app holding 200 MiB of Python objects, with and without --preload."""
+    sums = {}
+    for preload in (False, True):
+        args = ["--workers", "4"] + (["--preload"] if preload else [])
+        with supervised(*args, APP_OBJECTS=str(OBJECTS_200_MIB)) as (proc, url, log):
+            expected = 5 if preload else 4
+            wait(lambda: len(children(proc.pid)) == expected and log.read_text().count("is ready in") >= 4,
+                 120, "4 workers")
+            seen: set[int] = set()
+            for _ in range(400):  # every worker answers, and collects its garbage
+                pid = get(url + "gc")
+                if pid:
+                    seen.add(pid)
+            workers = [pid for pid in children(proc.pid) if pid in seen or not preload]
+            templates = [pid for pid in children(proc.pid) if pid not in workers]
+            uss = sum(unique_memory(pid) or 0 for pid in workers)
+            rss = sum(resident_memory(pid) or 0 for pid in workers)
+            extra = ""
+            if templates:
+                extra = f", template USS {sum(unique_memory(p) or 0 for p in templates) / MiB:.0f} MiB"
+            sums[preload] = uss
+            print(f"--preload {'on ' if preload else 'off'}: {len(workers)} workers answered, summed USS "
+                  f"{uss / MiB:.0f} MiB, summed RSS {rss / MiB:.0f} MiB{extra}", flush=True)
+    return (f"App holding 200 MiB of Python objects, 4 workers, each having answered and run gc.collect(): "
+            f"summed USS {sums[False] / MiB:.0f} MiB without --preload, {sums[True] / MiB:.0f} MiB with it "
+            f"({sums[True] / sums[False]:.0%}).")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("parts", nargs="*", choices=["trace", "ready", "memory"], default=[])
@@ -77,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     if "trace" in parts:
         results.append(trace(args.rounds, args.duration))
+    if "ready" in parts:
+        results += [ready(1), ready(4)]
+    if "memory" in parts:
+        results.append(memory())
     print("\n\n".join(results))
     return 0
 
