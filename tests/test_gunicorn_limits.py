@@ -6,8 +6,9 @@ Differential: for each set of ``limit_request_line`` / ``limit_request_fields`` 
 each a real gunicorn with that configuration; every request must get the same status from
 all three. The requests sit on each limit's boundary (one byte or field under it, at it, one
 over it), as Gunicorn counts: the request line without its CRLF, a field line *with* its
-CRLF, the field count with Host; heads larger than uvworker's standalone 128 KiB bound that
-Gunicorn's limits allow; and Gunicorn's special values (0, values above its caps).
+CRLF, the field count with Host; the same in a chunked body's trailer (counted apart from
+the head's fields); heads larger than uvworker's standalone 128 KiB bound that Gunicorn's
+limits allow; and Gunicorn's special values (0, values above its caps).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.test_gunicorn import WORKERS, Gunicorn, run_gunicorn
 
 WSGI_APP = '''
 def app(environ, start_response):
+    environ["wsgi.input"].read()  # (a chunked body's trailer is read, and checked, with it)
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
     return [b"ok"]
 '''
@@ -52,6 +54,12 @@ def request(line_length: int = 0, fields: list[bytes] | None = None) -> bytes:
     return line + b"\r\n" + b"Host: t\r\n" + b"".join(fields or []) + b"\r\n"
 
 
+def chunked(trailer: list[bytes]) -> bytes:
+    """A chunked POST with these trailer field lines (CRLF included)."""
+    start = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+    return start + b"".join(trailer) + b"\r\n"
+
+
 def field(size: int, name: bytes = b"X-A", pad: bytes = b"") -> bytes:
     """A field line of ``size`` bytes as sent, CRLF included; ``pad`` is whitespace kept around
     the value (it counts too)."""
@@ -72,6 +80,8 @@ def boundary_requests(line: int, count: int, size: int) -> dict[str, bytes]:
         if count <= 100:  # (the count cap, 32768, is checked on the mapping: see test_gunicorn)
             others = count + delta - 1  # Host is a field too
             cases[f"{count + delta} fields"] = request(fields=[b"X-%d: 1\r\n" % i for i in range(others)])
+            cases[f"{count + delta} trailer fields"] = chunked([b"X-%d: 1\r\n" % i for i in range(count + delta)])
+        cases[f"trailer field {size + delta}"] = chunked([field(size + delta)])
     if not line:  # "unlimited": far beyond the cap that applies otherwise
         cases["line 20000"] = request(20000)
     # Heads over 128 KiB that Gunicorn's limits allow: many fields at the field size.
@@ -125,5 +135,7 @@ def test_limits_accept_and_refuse_what_gunicorn_does(tmp_path: Path, scenario: s
     assert answers[f"field {size}"]["sync"] == 200 and answers[f"field {size + 1}"]["sync"] == 431
     if line:
         assert answers[f"line {line}"]["sync"] == 200 and answers[f"line {line + 1}"]["sync"] == 414
+    assert answers[f"trailer field {size}"]["sync"] == 200 and answers[f"trailer field {size + 1}"]["sync"] == 431
     if count <= 100:
-        assert answers[f"{count} fields"]["sync"] == 200 and answers[f"{count + 1} fields"]["sync"] == 431
+        for fields in ("fields", "trailer fields"):
+            assert answers[f"{count} {fields}"]["sync"] == 200 and answers[f"{count + 1} {fields}"]["sync"] == 431
