@@ -129,14 +129,14 @@ def test_quit_and_int_are_quick_and_lifespan_shutdown_still_runs(
 def test_sigterm_finishes_in_flight_work_and_graceful_timeout_bounds_a_stream(
     tmp_path: Path, worker_class: str
 ) -> None:
-    with run_gunicorn(tmp_path, worker_class, "graceful_timeout = 2\n") as server:
+    with run_gunicorn(tmp_path, worker_class, HOOKS + "graceful_timeout = 2\n") as server:
         pid = server.info()["pid"]
         stream = Conn.open("127.0.0.1", server.port)
         stream.send(build_request("GET", "/stream"))
         assert stream.read_head().status == 200
         slow = Conn.open("127.0.0.1", server.port)
         slow.send(build_request("GET", "/slow?0.5"))
-        time.sleep(0.1)  # let the slow request reach the app (its answer is what we check)
+        wait_for(lambda: any(" /slow" in line for line in server.events("pre_request")))  # in flight
         started = time.monotonic()
         server.signal(signal.SIGTERM)
         answer = slow.read_response(timeout=3)
