@@ -62,5 +62,7 @@ def test_mutated_requests_never_cause_an_internal_error(serve: Any) -> None:
                         pass
                 except (ConnectionResetError, BrokenPipeError):
                     pass
-    problems = [r for r in loop_errors + errors if r.levelno >= logging.WARNING]
+    # A refused request is a warning of its own (as in uvicorn and Gunicorn); anything else is not.
+    problems = [r for r in loop_errors + errors
+                if r.levelno >= logging.WARNING and not r.getMessage().startswith("Invalid request from ")]
     assert not problems, [r.getMessage() for r in problems]
