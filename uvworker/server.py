@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from uvworker import memtrace
 from uvworker.core.h1 import H1Options
 from uvworker.core.parsers import Limits
+from uvworker.collector import tune_collector
 from uvworker.core.response import HeadDefaults
 from uvworker.errors import ConfigError
 from uvworker.logging import reopen_files
@@ -120,6 +121,7 @@ class Server:
             return
         try:
             if not self.should_exit:
+                tune_collector()  # the app is loaded and started: what exists now stays
                 await self._listen(sockets)
                 self.started = True
                 self._log_started()
