@@ -50,9 +50,9 @@ class H2Client:
         self.timeout = timeout
         self.auto_window = auto_window  # acknowledge received DATA at once (a client that reads)
         self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-        if settings:
-            self.h2.local_settings.update(settings)
         self.h2.initiate_connection()
+        if settings:  # a second SETTINGS frame, sent with the first (before any request)
+            self.h2.update_settings(settings)
         self.responses: dict[int, H2Response] = {}
         self.events: list[Event] = []
         self.goaway: ConnectionTerminated | None = None
@@ -161,6 +161,12 @@ class H2Client:
 
     def close(self) -> None:
         self.sock.close()
+
+    def __enter__(self) -> H2Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def get(client: H2Client, path: str = "/", **kwargs: Any) -> H2Response:

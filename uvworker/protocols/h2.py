@@ -49,7 +49,7 @@ from h2.events import (
     ConnectionTerminated, DataReceived, PingReceived, PriorityUpdated, RemoteSettingsChanged, RequestReceived,
     StreamEnded, StreamReset, UnknownFrameReceived, WindowUpdated,
 )
-from h2.exceptions import ProtocolError
+from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import Settings, SettingCodes
 from hyperframe.frame import GoAwayFrame
 
@@ -63,12 +63,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("uvworker.error")
 
-OPEN, GOING_AWAY, LINGER = 1, 2, 3  # LINGER: GOAWAY sent, nothing in flight, waiting for the client's close
+# LINGER: GOAWAY sent, nothing in flight, waiting for the client's close. DISCARD: after a
+# connection error, our side is shut; input is dropped until the client's FIN.
+OPEN, GOING_AWAY, LINGER, DISCARD = 1, 2, 3, 4
 STREAM_WINDOW = 256 * 1024  # request body a stream may hold that its app has not taken
 CONNECTION_WINDOW = 1024 * 1024  # ... and all the streams of a connection together
 WRITE_BATCH = 256 * 1024
 GOAWAY_DELAY = 1.0
 LINGER_TIME = 2.0
+LINGER_BYTES = 1024 * 1024
 FLOOD_RATE = 40.0  # unproductive frames forgiven per second
 
 H2_CONFIG = H2Configuration(
@@ -76,6 +79,16 @@ H2_CONFIG = H2Configuration(
     # Our response headers are checked once per distinct pair (core.h2.ResponseHead).
     validate_outbound_headers=False, normalize_outbound_headers=False,
 )
+
+
+class _LocalSettings(Settings):
+    """Our SETTINGS as sent, except that h2 itself does not enforce MAX_CONCURRENT_STREAMS: it
+    would end the whole connection (PROTOCOL_ERROR) for one stream too many, where RFC 9113
+    §5.1.2 asks for a stream error. The connection refuses that stream (REFUSED_STREAM)."""
+
+    @property
+    def max_concurrent_streams(self) -> int:  # type: ignore[override]
+        return 2**31 - 1
 
 
 class H2Stream:
@@ -293,6 +306,7 @@ class H2Connection(Connection):
     client_gone = False  # the client sent GOAWAY
     send_deadline = 0.0
     linger_deadline = 0.0
+    _discarded = 0
 
     def __init__(self, state: ServerState) -> None:
         super().__init__(state)
@@ -304,6 +318,7 @@ class H2Connection(Connection):
         self.idle_deadline = 0.0
         self._flush_pending = False
         self._priority_seen: Any = None
+        self._reset_ids: set[int] | tuple[()] = ()
         options = state.h1
         self.options = options
         self.head = ResponseHead(state.defaults)
@@ -313,7 +328,7 @@ class H2Connection(Connection):
         h2 = self.h2 = H2State(H2_CONFIG)
         h2.incoming_buffer = BoundedFrameBuffer(options.limits.head)
         h2.decoder.max_header_list_size = options.limits.head
-        h2.local_settings = Settings(client=False, initial_values={
+        h2.local_settings = _LocalSettings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: limit,
             SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             SettingCodes.MAX_HEADER_LIST_SIZE: options.limits.head,
@@ -352,7 +367,10 @@ class H2Connection(Connection):
             self.flush()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase == CLOSED:
+        if self.phase == CLOSED or self.phase == DISCARD:
+            self._discarded += len(data)
+            if self._discarded > LINGER_BYTES and self.phase == DISCARD:
+                self.drop()
             return
         try:
             events = self.h2.receive_data(data)
@@ -361,11 +379,14 @@ class H2Connection(Connection):
             self._end()
             return
         dispatch = self._dispatch
+        # Streams the client reset in this same read: no app is started for them, and h2 would
+        # refuse frames we send on them (rapid reset sends HEADERS and RST_STREAM together).
+        self._reset_ids = {e.stream_id for e in events if type(e) is StreamReset} if len(events) > 1 else ()
         for event in events:
             handler = dispatch.get(type(event))
             if handler is not None:
                 handler(event)
-            if self.phase == CLOSED:
+            if self.phase == CLOSED or self.phase == DISCARD:
                 return
         self.flush()
 
@@ -405,8 +426,9 @@ class H2Connection(Connection):
         self._priority_seen = event.priority_updated
         if self.goaway_id is not None and stream_id > self.goaway_id:
             return  # after our GOAWAY: ignored; the client retries it elsewhere
-        if self.running >= self.max_streams:
-            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+        if self.running >= self.max_streams or stream_id in self._reset_ids:
+            if stream_id not in self._reset_ids:  # else the client reset it in this same read
+                self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             self._spend()
             return
         stream = H2Stream(self, stream_id)
@@ -554,6 +576,8 @@ class H2Connection(Connection):
 
     # -- bytes out -------------------------------------------------------------------------------
     def flush(self) -> None:
+        if self.phase == CLOSED or self.phase == DISCARD:
+            return
         data = self.h2.data_to_send()
         if data:
             self.write(data)
@@ -565,8 +589,7 @@ class H2Connection(Connection):
 
     def _flush_now(self) -> None:
         self._flush_pending = False
-        if self.phase != CLOSED:
-            self.flush()
+        self.flush()
 
     # -- deadlines --------------------------------------------------------------------------------
     def set_deadline(self, delay: float) -> float:
@@ -585,7 +608,7 @@ class H2Connection(Connection):
         """The sweep: enforce whichever deadlines have passed, then note the next one."""
         if now < self.deadline:
             return
-        if self.phase == LINGER and now >= self.linger_deadline:
+        if (self.phase == LINGER or self.phase == DISCARD) and now >= self.linger_deadline:
             Connection.close(self)  # the client did not close after our GOAWAY: close anyway
             return
         if self.send_deadline and now >= self.send_deadline:
@@ -609,7 +632,7 @@ class H2Connection(Connection):
         pending += [d for d in (self.idle_deadline, self.send_deadline) if d]
         if self.retiring and self.phase == OPEN:
             pending.append(self.retiring + GOAWAY_DELAY)
-        if self.phase == LINGER:
+        if self.phase == LINGER or self.phase == DISCARD:
             pending.append(self.linger_deadline)
         self.deadline = min(pending) if pending else 0.0
 
@@ -653,6 +676,8 @@ class H2Connection(Connection):
         self.linger_deadline = self.set_deadline(LINGER_TIME)
 
     def eof_received(self) -> bool | None:
+        if self.phase == DISCARD:
+            Connection.close(self)
         return None  # the client closed: whatever was in flight is lost with it
 
     def close(self) -> None:
@@ -661,9 +686,21 @@ class H2Connection(Connection):
             Connection.close(self)
 
     def _end(self) -> None:
-        """A connection error (h2 queued its GOAWAY): send it and close; streams are lost."""
-        self.close()
+        """A connection error (h2 queued its GOAWAY): send it and close; streams are lost. The
+        close is a half-close where it can be: the client's further frames are read and dropped
+        (bounded) until its FIN, or the reset that closing with unread input sends could destroy
+        the GOAWAY before the client read why."""
+        self.flush()
         self._lose_streams()
+        transport = self.transport
+        if self.write_paused or not transport.can_write_eof():
+            Connection.close(self)
+            return
+        self.batch.flush()
+        transport.write_eof()
+        self.phase = DISCARD
+        self.resume_reading()
+        self.linger_deadline = self.set_deadline(LINGER_TIME)
 
     def abort(self) -> None:
         for stream in self.streams.values():
