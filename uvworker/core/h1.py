@@ -13,6 +13,10 @@ Rules this module keeps:
 * A body that contradicts its declared Content-Length raises ``BodyLengthError``: when nothing
   has been written yet the client gets a 500, else the connection closes after at most the
   declared bytes. The peer never sees a desynchronised stream, and never silence.
+* Extensions (advertised in every request scope, ``extensions``): 103 Early Hints for HTTP/1.1
+  clients only (an HTTP/1.0 client could take any 1xx for the answer: dropped); trailer
+  fields in the last chunk, when the client sent ``TE: trailers`` and the body is chunked
+  (a body framed by Content-Length or by the close has no room for them: dropped).
 * The keep-alive decision is made here, from the request (version, Connection), the response
   (the app's Connection: close, a close-delimited body, a 100-continue the app never took)
   and ``keep_alive_allowed``, which the transport clears when the server retires.
@@ -26,6 +30,9 @@ Theory of operation. The transport (``protocols.http``) moves bytes and runs tim
     continue_()            the bytes of a 100 Continue, once, if the client asked for one
     start(status, headers) checks and encodes the response head (RuntimeError if invalid)
     body(data, more)       the framed bytes to write: bytes, or a tuple to write by reference
+    early_hint(links)      the bytes of a 103 Early Hints (none for an HTTP/1.0 client)
+    trailers(fields, ok)   the end of a body whose last piece said more: the last chunk, with
+                           the trailer fields if ``ok`` (the request's TE: trailers)
     error(status, reason)  a whole answer of the server's own, with Connection: close
     after                  set by the last body piece: NEXT, CLOSE, or DISCARD (the app left
                            request body unread: it is read and dropped, bounded, and
@@ -51,6 +58,10 @@ if TYPE_CHECKING:
     from uvworker.proxy import TrustedHosts
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\n"
+# scope["extensions"] of an HTTP/1.1 request, and of an HTTP/1.0 one (copied for each request).
+EXTENSIONS = {"http.response.early_hint": {}, "http.response.trailers": {}}
+EXTENSIONS_10: dict[str, dict[str, Any]] = {}
 NO_BODY_STATUSES = frozenset({204, 304})
 LARGE_BODY = 64 * 1024  # body pieces this big are written by reference, not copied next to framing
 MAX_DISCARD = 4 * 1024 * 1024  # unread request body dropped to keep a connection, at most
@@ -120,6 +131,9 @@ class H1Core:
         self.scheme = scheme
         self.keep_alive = True
         self.keep_alive_allowed = options.keep_alive
+        # Per connection (the transport adds "tls" on a TLS connection), copied for each request.
+        self.extensions = EXTENSIONS
+        self.extensions_10 = EXTENSIONS_10
         self.parser = make_parser(options.parser, self, options.limits)
         self._proxy_buffer: bytes | None = b"" if options.proxy_protocol else None
         self.feed = self.parser.feed if self._proxy_buffer is None else self._feed_after_proxy_header
@@ -173,7 +187,8 @@ class H1Core:
         self.keep_alive = keep_alive and self.keep_alive_allowed
         self.expect_continue = expect
         self.body_complete = False
-        self.http10 = http_version == "1.0"
+        self.http10 = http10 = http_version == "1.0"
+        scope["extensions"] = self.extensions_10.copy() if http10 else self.extensions.copy()
         self.head_method = method == b"HEAD"
         self.remaining = None
         if self.chunked or self.no_body:
@@ -277,6 +292,25 @@ class H1Core:
                 body = bytes(body)  # the app may reuse a bytearray once send() returns
             return (prefix, body, suffix) if suffix else (prefix, body) if prefix else (body,)
         return prefix + body + suffix  # concatenating b"" returns the other operand as is
+
+    def early_hint(self, links: list[bytes]) -> bytes:
+        """A 103 Early Hints (RFC 8297) with one Link field per value, for an HTTP/1.1 client;
+        nothing for an HTTP/1.0 one (RFC 9110 §15.2: no 1xx to a 1.0 client)."""
+        if self.http10:
+            return b""
+        return b"%s%s\r\n" % (EARLY_HINTS, b"".join(b"link: %s\r\n" % link for link in links))
+
+    def trailers(self, fields: Any, accepted: bool) -> bytes:
+        """The last chunk of a response whose last body piece said ``more`` (the app announced
+        trailers), with ``fields`` (checked like header lines) when the client accepts them;
+        nothing when the body is framed by Content-Length or by the close. The message then
+        ends as after any body: with a last, empty piece (``body(b"", False)``)."""
+        if not self.chunked or self.no_body:
+            return b""
+        self.chunked = False  # the last chunk is out: the empty last piece adds no framing
+        if not accepted or not fields:
+            return b"0\r\n\r\n"
+        return b"0\r\n%s\r\n" % b"".join(header_line(*pair)[0] for pair in fields)
 
     def _frame_head(self, size: int, more: bool) -> tuple[bytes, bytes]:
         """Choose the framing: (head + framing of the first body bytes, what follows them)."""

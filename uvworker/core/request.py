@@ -234,6 +234,17 @@ def check_chunked(encodings: bytes) -> None:
     raise HTTPError(501, "Transfer-Encoding other than chunked is not implemented")
 
 
+def accepts_trailers(headers: Headers) -> bool:
+    """Whether the request's TE fields list ``trailers`` (RFC 9110 §10.1.4): the client takes
+    trailer fields in a chunked response."""
+    for name, value in headers:
+        if name == b"te":
+            for member in value.lower().split(b","):
+                if member.partition(b";")[0].strip(b" \t") == b"trailers":
+                    return True
+    return False
+
+
 # -- the scope ------------------------------------------------------------------------------------
 def split_target(target: bytes) -> tuple[bytes, bytes]:
     """Request target → (raw path, query string): the fragment, if a client sent one, is dropped;

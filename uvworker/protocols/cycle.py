@@ -15,12 +15,20 @@ this module keeps:
 * An app that fails, or returns without finishing its response, gets the stream's ``fail``:
   a 500 if nothing is out yet, else the stream is cut (a client must never mistake a partial
   response for a whole one).
+* The ASGI extensions (asgiref "Extensions") are checked here too; a protocol advertises in
+  ``scope["extensions"]`` only those its stream carries:
+  ``http.response.early_hint`` before the first body piece (later ones are dropped: the final
+  head is out); ``http.response.pathsend`` instead of any body piece (the cycle opens the
+  file, the stream sends it); ``http.response.trailers`` after the last body piece of a
+  response started with ``trailers: True``; until the last of them (``more_trailers``
+  false) the response is not complete, and the stream keeps the message open for them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any, Protocol
 
@@ -29,6 +37,10 @@ from uvworker.errors import ClientDisconnected
 logger = logging.getLogger("uvworker.error")
 
 BODY_HIGH_WATER = 64 * 1024
+
+# The extension names a protocol lists in scope["extensions"] (each with an empty dict).
+PATHSEND, EARLY_HINT, TRAILERS = "http.response.pathsend", "http.response.early_hint", "http.response.trailers"
+_BAD_FIELD_VALUE = re.compile(rb"[\x00\r\n]").search
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -60,6 +72,23 @@ class Stream(Protocol):
     async def drain(self) -> None:
         """Return once the client takes data again (or is gone)."""
 
+    def send_early_hint(self, links: list[bytes]) -> None:
+        """A 103 Early Hints with these Link field values (checked: bytes, no CR, LF or NUL).
+        Called only before the first body piece; a protocol or client that cannot take one
+        (an HTTP/1.0 client) drops it."""
+
+    async def send_file(self, cycle: RequestCycle, fd: int, size: int, more: bool) -> None:
+        """The whole body is the first ``size`` bytes of the regular file open at ``fd``
+        (the cycle closes it after). The app's Content-Length, if any, must be ``size``;
+        without one the stream frames the body by ``size`` (a HEAD answer too). ``more``: the
+        app's trailers follow (``send_trailers``). Returns once the bytes are written or the
+        client is gone; counts them in ``cycle.bytes_sent``."""
+
+    def send_trailers(self, cycle: RequestCycle, headers: Headers) -> None:
+        """End a response whose last body piece said ``more`` because the app announced
+        trailers: with these fields if the request accepted them (``TE: trailers``) and the
+        framing has room, else without them. Either way the response is complete."""
+
     def fail(self, cycle: RequestCycle) -> None:
         """The app cannot complete its response: 500 if nothing is out yet, else cut it."""
 
@@ -79,6 +108,9 @@ class RequestCycle:
     status = 0
     response_headers: Headers = []
     bytes_sent = 0
+    streaming = False  # a body piece with more_body is out: no early hint, no pathsend now
+    trailers_pending = False  # started with trailers: True; the last trailers are not sent yet
+    trailer_fields: Headers = []
     task: asyncio.Task[None] | None = None
     finished = False  # reported to the server's books
 
@@ -88,6 +120,7 @@ class RequestCycle:
         self.expect_continue = expect_continue
         self.start_time = time.time()
         self.start_clock = time.perf_counter()
+        self.trailers_pending = False
 
     # -- events from the stream ---------------------------------------------------------
     def on_body(self, data: bytes) -> None:
@@ -147,15 +180,18 @@ class RequestCycle:
                 raise ClientDisconnected("the client has disconnected")
             raise RuntimeError(f"Unexpected ASGI message {kind!r}")
         if kind == "http.response.body" and self.response_started and not self.response_complete:
-            more = message.get("more_body", False)
-            if not more:
-                self.response_complete = True
-                if self.waiter is not None:
-                    self._wake()
             stream = self.stream
-            stream.send_body(self, message.get("body", b""), more)
-            if more and stream.write_paused:
-                await stream.drain()
+            if message.get("more_body", False):
+                self.streaming = True
+                stream.send_body(self, message.get("body", b""), True)
+                if stream.write_paused:
+                    await stream.drain()
+                return
+            self.response_complete = True
+            if self.waiter is not None:
+                self._wake()
+            # With trailers announced the message stays open for them.
+            stream.send_body(self, message.get("body", b""), self.trailers_pending)
         elif kind == "http.response.start" and not self.response_started:
             status = message["status"]
             if type(status) is not int or not 100 <= status <= 599:
@@ -167,10 +203,31 @@ class RequestCycle:
             self.status = status
             self.response_headers = headers if type(headers) is list else list(headers)
             self.response_started = True
+            if "trailers" in message and message["trailers"]:
+                self.trailers_pending = True
+        elif kind == EARLY_HINT and not self.response_complete:
+            links = list(message.get("links", ()))
+            for link in links:
+                if type(link) is not bytes or _BAD_FIELD_VALUE(link):
+                    raise RuntimeError(f"Invalid early hint link {link!r}")
+            if links and not self.streaming:
+                self.stream.send_early_hint(links)
+        elif kind == TRAILERS and self.trailers_pending and self.response_complete:
+            self._send_trailers(message)
         elif self.response_complete:
             raise RuntimeError(f"Unexpected ASGI message {kind!r} after the response completed")
         else:
             raise RuntimeError(f"Unexpected ASGI message {kind!r}")
+
+    def _send_trailers(self, message: dict[str, Any]) -> None:
+        fields = list(message.get("headers", ()))
+        if self.trailer_fields:
+            fields = self.trailer_fields + fields
+        if message.get("more_trailers", False):
+            self.trailer_fields = fields
+            return
+        self.stream.send_trailers(self, fields)  # raises for fields that cannot be sent
+        self.trailers_pending = False
 
     # -- running the app ----------------------------------------------------------------
     async def run_asgi(self, app: Any) -> None:
@@ -185,15 +242,17 @@ class RequestCycle:
             self._fail()
             raise
         else:
-            if not self.response_complete and not self.disconnected:
+            if (not self.response_complete or self.trailers_pending) and not self.disconnected:
                 if not self.response_started:
                     logger.error("ASGI callable returned without starting a response.")
+                elif self.response_complete:
+                    logger.error("ASGI callable returned without sending the trailers it announced.")
                 else:
                     logger.error("ASGI callable returned without completing the response.")
                 self._fail()
 
     def _fail(self) -> None:
-        if self.disconnected or self.response_complete:
+        if self.disconnected or (self.response_complete and not self.trailers_pending):
             return
         self.response_complete = True
         self._wake()

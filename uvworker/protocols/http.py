@@ -51,6 +51,7 @@ from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from uvworker.core.h1 import DISCARD, NEXT, BodyLengthError, H1Core
+from uvworker.core.request import accepts_trailers
 from uvworker.errors import HTTPError
 from uvworker.protocols.connection import CLOSED, Connection, ServerState, address, input_waiting
 from uvworker.protocols.cycle import RequestCycle
@@ -308,6 +309,22 @@ class HTTPConnection(Connection):
                 self.want_body()
             else:
                 self.close()
+
+    def send_early_hint(self, links: list[bytes]) -> None:
+        data = self.core.early_hint(links)
+        if data:
+            self.write(data)
+
+    def send_trailers(self, cycle: RequestCycle, headers: Any) -> None:
+        try:
+            data = self.core.trailers(headers, accepts_trailers(cycle.scope["headers"]))
+        except RuntimeError:  # a field that cannot be sent: the response is cut
+            self._finish(cycle)
+            self.close()
+            raise
+        if data:
+            self.write_soon(data)
+        self.send_body(cycle, b"", False)  # the end, as after any body
 
     def fail(self, cycle: RequestCycle) -> None:
         if self.cycle is not cycle or self.phase == CLOSED:
