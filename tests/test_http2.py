@@ -9,6 +9,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, StreamEnded
 
-from tests.conftest import run_server
+from tests.conftest import run_server, wait_for
 from tests.h2_client import H2Client, get
 from tests.http_client import Conn, build_request
 from tests.test_tls import make_cert
@@ -241,3 +242,43 @@ def test_bad_requests_get_4xx_on_their_stream() -> None:
         r = get(client, "/ok")
         assert r.status == 200 and r.body.startswith(b"2 http GET /ok")
         client.close()
+
+
+def test_wsgi_access_log_proxy_headers_lifespan_state_and_load_shedding(caplog: pytest.LogCaptureFixture) -> None:
+    """The same cycle as HTTP/1.1: a WSGI app, the access log line, trusted proxy headers,
+    lifespan state in the scope, --limit-concurrency."""
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [f"{environ['SERVER_PROTOCOL']} {environ['REMOTE_ADDR']} {len(body)}".encode()]
+
+    with run_server(wsgi, interface="wsgi") as srv, httpx.Client(http1=False, http2=True, timeout=5) as client:
+        r = client.post(srv.url + "/w", content=b"x" * 100_000, headers={"x-forwarded-for": "203.0.113.9"})
+        assert r.http_version == "HTTP/2" and r.text == "HTTP/2 203.0.113.9 100000"
+
+    release = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            message = await receive()
+            scope["state"]["db"] = "connected"
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while scope["path"] == "/hold" and not release.is_set():
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["state"]["db"].encode()})
+
+    caplog.set_level("INFO", logger="uvworker.access")
+    with run_server(app, lifespan="on", access_log=True, limit_concurrency=1) as srv:
+        client = H2Client(srv.host, srv.port)
+        hold = client.request(path="/hold")
+        shed = client.response(client.request(path="/shed"))
+        assert shed.status == 503  # one request in flight already
+        release.set()
+        assert client.response(hold).body == b"connected"
+        client.close()
+        wait_for(lambda: any('"GET /hold HTTP/2" 200' in r.getMessage() for r in caplog.records))

@@ -162,8 +162,9 @@ def served(tmp_path: Path) -> Iterator[Callable[..., Served]]:
 class KeepAliveLoad:
     """Clients in threads, each on one keep-alive connection, sending requests back to back."""
 
-    def __init__(self, url: str, clients: int = 4, path: str = "") -> None:
+    def __init__(self, url: str, clients: int = 4, path: str = "", http2: bool = False) -> None:
         self.url = url + path
+        self.http2 = http2  # HTTP/2 by prior knowledge (h2c), one connection per client
         self.ok = 0
         self.failures: list[str] = []
         self.pids: set[int] = set()
@@ -177,7 +178,7 @@ class KeepAliveLoad:
             thread.start()
 
     def _run(self) -> None:
-        with httpx.Client(timeout=10) as client:
+        with httpx.Client(timeout=10, http1=not self.http2, http2=self.http2) as client:
             while not self._stop.is_set():
                 started = time.monotonic()
                 try:

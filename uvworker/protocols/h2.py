@@ -30,7 +30,7 @@ Rules this module keeps:
   keep-alive timeout after that; a stream whose app waits for body that stalls gets 408 (or a
   reset once its response began).
 * Retiring: GOAWAY with the last stream id is sent once no stream is in flight (clients such
-  as httpx fail the streams in flight when a GOAWAY arrives) or ``GOAWAY_DELAY`` after the
+  as httpx fail the streams in flight when a GOAWAY arrives) or the keep-alive timeout after the
   retirement began, whichever comes first; streams up to that id are finished, later ones
   ignored (the client retries them elsewhere, as GOAWAY tells it it may). Then the connection
   waits for the client to close it, for at most ``LINGER_TIME``.
@@ -69,7 +69,6 @@ OPEN, GOING_AWAY, LINGER, DISCARD = 1, 2, 3, 4
 STREAM_WINDOW = 256 * 1024  # request body a stream may hold that its app has not taken
 CONNECTION_WINDOW = 1024 * 1024  # ... and all the streams of a connection together
 WRITE_BATCH = 256 * 1024
-GOAWAY_DELAY = 1.0
 LINGER_TIME = 2.0
 LINGER_BYTES = 1024 * 1024
 FLOOD_RATE = 40.0  # unproductive frames forgiven per second
@@ -303,6 +302,7 @@ class H2Stream:
 class H2Connection(Connection):
     goaway_id: int | None = None  # the last stream id our GOAWAY named
     retiring = 0.0  # loop time the retirement began
+    goaway_at = 0.0  # ... and when GOAWAY goes out even if streams are still in flight
     client_gone = False  # the client sent GOAWAY
     send_deadline = 0.0
     linger_deadline = 0.0
@@ -621,7 +621,7 @@ class H2Connection(Connection):
             self.idle_deadline = 0.0  # header (a stalled preface) or keep-alive timeout
             if not self.streams:
                 self._go_away()
-        if self.retiring and self.phase == OPEN and now >= self.retiring + GOAWAY_DELAY:
+        if self.retiring and self.phase == OPEN and now >= self.goaway_at:
             self._go_away()
         for stream in list(self.streams.values()):
             if stream.deadline and now >= stream.deadline:
@@ -631,7 +631,7 @@ class H2Connection(Connection):
         pending = [s.deadline for s in self.streams.values() if s.deadline]
         pending += [d for d in (self.idle_deadline, self.send_deadline) if d]
         if self.retiring and self.phase == OPEN:
-            pending.append(self.retiring + GOAWAY_DELAY)
+            pending.append(self.goaway_at)
         if self.phase == LINGER or self.phase == DISCARD:
             pending.append(self.linger_deadline)
         self.deadline = min(pending) if pending else 0.0
@@ -647,7 +647,8 @@ class H2Connection(Connection):
 
     # -- ending ---------------------------------------------------------------------------------
     def shutdown(self, close_idle: bool = False) -> None:
-        """Retire: GOAWAY once nothing is in flight (or after GOAWAY_DELAY); streams up to its
+        """Retire: GOAWAY once nothing is in flight (or after the keep-alive timeout, for a
+        connection that is never idle); streams up to its
         id finish, the client opens later ones elsewhere."""
         if self.phase != OPEN or self.retiring:
             return
@@ -655,7 +656,7 @@ class H2Connection(Connection):
         if not self.streams:
             self._go_away()
         else:
-            self.set_deadline(GOAWAY_DELAY)
+            self.goaway_at = self.set_deadline(max(self.config.timeout_keep_alive, 1.0))
 
     def _go_away(self) -> None:
         """GOAWAY (NO_ERROR) naming the last stream we take. Written by us: h2's own

@@ -1,0 +1,91 @@
+"""HTTP/2 retiring and shutdown (issue 12, item 5): GOAWAY with the last stream id, streams in
+flight finish, new ones go to other workers; no failed request on SIGHUP, on recycling and on
+SIGTERM with h2 clients, standalone (the supervisor) and in process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from tests.conftest import run_server, wait_for
+from tests.h2_client import H2Client, get
+from tests.test_supervisor_cli import KeepAliveLoad, Served, served  # noqa: F401  (fixture)
+
+
+def test_retire_finishes_streams_in_flight_then_goaway() -> None:
+    release = threading.Event()
+    started: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started.append(scope["path"])
+        while scope["path"] == "/slow" and not release.is_set():
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    with run_server(app) as srv:
+        idle = H2Client(srv.host, srv.port)
+        assert get(idle).status == 200
+        busy = H2Client(srv.host, srv.port)
+        slow = busy.request(path="/slow")
+        wait_for(lambda: "/slow" in started)
+        srv.server.retire()
+        # The idle connection is told at once (last stream 1: the one it had).
+        idle.read(lambda: idle.goaway is not None)
+        assert (idle.goaway.error_code, idle.goaway.last_stream_id) == (0, 1)
+        idle.close()
+        # The busy one finishes its stream first, then hears GOAWAY naming it.
+        release.set()
+        response = busy.response(slow)
+        assert (response.status, response.body) == (200, b"/slow")
+        busy.read(lambda: busy.goaway is not None)
+        assert (busy.goaway.error_code, busy.goaway.last_stream_id) == (0, slow)
+        busy.close()
+
+
+def test_hup_with_h2_clients_fails_no_request(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2", env={"APP_IMPORT_DELAY": "0.5"})
+    old = server.serving_pids(2)
+    load = KeepAliveLoad(server.url, http2=True)
+    wait_for(lambda: load.ok > 50)
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_log("Reload complete")
+    wait_for(lambda: server.workers().isdisjoint(old))
+    answered = load.ok
+    wait_for(lambda: load.ok > answered + 50)
+    load.stop()
+    assert load.failures == []
+    assert server.stop() == 0
+
+
+def test_recycling_with_h2_clients_fails_no_request(served: Callable[..., Served]) -> None:
+    server = served("--workers", "2", "--max-requests", "50", "--max-requests-jitter", "10")
+    first = server.serving_pids(2)
+    load = KeepAliveLoad(server.url, http2=True)
+    wait_for(lambda: len(load.pids - first) >= 3, timeout=20)
+    load.stop()
+    assert load.failures == []
+
+
+def test_sigterm_finishes_the_h2_request_in_flight(served: Callable[..., Served]) -> None:
+    server = served("--workers", "1")
+    server.serving_pids(1)
+    result: list[Any] = []
+
+    def slow_request() -> None:
+        with httpx.Client(http1=False, http2=True, timeout=10) as client:
+            result.append(client.get(server.url + "sleep"))
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    sleeping = server.import_log.with_name(server.import_log.name + ".sleeping")
+    wait_for(sleeping.exists)
+    server.proc.send_signal(signal.SIGTERM)
+    thread.join(15)
+    assert result and result[0].status_code == 200 and result[0].http_version == "HTTP/2"
+    assert server.proc.wait(15) == 0
