@@ -53,8 +53,8 @@ def test_every_worker_is_forked_from_one_template_and_is_the_masters_child(
     victim = workers.pop()
     os.kill(victim, signal.SIGKILL)  # a crash: respawned from the template
     sv.signal(signal.SIGTTIN)  # and one more worker
-    sv.wait_log("Worker 3 (pid")
-    now = sv.pids(3)
+    sv.wait_log("SIGTTIN: adding worker 3")  # its ready line may come before the template says its pid
+    now = sv.pids(3, timeout=10)
     assert victim not in now and all(parent_of(pid) == sv.proc.pid for pid in now)
     sv.signal(signal.SIGTTOU)
     sv.wait_log("SIGTTOU: removing worker 3")
