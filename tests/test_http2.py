@@ -282,3 +282,23 @@ def test_wsgi_access_log_proxy_headers_lifespan_state_and_load_shedding(caplog: 
         assert client.response(hold).body == b"connected"
         client.close()
         wait_for(lambda: any('"GET /hold HTTP/2" 200' in r.getMessage() for r in caplog.records))
+
+
+def test_stateless_encoder_round_trips_and_signals_table_size() -> None:
+    """Our HPACK encoder (no dynamic table, blocks cached) decodes to the same headers with
+    hpack's decoder, and a peer's new SETTINGS_HEADER_TABLE_SIZE starts the next block with a
+    table size update (RFC 7541 §4.2)."""
+    from hpack import Decoder
+
+    from uvworker.core.h2 import StatelessEncoder
+
+    encoder, decoder = StatelessEncoder(), Decoder()
+    head = [(b":status", b"200"), (b":status", b"418"), (b"content-type", b"text/plain"),
+            (b"server", b"uvworker"), (b"x-new-name", b"v" * 300), (b"set-cookie", b"a=b")]
+    for _ in range(2):
+        assert decoder.decode(encoder.encode(head), raw=True) == head
+    encoder.header_table_size = 0
+    block = encoder.encode(head)
+    assert block[0] == 0x20  # size update to 0, then the fields
+    assert decoder.decode(block, raw=True) == head
+    assert encoder.encode(head)[0] != 0x20  # once

@@ -47,6 +47,7 @@ from tests.benchmarks.suite.servers import (
     RunningServer,
     ServerSpec,
     asgi_server,
+    h2_server,
     uvworker_tree,
     wsgi_server,
 )
@@ -64,6 +65,10 @@ class Plan:
     upload_bytes: int = 1024 * MiB
     server_cpu: int | None = 0
     client_cpu: int | None = 1
+
+    def h2load(self, server: RunningServer, path: str, connections: int, streams: int) -> Sample:
+        return loads.h2load(server, path, connections=connections, streams=streams, duration=self.duration,
+                            warmup=self.warmup, client_cpu=self.client_cpu)
 
     def wrk(self, server: RunningServer, path: str, connections: int, **options: object) -> Sample:
         return loads.wrk(server, path, connections=connections, duration=self.duration, warmup=self.warmup,
@@ -125,9 +130,17 @@ def groups(tree: Path) -> dict[str, Group]:
     h11 = [asgi_server("uvworker", "h11", tree), asgi_server("uvicorn", "h11")]
     wsgi = [wsgi_server("uvworker", tree), wsgi_server("uvicorn"), wsgi_server("gunicorn"), wsgi_server("granian")]
     hello_peers = [asgi_server("granian", "httptools"), asgi_server("ceiling", "httptools")]
+    h2 = [h2_server("uvworker", tree), h2_server("hypercorn")]
+    rows_h2 = [
+        Row("h2-hello-8x16", "HTTP/2 (h2c) hello world, 8 conn x 16 streams, h2load", "req/s",
+            lambda server, plan: plan.h2load(server, "/", 8, 16)),
+        Row("h2-big-1m", "HTTP/2 (h2c) 1 MiB response, 8 conn x 1 stream, h2load", "req/s",
+            lambda server, plan: plan.h2load(server, "/big", 8, 1)),
+    ]
     return {
         "asgi-httptools": Group(httptools + hello_peers, rows_httptools),
         "asgi-h11": Group(h11, rows_h11),
+        "h2": Group(h2, rows_h2),
         "wsgi": Group(wsgi, [Row("wsgi-hello", "WSGI hello world, keep-alive, 64 conn", "req/s", hello(64))]),
         "memory-httptools": Group(httptools, [rows_memory[0], rows_memory[2]], fresh=True),
         "memory-h11": Group(h11, [rows_memory[1]], fresh=True),
@@ -234,7 +247,7 @@ def machine(plan: Plan) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
     versions = []
-    for package in ("uvicorn", "granian", "gunicorn", "httptools", "uvloop", "h11", "websockets"):
+    for package in ("uvicorn", "granian", "gunicorn", "hypercorn", "h2", "httptools", "uvloop", "h11", "websockets"):
         try:
             versions.append(f"{package} {importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:

@@ -16,6 +16,10 @@ This module holds the rest, as plain functions and objects that tests drive with
   reset, CVE-2023-44487; SETTINGS, PING, PRIORITY and empty-DATA floods): each such frame
   fills a leaky bucket, each response served empties it a little; a full bucket ends the
   connection with ENHANCE_YOUR_CALM.
+* ``StatelessEncoder``: HPACK for our responses without a dynamic table (static-table indexes,
+  else literals that are not indexed), so that a response head is a pure function of its
+  headers and is encoded once per distinct head, not once per response (h2's own encoder
+  costs about a tenth of a hello-world response).
 * ``BoundedFrameBuffer``: h2's frame buffer with the header block (HEADERS + CONTINUATION)
   bounded by the header limits before it is decoded (CVE-2024-27316); h2 alone holds up to
   64 CONTINUATION frames of any permitted size.
@@ -27,6 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 from h2.exceptions import DenialOfServiceError
 from h2.frame_buffer import FrameBuffer
+from hpack.hpack import encode_integer
+from hpack.huffman import HuffmanEncoder
+from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+from hpack.table import HeaderTable
 
 from uvworker.core.request import build_scope, check_head, check_target
 from uvworker.core.response import RESP_DEFAULTED, RESP_LENGTH, HeadDefaults, header_line
@@ -188,3 +196,62 @@ class BoundedFrameBuffer(FrameBuffer):
             if size > self.max_block:
                 raise HeaderBlockTooLarge(f"Header block of {size} bytes or more: at most {self.max_block}")
         return super()._update_header_buffer(f)
+
+
+_STATIC_PAIRS = {pair: i for i, pair in reversed(list(enumerate(HeaderTable.STATIC_TABLE, 1)))}
+_STATIC_NAMES = {name: i for (name, _), i in sorted(_STATIC_PAIRS.items(), key=lambda item: -item[1])}
+_huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+_BLOCKS: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}  # stateless: shared by every connection
+
+
+def _string(value: bytes) -> bytes:
+    """An HPACK string literal (RFC 7541 §5.2): Huffman-coded when that is shorter."""
+    coded = _huffman.encode(value)
+    if len(coded) < len(value):
+        length = encode_integer(len(coded), 7)
+        length[0] |= 0x80
+        return bytes(length) + coded
+    return bytes(encode_integer(len(value), 7)) + value
+
+
+def _field(name: bytes, value: bytes) -> bytes:
+    index = _STATIC_PAIRS.get((name, value))
+    if index is not None:  # indexed header field (§6.1); the static table has 61 entries
+        return bytes((0x80 | index,))
+    index = _STATIC_NAMES.get(name, 0)
+    # Literal header field without indexing (§6.2.2): the name by static index, or as a string.
+    prefix = bytes(encode_integer(index, 4))
+    return prefix + _string(value) if index else prefix + _string(name) + _string(value)
+
+
+class StatelessEncoder:
+    """An HPACK encoder for h2 (``H2Connection.encoder``) that never adds to the dynamic table."""
+
+    __slots__ = ("_size_update",)
+
+    def __init__(self) -> None:
+        self._size_update = b""
+
+    @property
+    def header_table_size(self) -> int:
+        return 0
+
+    @header_table_size.setter
+    def header_table_size(self, size: int) -> None:
+        # The peer changed SETTINGS_HEADER_TABLE_SIZE: RFC 7541 §4.2 wants the next block to
+        # start with a table size update; ours stays empty whatever the size.
+        update = encode_integer(min(size, 4096), 5)
+        update[0] |= 0x20
+        self._size_update = bytes(update)
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        key = tuple(headers)
+        block = _BLOCKS.get(key)
+        if block is None:
+            block = b"".join(_field(name, value) for name, value in key)
+            if len(_BLOCKS) >= 1024:
+                _BLOCKS.clear()
+            _BLOCKS[key] = block
+        if self._size_update:
+            block, self._size_update = self._size_update + block, b""
+        return block

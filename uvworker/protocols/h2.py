@@ -53,7 +53,9 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import Settings, SettingCodes
 from hyperframe.frame import GoAwayFrame
 
-from uvworker.core.h2 import NO_BODY_STATUSES, BoundedFrameBuffer, FloodBudget, ResponseHead, request_scope
+from uvworker.core.h2 import (
+    NO_BODY_STATUSES, BoundedFrameBuffer, FloodBudget, ResponseHead, StatelessEncoder, request_scope,
+)
 from uvworker.errors import HTTPError
 from uvworker.protocols.connection import CLOSED, Connection, ServerState, address
 from uvworker.protocols.cycle import RequestCycle
@@ -327,6 +329,7 @@ class H2Connection(Connection):
         self.budget = FloodBudget(max(100, 4 * limit), FLOOD_RATE, state.loop.time())
         h2 = self.h2 = H2State(H2_CONFIG)
         h2.incoming_buffer = BoundedFrameBuffer(options.limits.head)
+        h2.encoder = StatelessEncoder()  # type: ignore[assignment]
         h2.decoder.max_header_list_size = options.limits.head
         h2.local_settings = _LocalSettings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: limit,

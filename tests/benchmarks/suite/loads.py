@@ -72,6 +72,28 @@ def wrk(server: RunningServer, path: str, *, connections: int, duration: int, wa
     )
 
 
+def h2load(server: RunningServer, path: str, *, connections: int, streams: int, duration: int, warmup: int,
+           client_cpu: int | None) -> Sample:
+    """HTTP/2 by prior knowledge (h2c) with nghttp2's h2load: ``connections`` x ``streams`` in
+    flight for ``duration`` seconds after ``warmup``. h2load gives no latency percentiles."""
+    command = [*pinning(client_cpu), "h2load", "-t1", f"-c{connections}", f"-m{streams}",
+               f"-D{duration}", f"--warm-up-time={max(warmup, 1)}", server.url + path]
+    cpu_before = server.cpu_seconds()
+    out = _run(command, duration + warmup)
+    cpu = server.cpu_seconds() - cpu_before
+    rate = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
+    if not (rate and done):
+        raise RuntimeError(f"Unexpected h2load output:\n{out}")
+    failed = int(done.group(3))
+    return Sample(
+        value=float(rate.group(1)),
+        p99_ms=None,
+        cpu_us=cpu / int(done.group(1)) * 1e6 if int(done.group(1)) else None,
+        note=f"{failed} failed requests" if failed else "",
+    )
+
+
 def tcp_timeouts() -> int:
     """Retransmission timeouts the kernel has had so far, all sockets (/proc/net/netstat).
 

@@ -8,7 +8,7 @@ uvworker uses. granian (HTTP in Rust on its own runtime; the ASGI app on uvloop,
 WSGI_THREADS blocking threads) is measured on the hello-world rows, and so is the ceiling
 (``ceiling.py``: a bare uvloop protocol that answers without parsing). For Gunicorn and granian
 the app runs in one worker process, a child of the master: CPU time and RSS are read from that
-child.
+child (hypercorn's: a multiprocessing child).
 """
 
 from __future__ import annotations
@@ -89,6 +89,19 @@ def asgi_server(name: str, parser: str, tree: Path = ROOT) -> ServerSpec:
     raise ValueError(f"Unknown ASGI server {name!r}.")
 
 
+def h2_server(name: str, tree: Path = ROOT) -> ServerSpec:
+    """uvworker or hypercorn (which runs on the same h2 package) serving ``apps.app`` over h2c
+    (prior knowledge), on uvloop."""
+    if name == "uvworker":
+        return asgi_server("uvworker", "httptools", tree)
+    if name == "hypercorn":
+        return ServerSpec("hypercorn", (
+            "-m", "hypercorn", ASGI_APP, "--bind", "127.0.0.1:{port}", "--workers", "1", "--worker-class", "uvloop",
+            "--keep-alive", KEEP_ALIVE, "--config", "python:tests.benchmarks.suite.hypercorn_conf",
+            "--log-level", "warning"))
+    raise ValueError(f"Unknown HTTP/2 server {name!r}.")
+
+
 def wsgi_server(name: str, tree: Path = ROOT) -> ServerSpec:
     """A server running ``wsgi_hello.app`` with WSGI_THREADS threads where threads apply."""
     common = ("--host", "127.0.0.1", "--port", "{port}", "--http", "httptools", "--loop", "uvloop",
@@ -105,6 +118,13 @@ def wsgi_server(name: str, tree: Path = ROOT) -> ServerSpec:
     if name == "granian":
         return granian("wsgi", WSGI_APP, "--blocking-threads", str(WSGI_THREADS))
     raise ValueError(f"Unknown WSGI server {name!r}.")
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def free_port() -> int:
@@ -163,7 +183,9 @@ class RunningServer:
             children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
         except OSError:
             children = []
-        return int(children[0]) if children else self.proc.pid
+        # multiprocessing (hypercorn's workers) may add a resource tracker child: not the app.
+        workers = [pid for pid in children if b"resource_tracker" not in _cmdline(pid)]
+        return int(workers[0]) if workers else self.proc.pid
 
     def output(self) -> str:
         self._log.seek(0)
