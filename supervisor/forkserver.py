@@ -47,6 +47,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -169,6 +170,11 @@ class Template:
             return code
         gc.disable()  # rule 3
         gc.freeze()
+        if threading.active_count() > 1:
+            self.log.warning(
+                "The application started %d thread(s) while it was imported; workers forked from the "
+                "template do not have them (and may inherit a lock one of them held): start threads "
+                "in lifespan startup, in each worker.", threading.active_count() - 1)
         self.control.sendall(b"ready")
         while True:
             try:
