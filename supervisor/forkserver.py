@@ -28,8 +28,8 @@ One ``SOCK_SEQPACKET`` socketpair per template (message boundaries, and ``SCM_RI
 
     template -> master   ready                        loaded the app; forks on request
     master -> template   spawn {json}  + [fd]         fork a worker; fd: its channel's write end
-    template -> master   spawned <id> <pid>           forked (the master already holds the read end)
-                         failed <id> <reason>
+    template -> master   spawned <id> <pid>           forked (the master already holds the read end;
+                         failed <id> <reason>         the intermediate process sends these)
 
 The worker's channel is a pipe the master creates; only its write end travels (``SCM_RIGHTS``).
 The listening sockets were inherited when the master forked the template. The template exits
@@ -191,48 +191,44 @@ class Template:
                 continue
             request = SpawnRequest.decode(payload)
             try:
-                reply = f"spawned {request.id} {self._fork(request, fds[0])}"
-            except OSError as exc:
-                reply = f"failed {request.id} cannot fork: {exc.strerror}"
+                self._fork(request, fds[0])
             finally:
                 os.close(fds[0])
-            self.control.sendall(reply.encode())
 
-    def _fork(self, request: SpawnRequest, channel_fd: int) -> int:
-        """Fork twice (rule 2); the worker's pid."""
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    def _fork(self, request: SpawnRequest, channel_fd: int) -> None:
+        """Fork twice (rule 2). The intermediate process tells the master the worker's pid
+        itself, then exits: the fewest processes between the request and the worker."""
         gc.freeze()  # what this loop allocated since: frozen too
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, child.MASTER_SIGNALS)
         try:
             middle = os.fork()
             if middle == 0:
+                code = 1
                 try:
                     worker = os.fork()
                     if worker == 0:
-                        os.close(read_end)
-                        self._become_worker(request, channel_fd, write_end)
-                    os.write(write_end, str(worker).encode())
-                except BaseException as exc:
-                    os.write(write_end, f"error {exc}".encode()[:200])
+                        self._become_worker(request, channel_fd)
+                    self.control.sendall(f"spawned {request.id} {worker}".encode())
+                    code = 0
+                except OSError as exc:
+                    self.control.sendall(f"failed {request.id} cannot fork: {exc.strerror}".encode())
+                    code = 0
                 finally:
-                    os._exit(0)
+                    os._exit(code)
+        except OSError as exc:
+            self.control.sendall(f"failed {request.id} cannot fork: {exc.strerror}".encode())
+            return
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            os.close(write_end)
-        try:
-            os.waitpid(middle, 0)
-            answer = os.read(read_end, 256).decode()
-        finally:
-            os.close(read_end)
-        if not answer.isdigit():
-            raise OSError(0, answer.removeprefix("error ") or "the intermediate process died")
-        return int(answer)
+        _, status = os.waitpid(middle, 0)
+        if status:  # it died before it could say anything
+            self.control.sendall(f"failed {request.id} the intermediate process died (wait status {status})".encode())
 
-    def _become_worker(self, request: SpawnRequest, channel_fd: int, pipe_fd: int) -> NoReturn:
+    def _become_worker(self, request: SpawnRequest, channel_fd: int) -> NoReturn:
         """In the worker: never returns."""
 
         def main() -> int:
-            child.reset_process([self.control.fileno(), pipe_fd], self.config.reopen_logs)
+            child.reset_process([self.control.fileno()], self.config.reopen_logs)
             gc.enable()
             set_title(worker_title(self.config.proc_name, request.spec.number, self.config.label))
             deadline = time.monotonic() + REPARENT_TIMEOUT

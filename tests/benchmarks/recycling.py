@@ -189,12 +189,11 @@ def ready(clients: int, recycles: int = 12) -> str:
     crashes: list[float] = []
     killed_at: float | None = None
     decided: dict[str, float] = {}
-    after_decision, boots = [], []
+    after_decision: list[float] = []
     for at, text in lines:
         if m := re.match(r"Recycling worker (\d) \(pid (\d+)\)", text):
             decided[m[2]] = at
         elif m := re.match(r"Worker \d \(pid \d+\) is ready in (\d+) ms; handing over from worker \d \(pid (\d+)\)", text):
-            boots.append(float(m[1]))
             if m[2] in decided:
                 after_decision.append((at - decided[m[2]]) * 1000)
         elif re.match(r"Worker \d \(pid \d+\) was killed by SIGKILL", text):
@@ -214,7 +213,6 @@ def ready(clients: int, recycles: int = 12) -> str:
         f"- {template}",
         f"- recycled worker, from the master's decision to recycle it to its replacement ready: "
         f"{spread(after_decision)}",
-        f"- the same, fork to ready: {spread(boots)}",
         f"- SIGKILLed worker, reaped to the replacement ready: {spread(crashes)}",
         f"- failed requests: {len(failures)}",
     ])
