@@ -719,7 +719,8 @@ def test_user_and_group_apply_to_workers(supervised: Callable[..., Supervised], 
 def test_recycling_keeps_the_old_worker_until_a_replacement_is_ready(
     supervised: Callable[..., Supervised],
 ) -> None:
-    sv = supervised(workers=1, max_lifetime=0.2)
+    # A lifetime longer than the lead (3 boots + 0.2 s): no replacement before the "deploy" breaks.
+    sv = supervised(workers=1, max_lifetime=1.0)
     first = pid_of(sv.get())
     sv.mode_file.write_text("crash")  # every replacement now fails to start
     sv.wait_log("keeps serving and will be replaced later")
