@@ -27,7 +27,7 @@ def test_scope_lists_the_extensions_an_http11_request_can_use(parser: str) -> No
     core, rec = make(parser)
     core.feed(build_request() + build_request())
     first = rec.scope()
-    assert set(first["extensions"]) == {"http.response.early_hint", "http.response.trailers"}
+    assert set(first["extensions"]) == {"http.response.pathsend", "http.response.early_hint", "http.response.trailers"}
     first["extensions"]["mine"] = {}  # an app's change stays in its own scope
     core.start(200, [])
     core.body(b"", False)
@@ -35,7 +35,7 @@ def test_scope_lists_the_extensions_an_http11_request_can_use(parser: str) -> No
     assert "mine" not in rec.scope(1)["extensions"]
     core, rec = make(parser)
     core.feed(b"GET / HTTP/1.0\r\n\r\n")
-    assert rec.scope()["extensions"] == {}  # no 1xx, no chunked trailers for HTTP/1.0
+    assert rec.scope()["extensions"] == {"http.response.pathsend": {}}  # no 1xx, no chunked trailers
 
 
 def test_early_hint_is_a_103_with_one_link_field_per_value(parser: str) -> None:
@@ -115,6 +115,44 @@ def test_a_body_short_of_its_length_when_the_trailers_come_is_cut(parser: str) -
     with pytest.raises(BodyLengthError):
         core.body(b"", False)
     assert core.after == CLOSE
+
+
+def test_a_file_is_framed_by_its_size(parser: str) -> None:
+    core, _ = make(parser)
+    core.feed(build_request() + build_request("HEAD") + build_request())
+    core.start(200, [])
+    prefix, suffix = core.file(1000, False)
+    assert prefix.endswith(b"content-length: 1000\r\n\r\n") and suffix == b"" and core.body(b"", False) == b""
+    assert core.after == NEXT
+    core.next_request()
+    core.start(200, [])  # HEAD: the length a GET would get, and no body
+    prefix, _ = core.file(1000, False)
+    assert core.body(b"", False) == b"" and core.after == NEXT
+    assert prefix.endswith(b"content-length: 1000\r\n\r\n") and prefix.count(b"content-length") == 1
+    core.next_request()
+    core.start(200, [])  # trailers follow: the file is one chunk
+    prefix, suffix = core.file(1000, True)
+    assert prefix.endswith(b"transfer-encoding: chunked\r\n\r\n3e8\r\n") and suffix == b"\r\n"
+    assert core.trailers([(b"x-a", b"1")], True) == b"0\r\nx-a: 1\r\n\r\n"
+
+
+def test_a_file_must_match_the_apps_content_length(parser: str) -> None:
+    core, _ = make(parser)
+    core.feed(build_request())
+    core.start(200, [(b"content-length", b"1000")])
+    prefix, _ = core.file(1000, False)
+    assert prefix.count(b"content-length") == 1 and core.remaining == 0
+    core, _ = make(parser)
+    core.feed(build_request())
+    core.start(200, [(b"content-length", b"10")])
+    with pytest.raises(BodyLengthError) as info:
+        core.file(1000, False)
+    assert not info.value.committed and core.after == CLOSE  # nothing is out: the caller answers 500
+    core, _ = make(parser)
+    core.feed(build_request())
+    core.start(304, [])
+    prefix, _ = core.file(1000, False)
+    assert b"content-length" not in prefix and prefix.endswith(b"\r\n\r\n")
 
 
 def test_trailer_fields_are_checked_like_header_lines(parser: str) -> None:

@@ -13,7 +13,8 @@ Rules this module keeps:
 * A body that contradicts its declared Content-Length raises ``BodyLengthError``: when nothing
   has been written yet the client gets a 500, else the connection closes after at most the
   declared bytes. The peer never sees a desynchronised stream, and never silence.
-* Extensions (advertised in every request scope, ``extensions``): 103 Early Hints for HTTP/1.1
+* Extensions (advertised in every request scope, ``extensions``): pathsend, framed by the
+  file's size when the app gave no Content-Length; 103 Early Hints for HTTP/1.1
   clients only (an HTTP/1.0 client could take any 1xx for the answer: dropped); trailer
   fields in the last chunk, when the client sent ``TE: trailers`` and the body is chunked
   (a body framed by Content-Length or by the close has no room for them: dropped).
@@ -33,6 +34,7 @@ Theory of operation. The transport (``protocols.http``) moves bytes and runs tim
     early_hint(links)      the bytes of a 103 Early Hints (none for an HTTP/1.0 client)
     trailers(fields, ok)   the end of a body whose last piece said more: the last chunk, with
                            the trailer fields if ``ok`` (the request's TE: trailers)
+    file(size, more)       the framing around a file sent as the body (pathsend)
     error(status, reason)  a whole answer of the server's own, with Connection: close
     after                  set by the last body piece: NEXT, CLOSE, or DISCARD (the app left
                            request body unread: it is read and dropped, bounded, and
@@ -60,8 +62,8 @@ if TYPE_CHECKING:
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\n"
 # scope["extensions"] of an HTTP/1.1 request, and of an HTTP/1.0 one (copied for each request).
-EXTENSIONS = {"http.response.early_hint": {}, "http.response.trailers": {}}
-EXTENSIONS_10: dict[str, dict[str, Any]] = {}
+EXTENSIONS = {"http.response.pathsend": {}, "http.response.early_hint": {}, "http.response.trailers": {}}
+EXTENSIONS_10: dict[str, dict[str, Any]] = {"http.response.pathsend": {}}
 NO_BODY_STATUSES = frozenset({204, 304})
 LARGE_BODY = 64 * 1024  # body pieces this big are written by reference, not copied next to framing
 MAX_DISCARD = 4 * 1024 * 1024  # unread request body dropped to keep a connection, at most
@@ -252,7 +254,7 @@ class H1Core:
         parts.insert(1, self.defaults.without(headers) if override_defaults else self.defaults.encoded)
         if status in NO_BODY_STATUSES:
             self.no_body = True
-            self.remaining = None
+            self.remaining = 0
         elif self.head_method:
             self.no_body = True
         if self.expect_continue:
@@ -311,6 +313,28 @@ class H1Core:
         if not accepted or not fields:
             return b"0\r\n\r\n"
         return b"0\r\n%s\r\n" % b"".join(header_line(*pair)[0] for pair in fields)
+
+    def file(self, size: int, more: bool) -> tuple[bytes, bytes]:
+        """The framing around a file of ``size`` bytes sent as the whole body (pathsend): (the
+        head and what precedes the file's bytes, what follows them). The app's Content-Length
+        must be ``size`` (else BodyLengthError, nothing is out: a 500); without one the file's
+        size is the Content-Length, for HEAD as for GET. With ``more`` (trailers follow) the
+        file is one chunk of a chunked body. The message then ends as after any body: with a
+        last, empty piece (``body(b"", False)``), or the trailers first."""
+        remaining = self.remaining
+        if remaining is None:
+            if self.head_method and not more:
+                self.head += b"content-length: %d\r\n" % size  # what a GET would get
+        elif remaining != size and not self.no_body:
+            self.keep_alive = False
+            self.after = CLOSE
+            raise BodyLengthError(False)
+        prefix, suffix = self._frame_head(size, more)
+        if self.no_body:
+            return prefix, b""
+        if remaining is not None:
+            self.remaining = 0
+        return prefix, suffix
 
     def _frame_head(self, size: int, more: bool) -> tuple[bytes, bytes]:
         """Choose the framing: (head + framing of the first body bytes, what follows them)."""

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import stat
 import time
 from typing import Any, Protocol
 
@@ -214,6 +216,8 @@ class RequestCycle:
                 self.stream.send_early_hint(links)
         elif kind == TRAILERS and self.trailers_pending and self.response_complete:
             self._send_trailers(message)
+        elif kind == PATHSEND and self.response_started and not self.response_complete and not self.streaming:
+            await self._send_path(message)
         elif self.response_complete:
             raise RuntimeError(f"Unexpected ASGI message {kind!r} after the response completed")
         else:
@@ -228,6 +232,22 @@ class RequestCycle:
             return
         self.stream.send_trailers(self, fields)  # raises for fields that cannot be sent
         self.trailers_pending = False
+
+    async def _send_path(self, message: dict[str, Any]) -> None:
+        path = message.get("path")
+        if type(path) is not str or not os.path.isabs(path):
+            raise RuntimeError(f"http.response.pathsend needs an absolute path, not {path!r}")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # OSError (a 500) for a missing file
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise RuntimeError(f"http.response.pathsend: {path!r} is not a regular file")
+            self.streaming = True  # nothing else may be mixed in
+            await self.stream.send_file(self, fd, info.st_size, self.trailers_pending)
+        finally:
+            os.close(fd)
+        self.response_complete = True
+        self._wake()
 
     # -- running the app ----------------------------------------------------------------
     async def run_asgi(self, app: Any) -> None:

@@ -43,8 +43,10 @@ closed at once, gracefully (our side first, then the client's FIN or a short lin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
 from contextvars import Context
@@ -57,8 +59,6 @@ from uvworker.protocols.connection import CLOSED, Connection, ServerState, addre
 from uvworker.protocols.cycle import RequestCycle
 
 if TYPE_CHECKING:
-    import asyncio
-
     from uvworker.protocols.websocket import WebSocketConnection
 
 logger = logging.getLogger("uvworker.error")
@@ -68,6 +68,8 @@ WRITE_BATCH = 64 * 1024  # streamed response bytes that may wait for the end of 
 EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send behind a WebSocket handshake, unparsed
 LINGER_TIME = 2.0  # after our FIN, how long we read and drop input waiting for the client's
 LINGER_BYTES = 1024 * 1024  # ... and how much of it
+SENDFILE_CHUNK = 1024 * 1024  # file bytes one os.sendfile call may send before others get a turn
+FILE_CHUNK = 256 * 1024  # file bytes read and written at a time over TLS
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -83,6 +85,7 @@ class HTTPConnection(Connection):
         self.fresh = True  # nothing received yet: idle, for a stopping server
         self._lingered = 0  # bytes dropped after our FIN
         self._early: list[bytes] = []  # bytes after a WebSocket handshake, until accept
+        self._file_waiter: asyncio.Future[bool] | None = None  # pathsend waits to write
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -109,6 +112,8 @@ class HTTPConnection(Connection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self._file_waiter is not None and not self._file_waiter.done():
+            self._file_waiter.set_result(False)
         cycle = self.cycle
         if cycle is not None:
             cycle.on_disconnect()
@@ -326,6 +331,96 @@ class HTTPConnection(Connection):
             self.write_soon(data)
         self.send_body(cycle, b"", False)  # the end, as after any body
 
+    # -- pathsend --------------------------------------------------------------------------------
+    async def send_file(self, cycle: RequestCycle, fd: int, size: int, more: bool) -> None:
+        """The file as the body: os.sendfile from the page cache to the socket on plaintext
+        (no copy through Python, memory flat whatever the size), FILE_CHUNK reads written
+        through the transport over TLS. Disk reads block the loop, as the kernel's sendfile
+        does (page-cache hits are the common case)."""
+        core = self.core
+        try:
+            prefix, suffix = core.file(size, more)
+        except BodyLengthError:
+            cycle.response_complete = True
+            cycle.status = 500
+            self.send_error(500, "Internal Server Error", cycle)
+            raise
+        self.write(prefix)
+        if size and not core.no_body:
+            sock = None if self.is_tls else self.transport.get_extra_info("socket")
+            if sock is not None:
+                sent = await self._sendfile(cycle, sock.fileno(), fd, size)
+            else:
+                sent = await self._write_file(cycle, fd, size)
+            if sent < size or self.phase != CYCLE:  # the client has gone or stalled, or the file shrank
+                self._finish(cycle)
+                self.close()
+                return
+            if suffix:
+                self.write_soon(suffix)
+        if not more:
+            self.send_body(cycle, b"", False)  # the end, as after any body
+
+    async def _sendfile(self, cycle: RequestCycle, sock_fd: int, fd: int, size: int) -> int:
+        """os.sendfile on a duplicate of the socket's descriptor: the loop polls the duplicate
+        for writability (the transport owns the original), and the transport's own buffer is
+        empty first, so the head goes before the file. Returns the bytes sent."""
+        out = os.dup(sock_fd)
+        sent = 0
+        try:
+            while self.transport.get_write_buffer_size():
+                if not await self._writable(out):
+                    return 0
+            while sent < size and self.phase == CYCLE:
+                try:
+                    count = os.sendfile(out, fd, sent, min(size - sent, SENDFILE_CHUNK))
+                except BlockingIOError:
+                    count = -1
+                except OSError:  # reset by the client
+                    return sent
+                if count == 0:  # the file is shorter than it was
+                    return sent
+                if count > 0:
+                    sent += count
+                    cycle.bytes_sent += count  # as it goes: a client that leaves is logged now
+                if sent < size and not await self._writable(out):
+                    return sent
+        finally:
+            os.close(out)
+        return sent
+
+    async def _writable(self, out: int) -> bool:
+        """Wait until the socket takes more (or timeout_send runs out: the client is dropped)."""
+        if self.phase != CYCLE:
+            return False
+        waiter = self._file_waiter = self.loop.create_future()
+        self.loop.add_writer(out, _wake, waiter)
+        self._set_deadline(self.config.timeout_send)
+        try:
+            return await waiter
+        finally:
+            self.loop.remove_writer(out)
+            self._file_waiter = None
+            if self.phase == CYCLE:
+                self.deadline = 0.0
+
+    async def _write_file(self, cycle: RequestCycle, fd: int, size: int) -> int:
+        """The file in FILE_CHUNK pieces through the transport (TLS): memory is bounded by a
+        piece and the transport's high-water mark, as send() is. Returns the bytes written."""
+        sent = 0
+        while sent < size and self.phase == CYCLE:
+            data = os.pread(fd, min(FILE_CHUNK, size - sent), sent)
+            if not data:  # the file is shorter than it was
+                break
+            self.write(data)
+            sent += len(data)
+            cycle.bytes_sent += len(data)
+            if self.write_paused:
+                await self.drain()
+            else:
+                await asyncio.sleep(0)  # others get a turn between pieces
+        return sent
+
     def fail(self, cycle: RequestCycle) -> None:
         if self.cycle is not cycle or self.phase == CLOSED:
             return
@@ -502,7 +597,7 @@ class HTTPConnection(Connection):
             self.send_error(408, "Request Timeout", cycle)
         else:  # the body stalled after the answer began, or the client stopped reading it
             cycle.on_disconnect()
-            self.drop() if self.write_paused else self.close()
+            self.drop() if self.write_paused or self._file_waiter is not None else self.close()
 
 
     def in_flight(self) -> tuple[Any, ...]:
@@ -526,3 +621,7 @@ class HTTPConnection(Connection):
                 self.drop() if self.write_paused else self.close()
         cycle.on_disconnect()  # the app, if it goes on, sees its client gone
 
+
+def _wake(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(True)
