@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 # Exit codes of the master: a clean stop, a setup error (a live PID file, an unknown user), and
 # workers that keep failing before they are ready. Defined here once; uvworker uses them too.
@@ -15,6 +16,14 @@ EXIT_STARTUP_FAILED = 3
 
 DEFAULT_RELOAD_INCLUDE = ["*.py"]
 DEFAULT_RELOAD_EXCLUDE = [".*", "*.py[cod]", "*~", "__pycache__", "node_modules", "venv"]
+
+
+class Service(Protocol):
+    """Something run in the master loop (see ``SupervisorConfig.services``)."""
+
+    def start(self, master: Any) -> None: ...  # a supervisor.master.Master (no import: no cycle)
+
+    def close(self) -> None: ...
 
 
 class SupervisorError(Exception):
@@ -82,6 +91,16 @@ class SupervisorConfig:
     # process (it imports the application; a non-zero result is its exit code), and every
     # worker is forked from the template; SIGHUP starts a new template first. Linux only.
     preload: Callable[[], int | None] | None = None
+    # On SIGTERM, keep serving this long before stopping (``Policy.draining`` is true at once,
+    # so a readiness probe can send load balancers elsewhere); a second SIGTERM stops at once.
+    shutdown_delay: float = 0.0
+    # Heartbeat fields that are counters: the master keeps the sums of exited workers' last
+    # values (``supervisor.metrics``), so fleet totals never go backwards.
+    counter_fields: tuple[str, ...] = ()
+    # Run in the master loop beside the workers (e.g. a metrics endpoint): each ``start(master)``
+    # is called once before the first fork and may ``master.watch()`` file descriptors;
+    # ``close()`` when the master stops.
+    services: list[Service] = field(default_factory=list)
     # Process management.
     pidfile: str | None = None
     user: str | int | None = None

@@ -34,6 +34,7 @@ import selectors
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import NoReturn
 
 from supervisor import child, forkserver, memory, privileges, systemd
@@ -92,6 +93,7 @@ class Master:
         self._spawning: dict[int, tuple[Worker, Template]] = {}  # request id -> worker, while forked
         self._request_ids = itertools.count(1)
         self._early_exits: dict[int, int] = {}  # pid -> wait status, for workers not yet "spawned"
+        self._watched: dict[int, Callable[[int], None]] = {}  # services' descriptors -> callbacks
 
     # ------------------------------------------------------------------ life cycle
 
@@ -104,6 +106,8 @@ class Master:
             self._teardown()
             return EXIT_ERROR
         try:
+            for service in self.config.services:
+                service.start(self)
             policy.start(time.monotonic())
             self._apply()
             while not policy.finished:
@@ -152,6 +156,12 @@ class Master:
         return policy
 
     def _teardown(self) -> None:
+        for service in self.config.services:
+            try:
+                service.close()
+            except Exception as exc:
+                self.log.error("Could not close %r: %s", service, exc)
+        self._watched.clear()
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
         self._old_handlers.clear()
@@ -174,6 +184,25 @@ class Master:
         if self._pidfile is not None:
             self._pidfile.remove()
         self._notifier.close()
+
+    # ------------------------------------------------------------------ for services
+
+    def watch(self, fileobj: socket.socket | int, events: int, callback: Callable[[int], None]) -> None:
+        """Call ``callback(events)`` in the loop when ``fileobj`` is ready for ``events``
+        (``selectors.EVENT_READ``/``EVENT_WRITE``); watched again, the new events replace the
+        old. Children close it after fork. Callbacks must not block."""
+        assert self._selector is not None
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if fd in self._watched:
+            self._selector.modify(fd, events, "service")
+        else:
+            self._selector.register(fd, events, "service")
+        self._watched[fd] = callback
+
+    def unwatch(self, fileobj: socket.socket | int) -> None:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+        if self._watched.pop(fd, None) is not None and self._selector is not None:
+            self._selector.unregister(fd)
 
     # ------------------------------------------------------------------ applying the policy's actions
 
@@ -222,8 +251,12 @@ class Master:
 
     def _wait(self, timeout: float) -> None:
         assert self._selector is not None
-        for key, _ in self._selector.select(timeout):
-            if key.data == "wakeup":
+        for key, events in self._selector.select(timeout):
+            if key.data == "service":
+                callback = self._watched.get(key.fd)
+                if callback is not None:
+                    callback(events)
+            elif key.data == "wakeup":
                 try:
                     while self._wakeup and self._wakeup[0].recv(4096):
                         pass
@@ -476,6 +509,7 @@ class Master:
     def _inherited_fds(self) -> list[int]:
         """The master's descriptors a child must close (other channels, wakeup, selector...)."""
         fds = list(self._fds.values()) + [handle.fileno() for handle in self._templates.values()]
+        fds += self._watched  # services' listeners and connections
         if self._wakeup is not None:
             fds += [end.fileno() for end in self._wakeup]
         if self._selector is not None and hasattr(self._selector, "fileno"):

@@ -70,7 +70,10 @@ Master phases::
     STARTING  --all slots serving--> RUNNING    (systemd: READY=1)
     RUNNING   --HUP / file change--> RELOADING  (RELOADING=1 ... READY=1 when every slot runs the
                                                  new generation, or the reload failed)
-    any       --TERM--> STOPPING                (STOPPING=1; workers get TERM; bounded)
+    any       --TERM--> STOPPING                (STOPPING=1; workers get TERM; bounded). With
+                                                 shutdown_delay: ``draining`` (not ``ready``) at
+                                                 once, STOPPING when the delay is over or at a
+                                                 second TERM
     any       --INT/QUIT--> HALTING             (workers get QUIT: quick stop; a second INT kills)
     STARTING  --crash loop--> STOPPING, exit code 3
 """
@@ -89,6 +92,7 @@ from supervisor.budget import lead_time
 from supervisor.channel import HEARTBEAT, NEARING, READY, RETIRING, Message
 from supervisor.child import HANDOVER_SIGNAL, REPORT_SIGNAL, RETIRE_SIGNAL
 from supervisor.config import EXIT_OK, EXIT_STARTUP_FAILED, SupervisorConfig
+from supervisor.metrics import add as add_counters
 
 MAX_BACKOFF = 10.0
 # --max-memory: above this multiple of the limit a worker is retired without waiting for its
@@ -231,6 +235,7 @@ class Totals:
     requests: int = 0
     restarts: Counter[str] = field(default_factory=Counter)  # Reason.value -> count
     spawned: int = 0
+    counters: dict[str, list[float]] = field(default_factory=dict)  # config.counter_fields, summed
 
 
 # -- actions: what the loop does for the policy ------------------------------------------------
@@ -341,6 +346,7 @@ class Policy:
         self.exit_code = EXIT_OK
         self.ever_ready = False
         self.stop_deadline: float | None = None
+        self.stop_at: float | None = None  # SIGTERM with --shutdown-delay: the graceful stop begins then
         self.rotate_at_once = config.resolved_rotate_at_once(count)
         self._actions: list[Action] = []
         self._boots: deque[float] = deque(maxlen=BOOTS_KEPT)
@@ -365,6 +371,16 @@ class Policy:
     @property
     def stopping(self) -> bool:
         return self.phase in (Phase.STOPPING, Phase.HALTING)
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM was received (the workers may still serve out --shutdown-delay)."""
+        return self.stop_at is not None or self.stopping
+
+    @property
+    def ready(self) -> bool:
+        """At least one worker serves and the master is not draining (a readiness probe)."""
+        return not self.draining and any(w.state in (State.SERVING, State.FINISHING) for w in self.workers)
 
     @property
     def finished(self) -> bool:
@@ -398,6 +414,8 @@ class Policy:
                 deadlines.append(self._next_memory_at)
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
+        if self.stop_at is not None and not self.stopping:
+            deadlines.append(self.stop_at)
         return min(deadlines)
 
     def boot_estimate(self) -> float:
@@ -571,7 +589,13 @@ class Policy:
     def command(self, signum: int, now: float) -> None:
         """A signal to the master."""
         if signum == signal.SIGTERM:
-            self._begin_stop(now, halting=False, why="SIGTERM")
+            delay = self.config.shutdown_delay
+            if delay and self.stop_at is None and not self.stopping:
+                self.stop_at = now + delay
+                self.log.info("SIGTERM: not ready any more; serving %g s more before the graceful stop.", delay)
+                self._act(Notify((f"STATUS=Stopping in {delay:g} s",)))
+            else:
+                self._begin_stop(now, halting=False, why="SIGTERM")
         elif signum in (signal.SIGINT, signal.SIGQUIT):
             if self.phase is Phase.HALTING and signum == signal.SIGINT:
                 self.log.warning("Second SIGINT: killing the workers now.")
@@ -640,6 +664,9 @@ class Policy:
                 self.log.warning("%d worker(s) did not stop in time; killing them.", len(self.workers))
                 self._kill_all()
                 self.stop_deadline = None
+            return
+        if self.stop_at is not None and now >= self.stop_at:
+            self._begin_stop(now, halting=False, why="Shutdown delay over")
             return
         for template in list(self.templates):
             if (template.state is TemplateState.STARTING and not template.killed
@@ -956,6 +983,7 @@ class Policy:
         worker.exited_at = now
         self.history.append(worker)
         self.totals.requests += worker.requests
+        add_counters(self.totals.counters, worker.fields, self.config.counter_fields)
         if worker.reason is not None and worker.reason is not Reason.STOP:
             self.totals.restarts[worker.reason.value] += 1
 

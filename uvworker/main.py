@@ -48,19 +48,27 @@ def launch(config: Config) -> int:
 
 def serve(config: Config) -> int:
     """Load the app, listen and serve in this process; the exit code."""
+    from uvworker.exporter import close_listener, listener
     from uvworker.logging import reopen_on_sigusr1
     from uvworker.server import Server, listen
 
     config.load()
-    sockets = listen(config)
+    metrics_socket = listener(config)
     try:
-        server = Server(config)
+        sockets = listen(config)
+    except BaseException:
+        close_listener(config, metrics_socket)
+        raise
+    try:
+        server = Server(config, metrics_socket=metrics_socket)
         server.run(sockets=sockets)
     finally:
         reopen_on_sigusr1()  # the loop's handler is gone
+        close_listener(config, metrics_socket)
         for sock in sockets:
             sock.close()
         if config.uds and config.fd is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(config.uds)
     return EXIT_STARTUP_FAILED if server.startup_failed else EXIT_OK
+

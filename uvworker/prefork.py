@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from supervisor.config import DEFAULT_RELOAD_EXCLUDE, DEFAULT_RELOAD_INCLUDE, SupervisorConfig
 from uvworker.config import Config
 from uvworker.errors import EXIT_OK, EXIT_STARTUP_FAILED, ConfigError, report
+from uvworker.metrics import COUNTER_FIELDS
 
 if TYPE_CHECKING:
     from supervisor.child import WorkerContext
@@ -105,6 +106,8 @@ def supervisor_config(config: Config) -> SupervisorConfig:
         label=str(app),
         reopen_logs=_reopen_logs,
         preload=functools.partial(preload_app, config) if config.preload else None,
+        shutdown_delay=config.shutdown_delay,
+        counter_fields=COUNTER_FIELDS if config.metrics_bind else (),
     )
 
 
@@ -130,6 +133,7 @@ def supervise(config: Config) -> int:
     """
     from supervisor.master import run
     from supervisor.sockets import systemd_listeners
+    from uvworker.exporter import close_listener, listener
     from uvworker.server import listen
     from uvworker.warm_imports import warm_imports
 
@@ -145,10 +149,17 @@ def supervise(config: Config) -> int:
     else:
         sockets = listen(config)
         own_uds = bool(config.uds and config.fd is None)
+    metrics_socket = None
     try:
+        metrics_socket = listener(config)
+        if metrics_socket is not None:
+            from uvworker.exporter import MasterEndpoint
+
+            settings.services.append(MasterEndpoint(metrics_socket))
         warm_imports(config)
         return run(functools.partial(serve_worker, config), sockets, settings, logger=logger)
     finally:
+        close_listener(config, metrics_socket)
         for sock in sockets:
             sock.close()
         if own_uds:
@@ -215,7 +226,7 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     def on_tick(srv: Server) -> None:
         nonlocal said_retiring
         served = srv.requests_served
-        if not channel.heartbeat(served):
+        if not channel.heartbeat(served, **metrics_fields(srv)):
             if not srv.should_exit:
                 logger.warning("The supervisor is gone; worker %d stops.", context.number)
                 srv.should_exit = True
@@ -232,6 +243,9 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
         signal.signal(signal.SIGABRT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGABRT)  # die of it, as without this report
 
+    def metrics_fields(srv: Server) -> dict[str, str]:
+        return srv.state.metrics_fields() if srv.state is not None else {}
+
     server = Server(config, on_ready=on_ready, on_tick=on_tick, on_stuck=lambda: leave("hung"),
                     install_signal_handlers=True)
     on_abort(report_hung)
@@ -241,5 +255,5 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     server.run(sockets=context.sockets)
     watchdog.stop()
     reopen_on_sigusr1()  # the loop's handler is gone; the final heartbeat and exit remain
-    channel.heartbeat(server.requests_served)  # the final count, for the master's totals
+    channel.heartbeat(server.requests_served, **metrics_fields(server))  # the final count, for the master's totals
     return EXIT_STARTUP_FAILED if server.startup_failed else EXIT_OK

@@ -47,6 +47,7 @@ from uvworker.protocols.http import HTTPConnection
 
 if TYPE_CHECKING:
     from uvworker.config import Config
+    from uvworker.lifespan import Lifespan
 
 logger = logging.getLogger("uvworker.error")
 
@@ -62,8 +63,10 @@ class Server:
         on_tick: Callable[[Server], None] | None = None,
         on_stuck: Callable[[], None] | None = None,
         install_signal_handlers: bool = True,
+        metrics_socket: socket.socket | None = None,
     ) -> None:
         self.config = config
+        self.metrics_socket = metrics_socket  # --metrics-bind, in the one-process shape
         self.on_ready = on_ready
         self.on_tick = on_tick
         self.on_stuck = on_stuck  # asks the supervisor for a replacement (see _check_abandoned)
@@ -77,10 +80,17 @@ class Server:
         self._interrupts = 0
         self._close_idle = False
         self._stuck = False
+        self._delaying = False  # SIGTERM came; --shutdown-delay runs before the drain
+        self._metrics_server: asyncio.base_events.Server | None = None
 
     @property
     def requests_served(self) -> int:
         return self.state.requests_served if self.state else 0
+
+    @property
+    def draining(self) -> bool:
+        """Stopping, or about to (during --shutdown-delay): /readyz says 503."""
+        return self.should_exit or self._delaying
 
     @property
     def active_requests(self) -> int:
@@ -112,9 +122,22 @@ class Server:
         config.load()
         loop = asyncio.get_running_loop()
         lifespan = Lifespan(config.loaded_app, config.lifespan, logger)
-        state = self.state = make_state(config, loop, lifespan.state)
+        self.state = make_state(config, loop, lifespan.state)
         if self.install_signal_handlers:
             self._install_signal_handlers(loop)
+        if self.metrics_socket is not None:
+            from uvworker.exporter import serve_in_loop
+
+            self._metrics_server = await serve_in_loop(self.metrics_socket, self)
+        try:
+            await self._run(sockets, lifespan)
+        finally:
+            if self._metrics_server is not None:
+                self._metrics_server.close()
+
+    async def _run(self, sockets: list[socket.socket] | None, lifespan: Lifespan) -> None:
+        config, state = self.config, self.state
+        assert state is not None
         if not await lifespan.startup():
             self.startup_failed = True
             await lifespan.shutdown()  # only reaps the app's lifespan task
@@ -169,9 +192,13 @@ class Server:
         state = self.state
         assert state is not None
         next_tick = 0.0
+        counters = state.counters
         while not self.should_exit:
+            expected = time.monotonic() + TICK
             await asyncio.sleep(TICK)
             now = time.monotonic()
+            if counters is not None and now - expected > counters.lag:  # the loop lag metrics report
+                counters.lag = now - expected
             _sweep(state)
             if now >= next_tick:
                 next_tick = now + 1.0
@@ -267,9 +294,21 @@ class Server:
                 self.force_exit = True
         elif sig == signal.SIGQUIT:
             self.force_exit = True
+        elif sig == signal.SIGTERM and not self.should_exit and not self._delaying and self.config.shutdown_delay:
+            # Not ready any more, but serve on normally while load balancers notice.
+            self._delaying = True
+            delay = self.config.shutdown_delay
+            logger.info("SIGTERM: not ready any more; serving %g s more before the graceful stop.", delay)
+            assert self.state is not None
+            self.state.loop.call_later(delay, self._delay_over)
+            return
         if self.should_exit and sig == signal.SIGTERM:
             self.force_exit = True
         self.retire(close_idle=True)
+
+    def _delay_over(self) -> None:
+        if not self.should_exit:  # (a second SIGTERM may have started the drain already)
+            self.retire(close_idle=True)
 
 
 def make_state(config: Config, loop: asyncio.AbstractEventLoop, lifespan_state: dict[str, Any]) -> ServerState:
@@ -289,7 +328,13 @@ def make_state(config: Config, loop: asyncio.AbstractEventLoop, lifespan_state: 
     )
     fixed = ([(b"server", b"uvworker")] if config.server_header else []) + list(config.default_headers)
     defaults = HeadDefaults(fixed, config.date_header)
-    return ServerState(config, loop, config.loaded_app, h1, defaults, config.access_log_writer)
+    state = ServerState(config, loop, config.loaded_app, h1, defaults, config.access_log_writer)
+    if config.metrics_bind:
+        from uvworker.metrics import Counters
+
+        state.counters = Counters()
+        state.request_hooks.append(state.counters.request_done)
+    return state
 
 
 def _sweep(state: ServerState) -> None:

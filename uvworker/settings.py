@@ -141,6 +141,30 @@ def addresses(value: Any) -> str:
     return ",".join(items)
 
 
+def bind(value: Any) -> str:
+    """``HOST:PORT`` (``[IPv6]:PORT``) or ``unix:PATH``, checked; ``split_bind`` takes it apart."""
+    split_bind(text(value))
+    return text(value)
+
+
+def split_bind(value: str) -> tuple[str, int, str | None]:
+    """``bind`` text as (host, port, unix path or None); ValueError when it is neither form."""
+    if value.startswith("unix:"):
+        if not value[5:]:
+            _invalid(value, "unix:PATH with a path")
+        return "", 0, value[5:]
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        _invalid(value, "ADDRESS:PORT (e.g. 0.0.0.0:9000) or unix:PATH")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            _invalid(value, "ADDRESS:PORT with an IP address (e.g. 0.0.0.0:9000) or unix:PATH")
+    return host, int(port), None
+
+
 def octal(value: Any) -> int:
     """A file mode mask: octal digits as text (022, 0o022) or an int."""
     if isinstance(value, str):
@@ -295,6 +319,13 @@ SETTINGS: tuple[Setting, ...] = (
        metavar="SECONDS"),
     _S("timeout_graceful_shutdown", 30.0, help="On shutdown, wait this long for in-flight requests "
        "to finish before closing their connections.", gunicorn="graceful_timeout", **_SECONDS),
+    _S("shutdown_delay", 0.0, help="On SIGTERM, first answer /readyz with 503 and go on accepting "
+       "and serving normally for this long (so a load balancer stops sending traffic), then drain "
+       "as --timeout-graceful-shutdown says. A second SIGTERM drains at once.", **_SECONDS),
+    _S("metrics_bind", None, bind, "Serve /metrics (Prometheus; OpenMetrics when asked), /livez and "
+       "/readyz on this separate listener, ADDRESS:PORT or unix:PATH: in the supervisor, with the "
+       "totals of every worker past and present, or in the one process. Needs prometheus_client "
+       "(pip install 'uvworker[metrics]').", metavar="ADDRESS:PORT"),
     _S("ssl_keyfile", None, text, "TLS private key file (PEM).", metavar="FILE", gunicorn="keyfile"),
     _S("ssl_certfile", None, text, "TLS certificate chain file (PEM); serves HTTPS.", metavar="FILE",
        gunicorn="certfile"),

@@ -689,6 +689,7 @@ class WSGIAdapter:
                  multiprocess: bool = True) -> None:
         self.app = app
         self.pool = WorkerPool(threads, queue_size)
+        self.shed = 0  # requests answered 503 because the queue was full (read by the metrics)
         self.base_environ: Environ = {
             "SERVER_SOFTWARE": f"uvworker/{__version__}",
             "wsgi.version": (1, 0),
@@ -704,6 +705,7 @@ class WSGIAdapter:
         kind = scope["type"]
         if kind == "http":
             if self.pool.full():
+                self.shed += 1
                 await _overloaded(send)
                 return
             exchange = Exchange(self, asyncio.get_running_loop(), scope, receive, send)

@@ -23,13 +23,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from uvworker.errors import REQUEST_TIMEOUT
-from uvworker.protocols.batch import WriteBatch
+from uvworker.protocols.batch import CountingBatch, WriteBatch
 
 if TYPE_CHECKING:
     from uvworker.config import Config
     from uvworker.core.h1 import H1Options
     from uvworker.core.response import HeadDefaults
     from uvworker.logging import AccessLog
+    from uvworker.metrics import Counters
 
 logger = logging.getLogger("uvworker.error")
 
@@ -79,10 +80,21 @@ class ServerState:
         self.accepting_requests = True
         self.closing_idle = False  # the whole server stops: idle connections close at once
         self.request_hooks: list[Callable[[Any], None]] = []
+        # For metrics, with --metrics-bind only (uvworker.metrics): bytes by the transports,
+        # requests by a request hook; without it, nothing is counted and nothing costs.
+        self.counters: Counters | None = None
 
     @property
     def lifespan_state(self) -> dict[str, Any]:
         return self.h1.lifespan_state
+
+    def metrics_fields(self) -> dict[str, str]:
+        """The heartbeat's metrics fields (none without --metrics-bind)."""
+        if self.counters is None:
+            return {}
+        websockets = sum(1 for conn in self.connections if conn.websocket)
+        shed = getattr(self.app, "shed", 0)  # an app that sheds load itself (the WSGI adapter)
+        return self.counters.fields(self.active_requests, len(self.connections), websockets, self.request_timeouts, shed)
 
     def request_done(self, record: Any) -> None:
         """One request (or WebSocket session) is over: count it, log it, run the hooks.
@@ -120,6 +132,8 @@ class Connection(asyncio.Protocol):
     task: asyncio.Task[None] | None = None
     transport: asyncio.Transport
 
+    websocket = False  # a WebSocket session (for the metrics' count)
+
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.config = state.config
@@ -131,7 +145,11 @@ class Connection(asyncio.Protocol):
     def attach(self, transport: asyncio.Transport, batch_limit: int) -> None:
         """Take ``transport`` (new, or handed over by another protocol) and join the registry."""
         self.transport = transport
-        self.batch = WriteBatch(transport, self.loop, batch_limit)
+        counters = self.state.counters
+        if counters is None:
+            self.batch = WriteBatch(transport, self.loop, batch_limit)
+        else:
+            self.batch = CountingBatch(transport, self.loop, batch_limit, counters)
         self.state.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

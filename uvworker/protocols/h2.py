@@ -365,11 +365,16 @@ class H2Connection(Connection):
         if not self.state.accepting_requests:
             self.shutdown()
         if data:
+            if self.state.counters is not None:  # the HTTP/1.1 connection counted it already
+                self.state.counters.received -= len(data)
             self.data_received(data)
         else:
             self.flush()
 
     def data_received(self, data: bytes) -> None:
+        counters = self.state.counters
+        if counters is not None:
+            counters.received += len(data)
         if self.phase == CLOSED or self.phase == DISCARD:
             self._discarded += len(data)
             if self._discarded > LINGER_BYTES and self.phase == DISCARD:
@@ -459,6 +464,8 @@ class H2Connection(Connection):
         if limit is not None and state.active_requests > limit:
             cycle.response_started = cycle.response_complete = True
             cycle.status = 503
+            if state.counters is not None:
+                state.counters.shed += 1
             stream.send_error(503, "Service Unavailable")
             self._app_done(stream)
             return

@@ -123,6 +123,9 @@ class HTTPConnection(Connection):
             self._finish(self.upgrade)
 
     def data_received(self, data: bytes) -> None:
+        counters = self.state.counters
+        if counters is not None:
+            counters.received += len(data)
         phase = self.phase
         if phase == KEEP_ALIVE:
             self.phase = WAIT_HEAD
@@ -186,6 +189,8 @@ class HTTPConnection(Connection):
         if limit is not None and state.active_requests > limit:
             cycle.response_started = cycle.response_complete = True
             cycle.status = 503
+            if state.counters is not None:
+                state.counters.shed += 1
             self.send_error(503, "Service Unavailable", cycle)
             return
         if self.config.reset_contextvars:  # a fresh, empty context for each request

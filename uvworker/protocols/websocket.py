@@ -109,6 +109,7 @@ class WebSocketConnection(Connection):
     """One WebSocket session: the ASGI app, the protocol object, and (once open) the transport."""
 
     finished = False  # reported to the server's books
+    websocket = True
 
     def __init__(self, state: ServerState, http: HTTPSide, scope: dict[str, Any]) -> None:
         super().__init__(state)
@@ -155,6 +156,8 @@ class WebSocketConnection(Connection):
         assert http is not None
         limit = self.config.limit_concurrency
         if limit is not None and state.active_requests > limit:
+            if state.counters is not None:
+                state.counters.shed += 1
             http.refuse_handshake(self, 503, "Service Unavailable")
         elif not state.accepting_requests:
             http.refuse_handshake(self, 503, "Service Unavailable: the server is shutting down.")
@@ -226,7 +229,7 @@ class WebSocketConnection(Connection):
         early = http.hand_over(self)
         self.attach(http.transport, WRITE_BATCH)
         http.transport.set_protocol(self)
-        self.transport.write(b"".join(parts))
+        self.batch.write(b"".join(parts))
         self.status = 101
         self.response_headers = list(headers)
         self.phase = OPEN
@@ -243,6 +246,9 @@ class WebSocketConnection(Connection):
         pass  # never called: the transport is handed over by the HTTP connection
 
     def data_received(self, data: bytes) -> None:
+        counters = self.state.counters
+        if counters is not None:
+            counters.received += len(data)
         if self.phase == OPEN:
             self._receive(data)
 
