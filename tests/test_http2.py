@@ -5,6 +5,7 @@ h2load) and with the h2 package's client side (tests/h2_client.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import ssl
@@ -302,3 +303,47 @@ def test_stateless_encoder_round_trips_and_signals_table_size() -> None:
     assert block[0] == 0x20  # size update to 0, then the fields
     assert decoder.decode(block, raw=True) == head
     assert encoder.encode(head)[0] != 0x20  # once
+
+
+async def extensions_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    path = scope["path"]
+    if path == "/extensions":
+        body = repr(sorted(scope["extensions"])).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+    elif path == "/hints":
+        await send({"type": "http.response.early_hint", "links": [b"</a.css>; rel=preload", b"</b.js>; rel=preload"]})
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"hinted"})
+    elif path == "/trailers":
+        await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": True})
+        await send({"type": "http.response.body", "body": b"part 1 ", "more_body": True})
+        await send({"type": "http.response.body", "body": b"part 2"})
+        await send({"type": "http.response.trailers", "headers": [(b"grpc-status", b"0")], "more_trailers": True})
+        await send({"type": "http.response.trailers", "headers": [(b"X-Checksum", b"abc")]})
+    elif path == "/file":  # the stream's send_file, as the cycle's pathsend will call it
+        stream = send.__self__.stream
+        with open(scope["query_string"].decode(), "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await stream.send_file(send.__self__, file.fileno(), size, False)
+            send.__self__.response_complete = True
+
+
+def test_early_hints_trailers_and_file_bodies(tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    (tmp_path / "big").write_bytes(data)
+    with run_server(extensions_app) as srv:
+        client = H2Client(srv.host, srv.port)
+        advertised = get(client, "/extensions").body
+        assert advertised == b"['http.response.early_hint', 'http.response.trailers']"
+        r = get(client, "/hints")
+        assert r.informational == [103] and (r.status, r.body) == (200, b"hinted")
+        r = get(client, "/trailers")
+        assert (r.status, r.body) == (200, b"part 1 part 2")
+        assert r.trailers == [(b"grpc-status", b"0"), (b"x-checksum", b"abc")]
+        r = client.response(client.request(path="/file?" + str(tmp_path / "big")))
+        assert r.status == 200 and r.body == data and r.get(b"content-length") == str(len(data)).encode()
+        client.close()
+    with run_server(extensions_app) as srv, httpx.Client(http1=False, http2=True, timeout=5) as http:
+        assert http.get(srv.url + "/hints").text == "hinted"  # httpx takes the 103 in its stride

@@ -50,6 +50,8 @@ Headers = list[tuple[bytes, bytes]]
 NO_BODY_STATUSES = frozenset({204, 304})
 # RFC 9113 §8.2.2: fields that only mean something to one HTTP/1.1 connection.
 CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+# scope["extensions"] of an HTTP/2 request (copied for each): what H2Stream carries.
+EXTENSIONS: dict[str, dict[str, Any]] = {"http.response.early_hint": {}, "http.response.trailers": {}}
 STATUSES = {status: str(status).encode() for status in range(100, 600)}
 
 
@@ -90,6 +92,7 @@ def request_scope(
         fields.insert(0, (b"host", authority))
     _, expect, _, proxied = check_head("2", fields)
     scope = build_scope(method, path, "2", fields, server, client, scheme, options.root_path, options.lifespan_state)
+    scope["extensions"] = EXTENSIONS.copy()
     if proxied and trust_proxy_headers:
         from uvworker.proxy import apply_proxy_headers
 
@@ -123,7 +126,7 @@ class ResponseHead:
             try:
                 entry = cache[pair]
             except (KeyError, TypeError):
-                entry = _check_pair(*pair)
+                entry = check_pair(*pair)
                 if type(pair) is tuple:
                     if len(cache) >= 4096:
                         cache.clear()
@@ -145,7 +148,7 @@ class ResponseHead:
         return out, length
 
 
-def _check_pair(name: bytes, value: bytes) -> tuple[bytes, bytes, int] | None:
+def check_pair(name: bytes, value: bytes) -> tuple[bytes, bytes, int] | None:
     _, kind = header_line(name, value)  # the HTTP/1.1 checks: token name, no CR/LF/NUL
     name = name.lower()
     if name in CONNECTION_FIELDS:

@@ -39,6 +39,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import logging
+import os
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,7 @@ from h2.settings import Settings, SettingCodes
 from hyperframe.frame import GoAwayFrame
 
 from uvworker.core.h2 import (
-    NO_BODY_STATUSES, BoundedFrameBuffer, FloodBudget, ResponseHead, StatelessEncoder, request_scope,
+    NO_BODY_STATUSES, check_pair, BoundedFrameBuffer, FloodBudget, ResponseHead, StatelessEncoder, request_scope,
 )
 from uvworker.errors import HTTPError
 from uvworker.protocols.connection import CLOSED, Connection, ServerState, address
@@ -71,6 +72,7 @@ OPEN, GOING_AWAY, LINGER, DISCARD = 1, 2, 3, 4
 STREAM_WINDOW = 256 * 1024  # request body a stream may hold that its app has not taken
 CONNECTION_WINDOW = 1024 * 1024  # ... and all the streams of a connection together
 WRITE_BATCH = 256 * 1024
+FILE_CHUNK = 64 * 1024  # a file body (pathsend) is read in pieces this big
 LINGER_TIME = 2.0
 LINGER_BYTES = 1024 * 1024
 FLOOD_RATE = 40.0  # unproductive frames forgiven per second
@@ -108,6 +110,8 @@ class H2Stream:
     deadline = 0.0  # the body the app waits for stalls after this (loop time)
     record: Any = None  # what is counted and logged when the stream finishes
     finished = False
+    head_sent = False
+    trailers: list[tuple[bytes, bytes]] | None = None  # to send after the body (trailing HEADERS)
     _waiters: list[asyncio.Future[None]] | tuple[()] = ()
 
     def __init__(self, conn: H2Connection, stream_id: int) -> None:
@@ -170,15 +174,51 @@ class H2Stream:
         if type(body) is not bytes:
             body = bytes(body)  # the app may reuse a bytearray once send() returns
         if self.out:
-            self.out.append(body)  # type: ignore[union-attr]
+            if size:
+                self.out.append(body)  # type: ignore[union-attr]
             self.out_end = not more
         elif size or not more:
-            self.out = [body]
+            self.out = [body] if size or self.trailers is None else []
             self.out_end = not more
             self.push()
 
+    def send_early_hint(self, links: list[bytes]) -> None:
+        """103 Early Hints: an informational HEADERS before the response's own."""
+        if not self.head_sent:
+            self.conn.h2.send_headers(self.id, [(b":status", b"103"), *((b"link", link) for link in links)])
+            self.conn.flush_soon()
+
+    def send_trailers(self, cycle: RequestCycle, headers: Any) -> None:
+        """Trailing HEADERS (HTTP/2 always has room for them) after the body, ending the stream."""
+        try:
+            fields = [pair for pair in (check_pair(*field) for field in headers) if pair is not None]
+        except RuntimeError:
+            self.reset(ErrorCodes.INTERNAL_ERROR)  # the body is out without its trailers: cut
+            raise
+        self.trailers = [(name, value) for name, value, _ in fields]
+        self.send_body(cycle, b"", False)
+
+    async def send_file(self, cycle: RequestCycle, fd: int, size: int, more: bool) -> None:
+        """The first ``size`` bytes of the file at ``fd``, in FILE_CHUNK pieces read as the
+        windows take them (memory stays at a piece or two, whatever the size)."""
+        if self.head is not None and self.remaining is None and not self.no_body:
+            self.head.append((b"content-length", b"%d" % size))
+            self.remaining = size
+        offset = 0
+        while offset < size and not self.ended and not self.no_body:
+            piece = os.pread(fd, min(FILE_CHUNK, size - offset), offset)
+            if not piece:
+                break  # the file shrank: the length check below cuts the response
+            offset += len(piece)
+            self.send_body(cycle, piece, more or offset < size)
+            if self.write_paused:
+                await self.drain()
+        if offset < size or self.no_body:
+            self.send_body(cycle, b"", more)
+
     def _send_head(self, head: list[tuple[bytes, bytes]], end: bool) -> None:
         conn = self.conn
+        self.head_sent = True
         conn.h2.send_headers(self.id, head, end_stream=end)
         conn.flush_soon()
         if end:
@@ -237,7 +277,7 @@ class H2Stream:
             size = len(piece)
             window = h2.local_flow_control_window(stream_id)
             if size <= window and size <= h2.max_outbound_frame_size:
-                h2.send_data(stream_id, piece, end_stream=self.out_end and len(out) == 1)
+                h2.send_data(stream_id, piece, end_stream=self.out_end and len(out) == 1 and self.trailers is None)
                 out.pop(0)  # type: ignore[union-attr]
                 continue
             if window <= 0:
@@ -252,6 +292,8 @@ class H2Stream:
         conn.blocked.discard(self)
         conn.flush_soon()
         if self.out_end:
+            if self.trailers is not None and not self.ended:  # trailing HEADERS end the stream
+                h2.send_headers(stream_id, self.trailers, end_stream=True)
             self.ended = True
             self.finish()
         self.release()
