@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from uvworker.core.h1 import DISCARD, NEXT, BodyLengthError, H1Core
 from uvworker.core.request import accepts_trailers
+from uvworker.core.tls import tls_extension
 from uvworker.errors import HTTPError
 from uvworker.protocols.connection import CLOSED, Connection, ServerState, address, input_waiting
 from uvworker.protocols.cycle import RequestCycle
@@ -106,6 +107,12 @@ class HTTPConnection(Connection):
         )
         self.parser = core.parser
         self.send_start = core.start  # the cycle's stream.send_start(status, headers), direct
+        if self.is_tls:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                tls = tls_extension(ssl_object, self.config.ssl_certfile)
+                core.extensions = {**core.extensions, "tls": tls}
+                core.extensions_10 = {**core.extensions_10, "tls": tls}
         if not state.accepting_requests:
             core.keep_alive_allowed = False
         self._set_deadline(self.config.timeout_request_header)

@@ -568,4 +568,7 @@ def _websocket_scope(http_scope: dict[str, Any]) -> dict[str, Any]:
         if token.strip()
     ]
     scope["extensions"] = {"websocket.http.response": {}}
+    tls = http_scope.get("extensions", {}).get("tls")
+    if tls is not None:  # a wss:// connection
+        scope["extensions"]["tls"] = tls
     return scope
