@@ -11,7 +11,8 @@ Rules this module keeps
 3. Ask early enough. The worker asks for its replacement (``nearing``) when it could reach its
    limit within ``lead`` seconds: three times the time a worker takes to boot (its own boot,
    or the fleet's recent ones, whichever is longer) plus a margin, at twice the highest
-   request rate it has seen. Rates jump (a neighbour retires and its clients reconnect here,
+   request rate it has seen — from the start, the highest rate of the fleet's recent workers,
+   so a budget shorter than the measuring window is asked for at once, not at its end. Rates jump (a neighbour retires and its clients reconnect here,
    a CPU-starved worker catches up), and asking early only costs an extra worker for a
    moment, while asking late costs the budget.
 4. No I/O and no clock: the caller passes the count and the time, and acts on the answer.
@@ -37,13 +38,15 @@ def lead_time(own_boot: float, fleet_boot: float = 0.0) -> float:
 
 
 class RequestBudget:
-    def __init__(self, limit: int, lead: float, now: float) -> None:
+    def __init__(self, limit: int, lead: float, now: float, rate: float = 0.0) -> None:
         self.limit = limit
         self.lead = lead
         self.asked = False
         self.handed_over = False
-        self.rate = 0.0  # requests per second: the highest measured over MIN_WINDOW or more
-        self.eta = math.inf  # seconds to the limit at RATE_HEADROOM times that rate
+        # Requests per second: the highest measured over MIN_WINDOW or more (or the fleet's).
+        self.rate = max(0.0, rate)
+        # Seconds to the limit at RATE_HEADROOM times that rate.
+        self.eta = limit / (RATE_HEADROOM * self.rate) if self.rate else math.inf
         # The rate is measured from the first request on: a new worker often waits a while
         # for its first connections, and that wait says nothing about how fast it will go.
         self._mark: tuple[int, float] | None = None

@@ -62,6 +62,9 @@ class WorkerContext:
     # (0: none measured yet): the worker's own boot and this estimate how early to ask.
     spawned_at: float = 0.0
     boot_estimate: float = 0.0
+    # The highest request rate of the fleet's recent workers (requests per second; 0: unknown),
+    # for planning the budget before the worker has measured its own rate.
+    rate_estimate: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -77,12 +80,14 @@ class WorkerSpec:
     requests_limit: int
     spawned_at: float
     boot_estimate: float
+    rate_estimate: float = 0.0
 
     def context(self, sockets: list[socket.socket], channel_fd: int, master_pid: int) -> WorkerContext:
         return WorkerContext(
             number=self.number, generation=self.generation, sockets=sockets,
             channel=Channel(channel_fd, master_pid), master_pid=master_pid,
             requests_limit=self.requests_limit, spawned_at=self.spawned_at, boot_estimate=self.boot_estimate,
+            rate_estimate=self.rate_estimate,
         )
 
 

@@ -538,7 +538,8 @@ class Master:
 
 def _spec(spawn: Spawn) -> WorkerSpec:
     worker = spawn.worker
-    return WorkerSpec(worker.number, worker.generation, worker.requests_limit, worker.spawned_at, spawn.boot_estimate)
+    return WorkerSpec(worker.number, worker.generation, worker.requests_limit, worker.spawned_at, spawn.boot_estimate,
+                      spawn.rate_estimate)
 
 
 def _describe_socket(sock: socket.socket) -> str:

@@ -248,6 +248,7 @@ class Spawn:
     worker: Worker
     boot_estimate: float = 0.0  # the fleet's recent boot time, for the worker's context
     template: Template | None = None  # fork it from this template (--preload), else from the master
+    rate_estimate: float = 0.0  # the highest request rate of recent workers (requests/s; 0: unknown)
 
 
 @dataclass(frozen=True, eq=False)
@@ -350,6 +351,7 @@ class Policy:
         self.rotate_at_once = config.resolved_rotate_at_once(count)
         self._actions: list[Action] = []
         self._boots: deque[float] = deque(maxlen=BOOTS_KEPT)
+        self._rates: deque[float] = deque(maxlen=BOOTS_KEPT)  # requests/s of recent workers, at exit
         self._next_memory_at = 0.0
         self._next_status_at = 0.0
         self._last_status = ""
@@ -421,6 +423,12 @@ class Policy:
     def boot_estimate(self) -> float:
         """The longest recent boot (spawn to ready) of a worker, seconds; 0 before any."""
         return max(self._boots, default=0.0)
+
+    def rate_estimate(self) -> float:
+        """The highest request rate (requests per second served) of the workers that exited
+        recently; 0 before any. A new worker plans its budget with it before it has measured
+        its own (a budget that lasts less than the measuring window would be asked for late)."""
+        return max(self._rates, default=0.0)
 
     def lead(self, worker: Worker) -> float:
         """How long before its lifetime ends a worker's replacement is started."""
@@ -765,7 +773,7 @@ class Policy:
         )
         self.workers.append(worker)
         self.totals.spawned += 1
-        self._act(Spawn(worker, self.boot_estimate(), template))
+        self._act(Spawn(worker, self.boot_estimate(), template, self.rate_estimate()))
         return worker
 
     # ------------------------------------------------------------------ templates (--preload)
@@ -981,6 +989,9 @@ class Policy:
 
     def _record_exit(self, worker: Worker, now: float) -> None:
         worker.exited_at = now
+        served_for = worker.last_seen - worker.ready_at if worker.ready_at is not None else 0.0
+        if worker.requests and served_for > 0:
+            self._rates.append(worker.requests / served_for)
         self.history.append(worker)
         self.totals.requests += worker.requests
         add_counters(self.totals.counters, worker.fields, self.config.counter_fields)

@@ -80,7 +80,8 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
     budget = None
     if ctx.requests_limit and mode != "lax":
         now = time.monotonic()
-        budget = RequestBudget(ctx.requests_limit, lead_time(now - ctx.spawned_at, ctx.boot_estimate), now)
+        budget = RequestBudget(ctx.requests_limit, lead_time(now - ctx.spawned_at, ctx.boot_estimate), now,
+                               ctx.rate_estimate)
     handed_over = []
     signal.signal(HANDOVER_SIGNAL, lambda signum, frame: handed_over.append(True))
 

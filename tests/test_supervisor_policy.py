@@ -61,6 +61,7 @@ class Fleet:
         self.pending: list[Worker] = []
         self.next_pid = 100
         self.spawned: list[Worker] = []
+        self.spawns: list[Spawn] = []
         self.signals: list[tuple[int, int]] = []
         self.notified: list[tuple[str, ...]] = []
         self.usage: dict[int, int] = {}  # pid -> USS bytes answered to Measure
@@ -80,6 +81,7 @@ class Fleet:
                     self.next_pid += 1
                     policy.template_started(action.template, self.next_pid, self.now)
                 elif isinstance(action, Spawn):
+                    self.spawns.append(action)
                     self.spawned.append(action.worker)
                     self.forked_from[action.worker] = action.template
                     if self.defer_start:
@@ -470,6 +472,32 @@ def test_budget_with_a_lead_longer_than_its_life_asks_at_once() -> None:
     (asked_at, _), = drive(budget, rate=100.0, start=0.0, until=50)
     assert asked_at <= 12
     assert lead_time(0.1, 0.3) == pytest.approx(LEAD_FACTOR * 0.3 + LEAD_MARGIN)
+
+
+def test_budget_shorter_than_the_rate_window_asks_at_once_at_the_fleets_rate() -> None:
+    # 50 requests at 1,500/s last 33 ms: less than the 50 ms it takes to measure a rate.
+    assert RequestBudget(50, lead=0.25, now=0.0).update(0, 0.0) is None  # no rate: it cannot know
+    budget = RequestBudget(50, lead=0.25, now=0.0, rate=1500.0)
+    assert budget.update(0, 0.0) == NEARING and budget.eta == pytest.approx(50 / 3000)
+    assert RequestBudget(100_000, lead=0.25, now=0.0, rate=1500.0).update(0, 0.0) is None  # far off
+
+
+def test_new_workers_get_the_highest_rate_of_the_workers_that_exited() -> None:
+    fleet = Fleet(1, max_requests=100)
+    fleet.ready()
+    assert fleet.spawned[-1].requests_limit == 100 and fleet.policy.rate_estimate() == 0.0
+    worker = fleet.current(1)
+    fleet.advance(0.5, beat=False)
+    fleet.say(worker, "nearing", 90, eta="0.01")
+    fleet.ready(fleet.starting()[0])
+    fleet.say(worker, "retiring", reason="max_requests")
+    fleet.say(worker, "heartbeat", 100)
+    fleet.exit(worker)
+    assert fleet.policy.rate_estimate() == pytest.approx(200.0)  # 100 requests in 0.5 s
+    assert [spawn.rate_estimate for spawn in fleet.spawns] == [0.0, 0.0]
+    fleet.say(fleet.current(1), "retiring", reason="max_requests")  # its slot is refilled at once
+    fleet.apply()
+    assert fleet.spawns[-1].rate_estimate == pytest.approx(200.0)
 
 
 def test_jitter_spreads_the_budgets() -> None:

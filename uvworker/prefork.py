@@ -218,10 +218,13 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
         if context.requests_limit:
             now = time.monotonic()
             own_boot = now - context.spawned_at if context.spawned_at else 0.0
-            budget = RequestBudget(context.requests_limit, lead_time(own_boot, context.boot_estimate), now)
+            lead = lead_time(own_boot, context.boot_estimate)
+            budget = RequestBudget(context.requests_limit, lead, now, context.rate_estimate)
             state.request_hooks.append(on_request)
             loop.add_signal_handler(HANDOVER_SIGNAL, on_handover)
         channel.ready()
+        if budget is not None:
+            decide(budget.update(0, time.monotonic()), 0)  # at the fleet's rate, the budget may be near
 
     def on_tick(srv: Server) -> None:
         nonlocal said_retiring
