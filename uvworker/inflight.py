@@ -13,8 +13,8 @@ is read.
 
 A loop blocked inside C code that never returns to Python (a database driver waiting on a
 lock, retrying its own interrupted system calls) never runs that handler. For it a
-``Watchdog`` thread writes the same report once the loop has not swept for half the heartbeat
-timeout, before the abort: that C code has released the GIL, so the thread runs, and the loop,
+``Watchdog`` thread writes the same report once the loop has not swept for about half the heartbeat
+timeout (``watchdog_delay``), before the abort: that C code has released the GIL, so the thread runs, and the loop,
 being blocked, changes nothing it reads. (Code that blocks while holding the GIL gets
 faulthandler's stacks only.)
 """
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from uvworker.protocols.connection import ServerState
 
+HEARTBEAT_INTERVAL = 1.0  # seconds between two calls of the server's on_tick: the heartbeat
 STACK_LIMIT = 12  # innermost frames of the main thread: where the app is stuck, not how it got there
 
 
@@ -77,6 +78,14 @@ def on_abort(handler: Callable[[int, FrameType | None], Any]) -> None:
 
 
 
+def watchdog_delay(timeout: float) -> float:
+    """How long the loop may stall before the watchdog reports, for a heartbeat ``timeout``.
+    The supervisor (or Gunicorn's arbiter) counts from the last heartbeat, which can be up to
+    HEARTBEAT_INTERVAL older than the stall, so the abort can come ``timeout - 1`` s into it:
+    report at half of that (at least three sweeps in), well before."""
+    return max(0.3, (timeout - HEARTBEAT_INTERVAL) / 2)
+
+
 class Watchdog:
     """A daemon thread that logs the hung report when the server has not swept for ``after``
     seconds (once per blocking), so that the report comes even when no signal handler can run.
@@ -98,7 +107,7 @@ class Watchdog:
 
     def _watch(self) -> None:
         reported = 0.0
-        while not self.stopped.wait(min(1.0, max(0.1, self.after / 4))):
+        while not self.stopped.wait(min(1.0, max(0.05, self.after / 4))):
             state = self.state()
             swept_at = state.swept_at if state is not None else 0.0
             blocked = time.monotonic() - swept_at

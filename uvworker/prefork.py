@@ -171,7 +171,7 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     """The worker target: serve until the master retires or stops us; the exit code."""
     from supervisor.budget import EXHAUSTED, NEARING, RequestBudget, lead_time
     from supervisor.child import HANDOVER_SIGNAL
-    from uvworker.inflight import Watchdog, hung_report, on_abort
+    from uvworker.inflight import Watchdog, hung_report, on_abort, watchdog_delay
     from uvworker.logging import reopen_on_sigusr1
     from uvworker.server import Server
 
@@ -253,7 +253,7 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
                     install_signal_handlers=True)
     on_abort(report_hung)
     # Half the heartbeat timeout: the report comes before the master's SIGABRT and SIGKILL.
-    watchdog = Watchdog(lambda: server.state, config.timeout_worker / 2, logger.critical)
+    watchdog = Watchdog(lambda: server.state, watchdog_delay(config.timeout_worker), logger.critical)
     watchdog.start()
     server.run(sockets=context.sockets)
     watchdog.stop()

@@ -40,6 +40,7 @@ from uvworker.core.parsers import Limits
 from uvworker.collector import tune_collector
 from uvworker.core.response import HeadDefaults
 from uvworker.errors import ConfigError
+from uvworker.inflight import HEARTBEAT_INTERVAL
 from uvworker.logging import reopen_files
 from uvworker.malloc import tune_heap
 from uvworker.protocols.connection import ServerState
@@ -201,7 +202,7 @@ class Server:
                 counters.lag = now - expected
             _sweep(state)
             if now >= next_tick:
-                next_tick = now + 1.0
+                next_tick = now + HEARTBEAT_INTERVAL
                 if state.abandoned:
                     self._check_abandoned()
                 if self.on_tick is not None:

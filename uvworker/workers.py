@@ -65,7 +65,7 @@ from uvworker.errors import ConfigError
 from uvworker.gunicorn_hooks import front, hook_set, request_hooks, route_error_log
 from uvworker.gunicorn_objects import GunicornRequest
 from uvworker.gunicorn_settings import settings_from_gunicorn
-from uvworker.inflight import Watchdog, hung_report
+from uvworker.inflight import Watchdog, hung_report, watchdog_delay
 from uvworker.logging import AccessLog
 from uvworker.server import Server
 from uvworker.settings import BY_NAME
@@ -126,7 +126,7 @@ class Worker(GunicornWorker):
             install_signal_handlers=False,
         )
         # The hung report also comes from a thread, at half the timeout (uvworker.inflight).
-        watchdog = Watchdog(lambda: server.state, config.timeout_worker / 2, self.log.critical)
+        watchdog = Watchdog(lambda: server.state, watchdog_delay(config.timeout_worker), self.log.critical)
         watchdog.start()
         with asyncio.Runner(loop_factory=config.loop_factory) as runner:
             runner.run(self._serve(server))
