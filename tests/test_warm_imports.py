@@ -371,11 +371,13 @@ SHAPES_OF_FILE = {
     "uvworker/cli.py": (), "uvworker/main.py": (), "uvworker/prefork.py": ("standalone",),
     "uvworker/workers.py": ("gunicorn",), "uvworker/gunicorn_hooks.py": ("gunicorn",),
     "uvworker/gunicorn_objects.py": ("gunicorn",), "uvworker/gunicorn_settings.py": ("gunicorn",),
+    "uvworker/exporter.py": (),  # the metrics listener: in the master, or in the one process
 }
 # Imported inside functions that only the master runs (module: why).
 MASTER_ONLY = {
     "yaml": "a .yaml --log-config is read by the CLI, before any fork",
     "importlib": "imported by Python itself at startup",
+    "uvworker.exporter": "--metrics-bind is served by the master, or by the one process (no fork)",
 }
 
 

@@ -43,6 +43,7 @@ from uvworker.errors import ConfigError
 from uvworker.inflight import HEARTBEAT_INTERVAL
 from uvworker.logging import reopen_files
 from uvworker.malloc import tune_heap
+from uvworker.metrics import Counters
 from uvworker.protocols.connection import ServerState
 from uvworker.protocols.http import HTTPConnection
 
@@ -331,8 +332,6 @@ def make_state(config: Config, loop: asyncio.AbstractEventLoop, lifespan_state: 
     defaults = HeadDefaults(fixed, config.date_header)
     state = ServerState(config, loop, config.loaded_app, h1, defaults, config.access_log_writer)
     if config.metrics_bind:
-        from uvworker.metrics import Counters
-
         state.counters = Counters()
         state.request_hooks.append(state.counters.request_done)
     return state
