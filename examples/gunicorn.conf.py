@@ -50,6 +50,9 @@ access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"
 raw_env = [
     "UVWORKER_TIMEOUT_REQUEST_HEADER=10",  # a client must send its request head within 10 s
     "UVWORKER_TIMEOUT_REQUEST_BODY=20",  # and not let its request body stall for longer
+    # A request still unanswered after 55 s gets a 504 from us (logged with its path), before
+    # a proxy in front gives up on its own (nginx's default proxy_read_timeout: 60 s).
+    "UVWORKER_TIMEOUT_REQUEST=55",
 ]
 
 
