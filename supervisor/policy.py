@@ -990,7 +990,7 @@ class Policy:
     def _record_exit(self, worker: Worker, now: float) -> None:
         worker.exited_at = now
         served_for = worker.last_seen - worker.ready_at if worker.ready_at is not None else 0.0
-        if worker.requests and served_for > 0:
+        if served_for > 0:  # an idle worker's 0 too: else a burst's rate outlives the burst
             self._rates.append(worker.requests / served_for)
         self.history.append(worker)
         self.totals.requests += worker.requests

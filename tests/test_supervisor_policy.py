@@ -753,3 +753,22 @@ def test_only_the_transition_table_changes_a_workers_state() -> None:
                         if isinstance(leaf, ast.Attribute) and leaf.attr == "state" and function.name not in ("_transition", "_template_transition"):
                             offenders.append(f"{path.name}:{node.lineno} in {function.name}")
     assert offenders == []
+
+
+def test_a_bursts_rate_does_not_outlive_the_burst() -> None:
+    """Workers that leave idle bring the estimate down: after a burst, the fleet's rate does not
+    make every new idle worker ask for its replacement at once, forever (it did: c1eb904's
+    metrics test saw workers recycled with 0 requests while no client was connected)."""
+    fleet = Fleet(1, max_requests=100)
+    fleet.ready()
+    worker = fleet.current(1)
+    fleet.advance(0.5, beat=False)
+    fleet.say(worker, "heartbeat", 100)
+    fleet.exit(worker, signum=KILL)
+    assert fleet.policy.rate_estimate() == pytest.approx(200.0)
+    for _ in range(8):  # idle workers that were replaced at once, each after 0.25 s serving nothing
+        idle = fleet.current(1)
+        fleet.ready(idle)
+        fleet.advance(0.25)
+        fleet.exit(idle, signum=KILL)
+    assert fleet.policy.rate_estimate() == 0.0
