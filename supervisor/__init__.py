@@ -5,7 +5,10 @@ worker target (a callable run in each forked child with a ``WorkerContext``); th
 over ``context.channel`` (``ready()``, ``heartbeat(requests)``, ``nearing(requests, eta)``,
 ``retiring()``) and obeys signals (HUP retire gracefully while the others serve, TERM stop
 gracefully, QUIT stop quickly, USR1 reopen logs, USR2 report memory,
-``child.HANDOVER_SIGNAL`` stop at the request budget; ``supervisor.budget`` keeps one)::
+``child.HANDOVER_SIGNAL`` stop at the request budget; ``supervisor.budget`` keeps one).
+Heartbeat fields named in ``counter_fields`` are summed over every worker, past and present
+(``supervisor.metrics``); ``services`` run in the master's loop beside the workers (e.g. a
+metrics endpoint, fed from ``Master.policy``)::
 
     from supervisor import SupervisorConfig, run
     exit_code = run(target, sockets, SupervisorConfig(workers=4))

@@ -25,8 +25,9 @@ Rules this module keeps
 7. A broken deploy never takes the service down: a replacement that fails to start aborts the
    reload and the old workers keep serving.
 8. Nothing is forgotten at exit: a worker that exits leaves a record (requests served, why it
-   left, how it ended) in ``history`` and in the ``totals``, so counters summed over the fleet
-   never go backwards when a worker is replaced.
+   left, how it ended) in ``history`` and in the ``totals`` (with its last heartbeat's
+   counter fields, ``supervisor.metrics``), so counters summed over the fleet never go
+   backwards when a worker is replaced.
 9. With --preload, workers are forked from a template (``supervisor.forkserver``): a worker is
    spawned only from a READY template, and a reload's successors only from the reload's own
    template. A reload starts a new template first; the reload goes on once it is ready, and if
