@@ -12,9 +12,10 @@ Rules this module keeps
    limit within ``lead`` seconds: three times the time a worker takes to boot (its own boot,
    or the fleet's recent ones, whichever is longer) plus a margin, at twice the highest
    request rate it has seen — from the start, the highest rate of the fleet's recent workers,
-   so a budget shorter than the measuring window is asked for at once, not at its end. Rates jump (a neighbour retires and its clients reconnect here,
-   a CPU-starved worker catches up), and asking early only costs an extra worker for a
-   moment, while asking late costs the budget.
+   so a budget shorter than the measuring window is asked for at its first request, not at
+   its end (an idle worker asks for nothing). Rates jump (a neighbour retires and its
+   clients reconnect here, a CPU-starved worker catches up), and asking early only costs an
+   extra worker for a moment, while asking late costs the budget.
 4. No I/O and no clock: the caller passes the count and the time, and acts on the answer.
    Between checks the caller only compares its count with ``check_at``.
 """
@@ -55,6 +56,8 @@ class RequestBudget:
     def update(self, served: int, now: float) -> str | None:
         """``served`` requests by ``now``; returns NEARING, EXHAUSTED or None."""
         self._measure(served, now)
+        if not served:
+            return None  # an idle worker asks for nothing, whatever rate the fleet had
         if served >= self.limit:
             self.check_at = math.inf  # nothing more to decide here: the handover decides
             if self.handed_over:

@@ -476,10 +476,11 @@ def test_budget_with_a_lead_longer_than_its_life_asks_at_once() -> None:
 
 def test_budget_shorter_than_the_rate_window_asks_at_once_at_the_fleets_rate() -> None:
     # 50 requests at 1,500/s last 33 ms: less than the 50 ms it takes to measure a rate.
-    assert RequestBudget(50, lead=0.25, now=0.0).update(0, 0.0) is None  # no rate: it cannot know
+    assert RequestBudget(50, lead=0.25, now=0.0).update(1, 0.0) is None  # no rate: it cannot know
     budget = RequestBudget(50, lead=0.25, now=0.0, rate=1500.0)
-    assert budget.update(0, 0.0) == NEARING and budget.eta == pytest.approx(50 / 3000)
-    assert RequestBudget(100_000, lead=0.25, now=0.0, rate=1500.0).update(0, 0.0) is None  # far off
+    assert budget.update(0, 0.0) is None  # idle: a worker that serves nothing asks for nothing
+    assert budget.update(1, 0.001) == NEARING and budget.eta == pytest.approx(50 / 3000)
+    assert RequestBudget(100_000, lead=0.25, now=0.0, rate=1500.0).update(1, 0.0) is None  # far off
 
 
 def test_new_workers_get_the_highest_rate_of_the_workers_that_exited() -> None:

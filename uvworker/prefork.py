@@ -223,8 +223,6 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
             state.request_hooks.append(on_request)
             loop.add_signal_handler(HANDOVER_SIGNAL, on_handover)
         channel.ready()
-        if budget is not None:
-            decide(budget.update(0, time.monotonic()), 0)  # at the fleet's rate, the budget may be near
 
     def on_tick(srv: Server) -> None:
         nonlocal said_retiring
