@@ -341,7 +341,11 @@ def test_asgi_workers_need_to_read_only_the_app(
     private_site: Path, app_dir: Path, shape: str, worker_class: str, tls: bool
 ) -> None:
     with serve(shape, private_site, app_dir, ASGI_APP, 2, tls, worker_class) as server:
-        pids = exercise(server, websocket=True)
+        try:
+            pids = exercise(server, websocket=True)
+        except Exception:
+            print(server.log)
+            raise
         assert server.stop() == 0
     check_log(server)
     reports = [line for line in server.events() if line.startswith("late ")]

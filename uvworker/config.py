@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from supervisor.sockets import where
+from uvworker.core.tls import server_certificate
 from uvworker.errors import ConfigError
 from uvworker.settings import BY_NAME, SETTINGS
 
@@ -111,6 +112,7 @@ class Config:
         password = self.ssl_keyfile_password or (lambda: "")
         try:
             context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password)
+            server_certificate(self.ssl_certfile)  # for the tls extension: read while we can
         except (OSError, ssl.SSLError) as err:
             files = " and ".join(repr(f) for f in (self.ssl_certfile, self.ssl_keyfile) if f)
             raise ConfigError(f"cannot load the TLS certificate and key from {files}: {_reason(err)}") from err

@@ -67,8 +67,10 @@ def server_certificate(certfile: str | None) -> str | None:
         return None
     if certfile not in _server_certs:
         try:
-            with open(certfile, encoding="ascii", errors="replace") as f:
-                text = f.read()
+            # bytes.decode, not a text file: its codec lookup imports encodings.ascii, which a
+            # worker under --user may not be able to read (the stdlib of a private install)
+            with open(certfile, "rb") as f:
+                text = f.read().decode("ascii", "replace")
         except OSError:
             text = ""
         begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
