@@ -160,3 +160,12 @@ def test_wss_scope_has_the_tls_extension(serve: Any, pki: dict[str, Any]) -> Non
                 ws.recv(timeout=5)
     extensions = seen[0]["extensions"]
     assert set(extensions) == {"websocket.http.response", "tls"} and extensions["tls"]["tls_version"] == 0x0304
+
+
+def test_rfc4514_subject_reads_bmp_and_universal_strings() -> None:
+    from cryptography.x509.name import _ASN1Type
+
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Zoë", _type=_ASN1Type.BMPString),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Ünï", _type=_ASN1Type.UniversalString)])
+    cert, _ = issue(subject)
+    assert rfc4514_subject(cert.public_bytes(serialization.Encoding.DER)) == "O=Ünï,CN=Zoë"

@@ -26,10 +26,12 @@ SHORT_NAMES = {
     "2.5.4.3": "CN", "2.5.4.7": "L", "2.5.4.8": "ST", "2.5.4.10": "O", "2.5.4.11": "OU",
     "2.5.4.6": "C", "2.5.4.9": "STREET", "0.9.2342.19200300.100.1.25": "DC", "0.9.2342.19200300.100.1.1": "UID",
 }
-# DER string types -> codec (UTF8String, PrintableString, T61String, IA5String, UniversalString,
-# BMPString, NumericString, VisibleString).
-_STRINGS = {0x0C: "utf-8", 0x13: "ascii", 0x14: "latin-1", 0x16: "ascii", 0x1C: "utf-32-be",
-            0x1E: "utf-16-be", 0x12: "ascii", 0x1A: "ascii"}
+# DER string types -> (codec, prefix) for UTF8String, PrintableString, T61String, IA5String,
+# UniversalString, BMPString, NumericString, VisibleString. Only codecs Python decodes without
+# a lookup (a worker that switched user may not import encodings.*): big-endian UTF-16/32 by BOM.
+_STRINGS = {0x0C: ("utf-8", b""), 0x13: ("ascii", b""), 0x14: ("latin-1", b""), 0x16: ("ascii", b""),
+            0x1C: ("utf-32", b"\x00\x00\xfe\xff"), 0x1E: ("utf-16", b"\xfe\xff"), 0x12: ("ascii", b""),
+            0x1A: ("ascii", b"")}
 _SEQUENCE, _SET, _OID = 0x30, 0x31, 0x06
 
 _server_certs: dict[str, str | None] = {}
@@ -48,7 +50,7 @@ def tls_extension(ssl_object: Any, certfile: str | None) -> dict[str, Any]:
         chain = chain or [ssl.DER_cert_to_PEM_cert(der)]
         try:
             name = rfc4514_subject(der)
-        except (ValueError, IndexError):  # not DER we can read: the name is unknown
+        except (ValueError, IndexError):  # not DER we can read (UnicodeError is one): unknown
             name = None
     cipher = ssl_object.cipher()
     return {
@@ -155,9 +157,10 @@ def rfc4514_subject(der: bytes) -> str:
             if oid_tag != _OID:
                 raise ValueError("not an attribute type")
             oid = _oid(der[oid_start:oid_end])
-            codec = _STRINGS.get(value_tag)
-            if oid in SHORT_NAMES and codec is not None:
-                pairs.append(f"{SHORT_NAMES[oid]}={_escape(der[value_start:value_end].decode(codec))}")
+            string = _STRINGS.get(value_tag)
+            if oid in SHORT_NAMES and string is not None:
+                codec, bom = string
+                pairs.append(f"{SHORT_NAMES[oid]}={_escape((bom + der[value_start:value_end]).decode(codec))}")
             else:  # no string form the RFC defines: the BER, in hex
                 pairs.append(f"{SHORT_NAMES.get(oid, oid)}=#{der[element:value_end].hex()}")
         rdns.append("+".join(pairs))
