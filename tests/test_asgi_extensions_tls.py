@@ -169,3 +169,39 @@ def test_rfc4514_subject_reads_bmp_and_universal_strings() -> None:
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Ünï", _type=_ASN1Type.UniversalString)])
     cert, _ = issue(subject)
     assert rfc4514_subject(cert.public_bytes(serialization.Encoding.DER)) == "O=Ünï,CN=Zoë"
+
+
+GUNICORN_APP = '''
+import json, os
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    extensions = scope["extensions"]
+    if scope["path"] == "/file":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": os.path.abspath(__file__)})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": json.dumps(
+        {"names": sorted(extensions), "tls_version": extensions["tls"]["tls_version"],
+         "server_cert": extensions["tls"]["server_cert"]}).encode()})
+'''
+
+
+@pytest.mark.parametrize("worker_class", ["uvworker.Worker", "uvworker.H11Worker"])
+def test_extensions_under_gunicorn_with_certfile(tmp_path: Path, pki: dict[str, Any], worker_class: str) -> None:
+    import httpx
+
+    from tests.test_gunicorn import run_gunicorn
+
+    conf = f"certfile = {str(pki['certfile'])!r}\nkeyfile = {str(pki['keyfile'])!r}\n"
+    with run_gunicorn(tmp_path, worker_class, conf, app=GUNICORN_APP) as server, \
+            httpx.Client(verify=False, http2=False, timeout=10) as client:
+        url = f"https://127.0.0.1:{server.port}"
+        info = client.get(url + "/").json()
+        body = client.get(url + "/file")
+    assert {"http.response.pathsend", "http.response.early_hint", "http.response.trailers", "tls"} <= set(info["names"])
+    assert info["tls_version"] == 0x0304 and info["server_cert"].strip() == Path(pki["certfile"]).read_text().strip()
+    assert body.content == (tmp_path / "app.py").read_bytes()
+    assert body.headers["content-length"] == str(len(body.content))
