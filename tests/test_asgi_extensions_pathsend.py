@@ -245,3 +245,11 @@ def test_a_client_that_stops_reading_is_dropped_by_timeout_send(serve: Any, spar
             conn.send(build_request())
             conn.read_head()
             wait_for(lambda: not srv.server.state.connections, timeout=10)
+
+
+def test_sendfile_on_the_asyncio_loop(serve: Any, tmp_path: Path) -> None:
+    path = tmp_path / "mid.bin"
+    path.write_bytes(os.urandom(5_000_000))  # more than a socket buffer: sendfile waits to write
+    with serve(pathsend_app(path), loop="asyncio") as srv, httpx.Client() as client:
+        for _ in range(2):
+            assert client.get(srv.url + "/").content == path.read_bytes()
