@@ -536,7 +536,11 @@ def test_reload_restarts_the_worker_on_new_code(tmp_path: Path) -> None:
         # Gunicorn's polling reloader compares against what it saw at its first scan, which a
         # new worker makes a moment after it starts serving: keep writing until one notices.
         def changed() -> httpx.Response | None:
-            source.write_text(code)
+            # Replaced whole: a worker booting meanwhile must not import a half-written file
+            # (it found no app in it, and Gunicorn stopped: "App failed to load").
+            fresh = tmp_path / "app.py.new"
+            fresh.write_text(code)
+            fresh.replace(source)
             return response if check(response := server.get("/")) else None
 
         return wait_for(changed, timeout=10, interval=0.3)
