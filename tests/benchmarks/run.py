@@ -6,7 +6,8 @@
     python tests/benchmarks/run.py --list           # the row ids
     python tests/benchmarks/run.py --commit HEAD~5  # uvworker as of an older commit (before/after)
 
-Needs Linux, ``taskset`` and ``wrk`` (``apt-get install -y wrk``) and the ``bench`` extra
+Needs Linux, ``taskset``, ``wrk`` and, for the HTTP/2 rows, ``h2load`` (``apt-get install -y wrk
+nghttp2-client``) and the ``bench`` extra
 (``pip install -e '.[bench]'``). Nothing but 127.0.0.1 is a target.
 
 How it measures. Rows are grouped by the servers they compare; a group's servers run side by
