@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from h2.connection import H2Connection
 from h2.events import DataReceived, StreamEnded
 
 from tests.conftest import run_server, wait_for
-from tests.h2_client import H2Client, get
+from tests.h2_client import WINDOW, H2Client, get
 from tests.http_client import Conn, build_request
 from tests.test_tls import make_cert
 
@@ -321,13 +322,9 @@ async def extensions_app(scope: dict[str, Any], receive: Any, send: Any) -> None
         await send({"type": "http.response.body", "body": b"part 2"})
         await send({"type": "http.response.trailers", "headers": [(b"grpc-status", b"0")], "more_trailers": True})
         await send({"type": "http.response.trailers", "headers": [(b"X-Checksum", b"abc")]})
-    elif path == "/file":  # the stream's send_file, as the cycle's pathsend will call it
-        stream = send.__self__.stream
-        with open(scope["query_string"].decode(), "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await stream.send_file(send.__self__, file.fileno(), size, False)
-            send.__self__.response_complete = True
+    elif path == "/file":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": scope["query_string"].decode()})
 
 
 def test_early_hints_trailers_and_file_bodies(tmp_path: Path) -> None:
@@ -336,7 +333,7 @@ def test_early_hints_trailers_and_file_bodies(tmp_path: Path) -> None:
     with run_server(extensions_app) as srv:
         client = H2Client(srv.host, srv.port)
         advertised = get(client, "/extensions").body
-        assert advertised == b"['http.response.early_hint', 'http.response.trailers']"
+        assert advertised == b"['http.response.early_hint', 'http.response.pathsend', 'http.response.trailers']"
         r = get(client, "/hints")
         assert r.informational == [103] and (r.status, r.body) == (200, b"hinted")
         r = get(client, "/trailers")
@@ -344,6 +341,49 @@ def test_early_hints_trailers_and_file_bodies(tmp_path: Path) -> None:
         assert r.trailers == [(b"grpc-status", b"0"), (b"x-checksum", b"abc")]
         r = client.response(client.request(path="/file?" + str(tmp_path / "big")))
         assert r.status == 200 and r.body == data and r.get(b"content-length") == str(len(data)).encode()
+        r = client.response(client.request("HEAD", "/file?" + str(tmp_path / "big")))
+        assert (r.status, r.body, r.get(b"content-length")) == (200, b"", str(len(data)).encode())
         client.close()
     with run_server(extensions_app) as srv, httpx.Client(http1=False, http2=True, timeout=5) as http:
         assert http.get(srv.url + "/hints").text == "hinted"  # httpx takes the 103 in its stride
+
+
+PATHSEND_APP = """
+import sys
+async def app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.pathsend", "path": sys.argv[-1]})
+"""
+
+
+@needs_curl
+def test_pathsend_memory_stays_flat(tmp_path: Path) -> None:
+    """A 1 GiB file over h2 to curl (whose windows are wide open): the server reads it as the
+    socket takes it, so its peak RSS stays where it was."""
+    size = 1024 * 1024 * 1024
+    path = tmp_path / "sparse"
+    with open(path, "wb") as file:
+        file.truncate(size)  # sparse: no disk needed
+    (tmp_path / "pathsend_app.py").write_text(PATHSEND_APP.replace("sys.argv[-1]", repr(str(path))))
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvworker", "pathsend_app:app", "--app-dir", str(tmp_path), "--fd", str(sock.fileno()),
+         "--lifespan", "off", "--no-access-log"], pass_fds=[sock.fileno()], stderr=subprocess.DEVNULL,
+    )
+    sock.close()
+    try:
+        def hwm() -> int:
+            status = Path(f"/proc/{server.pid}/status").read_text()
+            return int(status.split("VmHWM:")[1].split()[0])  # KiB
+
+        wait_for(lambda: subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/x", "-o", "/dev/null", "-r", "0-0"],
+                                        timeout=10).returncode == 0, timeout=20)
+        before = hwm()
+        out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{size_download}",
+                              f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=120)
+        assert out.stdout == str(size), out.stderr
+        assert hwm() - before < 32 * 1024, f"peak RSS grew by {hwm() - before} KiB"
+    finally:
+        server.terminate()
+        server.wait(10)

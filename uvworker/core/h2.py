@@ -51,7 +51,9 @@ NO_BODY_STATUSES = frozenset({204, 304})
 # RFC 9113 §8.2.2: fields that only mean something to one HTTP/1.1 connection.
 CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 # scope["extensions"] of an HTTP/2 request (copied for each): what H2Stream carries.
-EXTENSIONS: dict[str, dict[str, Any]] = {"http.response.early_hint": {}, "http.response.trailers": {}}
+EXTENSIONS: dict[str, dict[str, Any]] = {
+    "http.response.pathsend": {}, "http.response.early_hint": {}, "http.response.trailers": {},
+}
 STATUSES = {status: str(status).encode() for status in range(100, 600)}
 
 

@@ -201,7 +201,7 @@ class H2Stream:
     async def send_file(self, cycle: RequestCycle, fd: int, size: int, more: bool) -> None:
         """The first ``size`` bytes of the file at ``fd``, in FILE_CHUNK pieces read as the
         windows take them (memory stays at a piece or two, whatever the size)."""
-        if self.head is not None and self.remaining is None and not self.no_body:
+        if self.head is not None and self.remaining is None:  # framed by the size (HEAD too)
             self.head.append((b"content-length", b"%d" % size))
             self.remaining = size
         offset = 0
@@ -211,6 +211,7 @@ class H2Stream:
                 break  # the file shrank: the length check below cuts the response
             offset += len(piece)
             self.send_body(cycle, piece, more or offset < size)
+            self.conn.flush()  # into the transport now: its high-water mark pauses us (drain)
             if self.write_paused:
                 await self.drain()
         if offset < size or self.no_body:
