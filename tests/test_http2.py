@@ -113,6 +113,23 @@ def test_preface_in_pieces(serve: Any) -> None:
         assert body == b"2 http GET /split  x 0"
 
 
+async def tls_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    tls = scope["extensions"].get("tls")
+    body = f"{scope['http_version']} {tls['tls_version'] if tls else None} {bool(tls and tls['server_cert'])}"
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body.encode()})
+
+
+def test_tls_extension_on_h2(cert: tuple[Path, Path]) -> None:
+    with run_server(tls_app, **tls_settings(cert)) as srv, httpx.Client(http2=True, verify=False, timeout=5) as client:
+        r = client.get(f"https://{srv.host}:{srv.port}/")
+        assert r.http_version == "HTTP/2"
+        version, has_cert = r.text.split()[1:]
+        assert version.isdigit() and has_cert == "True"  # e.g. 772: TLS 1.3, as the spec numbers it
+    with run_server(tls_app) as srv, httpx.Client(http1=False, http2=True, timeout=5) as client:
+        assert client.get(srv.url).text == "2 None False"  # cleartext: no tls extension
+
+
 def test_alpn_h2_and_http11_fallback(serve: Any, cert: tuple[Path, Path]) -> None:
     with serve(echo_app, **tls_settings(cert)) as srv:
         url = f"https://{srv.host}:{srv.port}/t"

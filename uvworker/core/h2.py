@@ -59,9 +59,10 @@ STATUSES = {status: str(status).encode() for status in range(100, 600)}
 
 def request_scope(
     headers: Headers, options: H1Options, server: Any, client: Any, scheme: str, trust_proxy_headers: bool,
+    extensions: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """A request's header block (pseudo-header fields first, as h2 checked) → (scope,
-    expect_continue). Raises HTTPError: 431 beyond the header limits, 400 for what HTTP/1.1
+    expect_continue); ``extensions``: the connection's (EXTENSIONS, with ``tls`` over TLS). Raises HTTPError: 431 beyond the header limits, 400 for what HTTP/1.1
     refuses too, 501 for CONNECT (no tunnels)."""
     method = path = authority = b""
     fields: Headers = []
@@ -94,7 +95,7 @@ def request_scope(
         fields.insert(0, (b"host", authority))
     _, expect, _, proxied = check_head("2", fields)
     scope = build_scope(method, path, "2", fields, server, client, scheme, options.root_path, options.lifespan_state)
-    scope["extensions"] = EXTENSIONS.copy()
+    scope["extensions"] = (EXTENSIONS if extensions is None else extensions).copy()
     if proxied and trust_proxy_headers:
         from uvworker.proxy import apply_proxy_headers
 

@@ -55,8 +55,9 @@ from h2.settings import Settings, SettingCodes
 from hyperframe.frame import GoAwayFrame
 
 from uvworker.core.h2 import (
-    NO_BODY_STATUSES, check_pair, BoundedFrameBuffer, FloodBudget, ResponseHead, StatelessEncoder, request_scope,
+    EXTENSIONS, NO_BODY_STATUSES, check_pair, BoundedFrameBuffer, FloodBudget, ResponseHead, StatelessEncoder, request_scope,
 )
+from uvworker.core.tls import tls_extension
 from uvworker.errors import HTTPError
 from uvworker.protocols.connection import CLOSED, Connection, ServerState, address
 from uvworker.protocols.cycle import RequestCycle
@@ -397,6 +398,10 @@ class H2Connection(Connection):
         self.scheme = "https" if self.is_tls else "http"
         self.client = address(transport.get_extra_info("peername"))
         self.server = address(transport.get_extra_info("sockname"))
+        self.extensions = EXTENSIONS
+        ssl_object = transport.get_extra_info("ssl_object") if self.is_tls else None
+        if ssl_object is not None:  # the ASGI TLS extension, as on HTTP/1.1
+            self.extensions = {**EXTENSIONS, "tls": tls_extension(ssl_object, self.config.ssl_certfile)}
         allow = self.options.forwarded_allow
         self.trust_proxy = self.options.proxy_headers and (
             allow is None or (self.client[0] if self.client else None) in allow
@@ -487,7 +492,8 @@ class H2Connection(Connection):
         self.idle_deadline = 0.0
         try:
             scope, expect = request_scope(
-                event.headers, self.options, self.server, self.client, self.scheme, self.trust_proxy  # type: ignore[arg-type]
+                event.headers, self.options, self.server, self.client, self.scheme, self.trust_proxy,  # type: ignore[arg-type]
+                self.extensions,
             )
         except HTTPError as err:
             if event.stream_ended:
