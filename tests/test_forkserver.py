@@ -230,9 +230,9 @@ def test_max_requests_bound_holds_with_preload_and_a_slow_import(served: Callabl
     server = served("--workers", "2", "--preload", "--max-requests", str(limit), env={"APP_IMPORT_DELAY": "2"})
     server.serving_pids(2, timeout=30)
     load = KeepAliveLoad(server.url, clients=clients)
-    wait_for(lambda: server.log.count("after retiring (") >= 4, timeout=60)
+    wait_for(lambda: len(load.finished()) >= 4, timeout=60)  # workers that served and exited
     load.stop()
     assert load.failures == []
-    gone = {pid: n for pid, n in load.served.items() if not alive(pid)}
+    gone = load.finished()
     assert len(gone) >= 4 and max(gone.values()) <= limit + clients, (gone, server.log)
     assert len(server.import_log.read_text().split()) == 1  # imported once, in the template
