@@ -83,7 +83,8 @@ def check_report(log: str, ws_port: int | None) -> None:
 
 @contextlib.contextmanager
 def standalone(tmp_path: Path, *args: str) -> Iterator[tuple[int, Path]]:
-    """``uvworker hungapp:app --workers 1 --timeout-worker 1.5``; yields its port and log."""
+    """``uvworker hungapp:app --workers 1 --timeout-worker 3``; yields its port and log. (3 s: the
+    watchdog reports 1 s into a stall, the abort comes 2 s in at the earliest: room for a busy machine)"""
     (tmp_path / "hungapp.py").write_text(APP)
     sock = socket.create_server(("127.0.0.1", 0))
     env = {k: v for k, v in os.environ.items() if not k.startswith("UVWORKER_") and k != "WEB_CONCURRENCY"}
@@ -92,7 +93,7 @@ def standalone(tmp_path: Path, *args: str) -> Iterator[tuple[int, Path]]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvworker", "hungapp:app", "--app-dir", str(tmp_path), "--fd", str(sock.fileno()),
-             "--workers", "1", "--timeout-worker", "1.5", "--no-access-log", *args],
+             "--workers", "1", "--timeout-worker", "3", "--no-access-log", *args],
             cwd=ROOT, env=env, pass_fds=[sock.fileno()], stdout=log, stderr=subprocess.STDOUT,
         )
     port = sock.getsockname()[1]

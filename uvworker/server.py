@@ -148,6 +148,7 @@ class Server:
             if not self.should_exit:
                 tune_collector()  # the app is loaded and started: what exists now stays
                 await self._listen(sockets)
+                state.swept_at = time.monotonic()  # watched from now on, not from the first sweep
                 self.started = True
                 self._log_started()
                 memtrace.start(config.trace_memory)  # after startup: growth from here on
