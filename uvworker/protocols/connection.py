@@ -96,6 +96,14 @@ class ServerState:
         shed = getattr(self.app, "shed", 0)  # an app that sheds load itself (the WSGI adapter)
         return self.counters.fields(self.active_requests, len(self.connections), websockets, self.request_timeouts, shed)
 
+    def shed(self, cycle: Any) -> None:
+        """--limit-concurrency is exceeded: ``cycle`` is answered 503 by its protocol, without
+        the app, and counted (the caller checks the limit inline, off this call's cost)."""
+        cycle.response_started = cycle.response_complete = True
+        cycle.status = 503
+        if self.counters is not None:
+            self.counters.shed += 1
+
     def request_done(self, record: Any) -> None:
         """One request (or WebSocket session) is over: count it, log it, run the hooks.
 

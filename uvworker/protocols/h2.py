@@ -511,10 +511,7 @@ class H2Connection(Connection):
             cycle.more_body = False
         limit = self.config.limit_concurrency
         if limit is not None and state.active_requests > limit:
-            cycle.response_started = cycle.response_complete = True
-            cycle.status = 503
-            if state.counters is not None:
-                state.counters.shed += 1
+            state.shed(cycle)
             stream.send_error(503, "Service Unavailable")
             self._app_done(stream)
             return

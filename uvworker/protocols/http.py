@@ -194,10 +194,7 @@ class HTTPConnection(Connection):
         state.active_requests += 1
         limit = self.config.limit_concurrency
         if limit is not None and state.active_requests > limit:
-            cycle.response_started = cycle.response_complete = True
-            cycle.status = 503
-            if state.counters is not None:
-                state.counters.shed += 1
+            state.shed(cycle)
             self.send_error(503, "Service Unavailable", cycle)
             return
         if self.config.reset_contextvars:  # a fresh, empty context for each request
