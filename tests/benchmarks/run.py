@@ -5,6 +5,7 @@
     python tests/benchmarks/run.py hello ws         # only rows whose id starts with these
     python tests/benchmarks/run.py --list           # the row ids
     python tests/benchmarks/run.py --commit HEAD~5  # uvworker as of an older commit (before/after)
+    python tests/benchmarks/run.py hello --against HEAD~5  # also that commit, as a peer in the same run
 
 Needs Linux, ``taskset``, ``wrk`` and, for the HTTP/2 rows, ``h2load`` (``apt-get install -y wrk
 nghttp2-client``) and the ``bench`` extra
@@ -25,6 +26,7 @@ less than requests/s on what else the machine runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import importlib.metadata
 import json
@@ -96,8 +98,9 @@ def hello(connections: int) -> Callable[[RunningServer, Plan], Sample]:
     return lambda server, plan: plan.wrk(server, "/", connections)
 
 
-def groups(tree: Path) -> dict[str, Group]:
-    """Every row, by the servers it compares; uvworker is imported from ``tree``."""
+def groups(tree: Path, against: tuple[str, Path] | None = None) -> dict[str, Group]:
+    """Every row, by the servers it compares; uvworker is imported from ``tree``. With ``against`` (a
+    commit and its tree), that uvworker joins each group as a peer, measured interleaved like the others."""
     close = ("Connection: close",)
     rows_httptools = [
         Row("hello-64-httptools", "hello world, keep-alive, 64 conn, httptools", "req/s", hello(64)),
@@ -138,6 +141,10 @@ def groups(tree: Path) -> dict[str, Group]:
         Row("h2-big-1m", "HTTP/2 (h2c) 1 MiB response, 8 conn x 1 stream, h2load", "req/s",
             lambda server, plan: plan.h2load(server, "/big", 8, 1)),
     ]
+    if against:
+        commit, old = against
+        for servers in (httptools, h11, wsgi, h2):
+            servers.insert(1, dataclasses.replace(servers[0], name=f"uvworker @ {commit}", tree=old))
     return {
         "asgi-httptools": Group(httptools + hello_peers, rows_httptools),
         "asgi-h11": Group(h11, rows_h11),
@@ -271,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
     parser.add_argument("--commit", help="measure uvworker as of this git commit instead of the work tree")
+    parser.add_argument("--against", metavar="COMMIT",
+                        help="also measure uvworker as of this git commit, as a peer in the same interleaved run")
     parser.add_argument("--json", type=Path, help="also write every sample to this file")
     parser.add_argument("--list", action="store_true", help="list the row ids and exit")
     args = parser.parse_args(argv)
@@ -308,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     results = Results()
-    with uvworker_tree(args.commit) as tree:
-        all_groups = groups(tree)
+    with uvworker_tree(args.commit) as tree, uvworker_tree(args.against) as old:
+        all_groups = groups(tree, (args.against, old) if args.against else None)
         for name, rows in chosen.items():
             run_group(all_groups[name], rows, plan, results)
     print(f"\nfinished in {(time.monotonic() - started) / 60:.1f} min\n")
