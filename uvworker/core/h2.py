@@ -23,14 +23,18 @@ This module holds the rest, as plain functions and objects that tests drive with
 * ``BoundedFrameBuffer``: h2's frame buffer with the header block (HEADERS + CONTINUATION)
   bounded by the header limits before it is decoded (CVE-2024-27316); h2 alone holds up to
   64 CONTINUATION frames of any permitted size.
+* ``FieldDecoder``: hpack's decoder, its errors reported as RFC 9113 wants (COMPRESSION_ERROR).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from h2.exceptions import DenialOfServiceError
+from h2.errors import ErrorCodes
+from h2.exceptions import DenialOfServiceError, ProtocolError
 from h2.frame_buffer import FrameBuffer
+from hpack import Decoder
+from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
 from hpack.hpack import encode_integer
 from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
@@ -202,6 +206,26 @@ class BoundedFrameBuffer(FrameBuffer):
             if size > self.max_block:
                 raise HeaderBlockTooLarge(f"Header block of {size} bytes or more: at most {self.max_block}")
         return super()._update_header_buffer(f)
+
+
+class FieldBlockError(ProtocolError):
+    """A field block HPACK cannot decode: a connection error of type COMPRESSION_ERROR (RFC
+    9113 §4.3), which h2 would report as PROTOCOL_ERROR."""
+
+    error_code = ErrorCodes.COMPRESSION_ERROR
+
+
+class FieldDecoder(Decoder):
+    """hpack's decoder, its decoding errors raised as ``FieldBlockError``; an oversized list
+    stays h2's denial of service (ENHANCE_YOUR_CALM)."""
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        try:
+            return super().decode(data, raw)
+        except OversizedHeaderListError:
+            raise
+        except (HPACKDecodingError, IndexError) as exc:
+            raise FieldBlockError(f"Undecodable field block: {exc}") from None
 
 
 _STATIC_PAIRS = {pair: i for i, pair in reversed(list(enumerate(HeaderTable.STATIC_TABLE, 1)))}

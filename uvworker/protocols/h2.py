@@ -55,7 +55,8 @@ from h2.settings import Settings, SettingCodes
 from hyperframe.frame import GoAwayFrame
 
 from uvworker.core.h2 import (
-    EXTENSIONS, NO_BODY_STATUSES, check_pair, BoundedFrameBuffer, FloodBudget, ResponseHead, StatelessEncoder, request_scope,
+    EXTENSIONS, NO_BODY_STATUSES, check_pair, BoundedFrameBuffer, FieldDecoder, FloodBudget, ResponseHead,
+    StatelessEncoder, request_scope,
 )
 from uvworker.core.tls import tls_extension
 from uvworker.errors import HTTPError
@@ -374,6 +375,7 @@ class H2Connection(Connection):
         h2 = self.h2 = H2State(H2_CONFIG)
         h2.incoming_buffer = BoundedFrameBuffer(options.limits.head)
         h2.encoder = StatelessEncoder()  # type: ignore[assignment]
+        h2.decoder = FieldDecoder()
         h2.decoder.max_header_list_size = options.limits.head
         h2.local_settings = _LocalSettings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: limit,
