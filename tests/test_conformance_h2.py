@@ -11,7 +11,7 @@ from typing import Any
 
 from h2.errors import ErrorCodes
 from hpack import Encoder
-from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 GET = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "x")]
@@ -104,6 +104,36 @@ def test_hpack_decoding_errors_are_compression_errors(serve: Any) -> None:
             assert goaway(frames) == ErrorCodes.COMPRESSION_ERROR, (before, after, frames)
             assert not any(isinstance(f, HeadersFrame) for f in frames)
             client.close()
+
+
+def test_client_goaway_lets_streams_in_flight_finish(serve: Any) -> None:
+    """RFC 9113 §6.8: a client's GOAWAY (graceful: it will accept no push) does not end its
+    own streams: the request body still sent is read and the response delivered; what the
+    server had queued (its SETTINGS ACK, a PING ACK) is not discarded. Before, h2 closed the
+    connection state at the GOAWAY: the rest of the body was a PROTOCOL_ERROR, the response lost."""
+    with serve(app) as srv:
+        client = RawH2(srv)
+        client.send(
+            raw(1, END_HEADERS, 1, client.block(POST)),
+            raw(0, 0, 1, b"ab"),
+            GoAwayFrame(0, last_stream_id=0, error_code=0).serialize(),
+        )
+        client.send(raw(0, END_STREAM, 1, b"cd"))
+        frames = client.frames(until=lambda f: isinstance(f, DataFrame) and "END_STREAM" in f.flags)
+        assert goaway(frames) is None, frames
+        assert [bytes(f.data) for f in frames if isinstance(f, DataFrame)] == [b"ok:abcd"]
+        client.frames(timeout=5)
+        assert client.eof  # nothing left in flight: the server closes
+        client.close()
+
+        client = RawH2(srv)
+        client.send(GoAwayFrame(0, last_stream_id=0, error_code=0xFF).serialize(),
+                    PingFrame(0, opaque_data=b"h2spec!!").serialize())
+        frames = client.frames(timeout=5)
+        pongs = [bytes(f.opaque_data) for f in frames if isinstance(f, PingFrame) and "ACK" in f.flags]
+        assert pongs == [b"h2spec!!"], frames
+        assert client.eof
+        client.close()
 
 
 def test_stream_and_connection_errors(serve: Any) -> None:

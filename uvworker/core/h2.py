@@ -23,14 +23,17 @@ This module holds the rest, as plain functions and objects that tests drive with
 * ``BoundedFrameBuffer``: h2's frame buffer with the header block (HEADERS + CONTINUATION)
   bounded by the header limits before it is decoded (CVE-2024-27316); h2 alone holds up to
   64 CONTINUATION frames of any permitted size.
-* ``FieldDecoder``: hpack's decoder, its errors reported as RFC 9113 wants (COMPRESSION_ERROR).
+* ``H2State``, ``FieldDecoder``: h2's connection and HPACK decoder where they part from RFC
+  9113 (a client's GOAWAY; the error code of an undecodable field block).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from h2.errors import ErrorCodes
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes, _error_code_from_int
+from h2.events import ConnectionTerminated
 from h2.exceptions import DenialOfServiceError, ProtocolError
 from h2.frame_buffer import FrameBuffer
 from hpack import Decoder
@@ -45,7 +48,7 @@ from uvworker.core.response import RESP_DEFAULTED, RESP_LENGTH, HeadDefaults, he
 from uvworker.errors import HTTPError
 
 if TYPE_CHECKING:
-    from hyperframe.frame import Frame
+    from hyperframe.frame import Frame, GoAwayFrame
 
     from uvworker.core.h1 import H1Options
 
@@ -206,6 +209,21 @@ class BoundedFrameBuffer(FrameBuffer):
             if size > self.max_block:
                 raise HeaderBlockTooLarge(f"Header block of {size} bytes or more: at most {self.max_block}")
         return super()._update_header_buffer(f)
+
+
+class H2State(H2Connection):
+    """h2's connection state machine, except for a client's GOAWAY (RFC 9113 §6.8): it
+    refuses server pushes, none of which we send, and ends none of the client's streams. h2
+    would close its state at once (the rest of a request body in flight then a PROTOCOL_ERROR,
+    the response lost) and discard the frames it had queued (a SETTINGS or PING ACK). The
+    connection closes once its streams are done (``ConnectionTerminated`` still reports it)."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Any]]:
+        event = ConnectionTerminated()
+        event.error_code = _error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
 
 class FieldBlockError(ProtocolError):

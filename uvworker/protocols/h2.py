@@ -44,7 +44,6 @@ from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection as H2State
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated, DataReceived, PingReceived, PriorityUpdated, RemoteSettingsChanged, RequestReceived,
@@ -55,7 +54,7 @@ from h2.settings import Settings, SettingCodes
 from hyperframe.frame import GoAwayFrame
 
 from uvworker.core.h2 import (
-    EXTENSIONS, NO_BODY_STATUSES, check_pair, BoundedFrameBuffer, FieldDecoder, FloodBudget, ResponseHead,
+    EXTENSIONS, NO_BODY_STATUSES, check_pair, BoundedFrameBuffer, FieldDecoder, FloodBudget, H2State, ResponseHead,
     StatelessEncoder, request_scope,
 )
 from uvworker.core.tls import tls_extension
