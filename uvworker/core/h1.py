@@ -257,7 +257,7 @@ class H1Core:
             self.remaining = 0
         elif self.head_method:
             self.no_body = True
-        if self.expect_continue:
+        if self.expect_continue and not self.body_complete:
             # Answered without taking the body the client may still send: close after.
             self.expect_continue = False
             self.keep_alive = False
