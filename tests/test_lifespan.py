@@ -128,15 +128,25 @@ def test_startup_failed_logs_the_apps_message(
     assert messages(caplog, logging.ERROR) == ["no config"]
 
 
-def test_unexpected_message_is_an_error(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_an_app_that_answers_lifespan_as_http(caplog: pytest.LogCaptureFixture, mode: str) -> None:
+    """An app that serves every scope as HTTP does not speak lifespan: mode "auto" starts
+    without it, as uvicorn does (before, the server refused to start: exit code 3); mode
+    "on" fails, with the message that tells why."""
+    caplog.set_level(logging.INFO, "uvworker.error")
+
     async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        await receive()
         await send({"type": "http.response.start", "status": 200})
 
-    ok, _ = run_lifespan(app, "auto")
-    assert not ok
-    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert "Unexpected ASGI message 'http.response.start'" in str(record.exc_info[1])
+    ok, _ = run_lifespan(app, mode)
+    if mode == "auto":
+        assert ok
+        assert "ASGI 'lifespan' protocol appears unsupported." in messages(caplog, logging.INFO)
+        assert not messages(caplog, logging.ERROR)
+    else:
+        assert not ok
+        [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert "Unexpected ASGI message 'http.response.start'" in str(record.exc_info[1])
 
 
 @pytest.mark.parametrize("failure", ["message", "exception"])

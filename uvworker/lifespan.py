@@ -7,8 +7,8 @@ What startup() returns (False: the server must exit with code 3):
     the app sends lifespan.startup.complete             True
     the app sends lifespan.startup.failed               False; its message logged at ERROR
     the app raises or returns before sending anything   mode "auto": True, the protocol is
-                                                        taken as unsupported (logged at INFO);
-                                                        mode "on": False, logged at ERROR
+    (or sends a message that is not a lifespan answer:  taken as unsupported (logged at INFO);
+    an app that serves every scope as HTTP)             mode "on": False, logged at ERROR
     mode "off"                                          True; the app is never called
 An unexpected message raises RuntimeError inside the app's send(); any exception that ends the
 app's coroutine is logged with its traceback (unless the app reported the failure itself).
@@ -112,10 +112,10 @@ class Lifespan:
             self.logger.error("The ASGI app returned before completing lifespan startup.")
 
     async def _send(self, message: Message) -> None:
-        self._sent = True
         phase, kind = self._phase, message.get("type")
         if kind not in _ANSWERS.get(phase, ()):
             raise RuntimeError(f"Unexpected ASGI message {kind!r} in the lifespan {phase!r} phase.")
+        self._sent = True
         if kind == _ANSWERS[phase][1]:
             self._phase = "failed"
             self.logger.error(message.get("message") or f"Application {phase} failed.")
