@@ -10,7 +10,7 @@ import struct
 from typing import Any
 
 from h2.errors import ErrorCodes
-from hpack import Encoder
+from hpack import Decoder, Encoder
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -171,3 +171,19 @@ def test_stream_and_connection_errors(serve: Any) -> None:
             else:
                 assert errors[0] == (kind, code), what
             client.close()
+
+
+def test_expect_100_continue(serve: Any) -> None:
+    """RFC 9110 §10.1.1 is not HTTP/1.1's alone: a request with Expect: 100-continue gets its
+    100 (an informational HEADERS) once the app asks for the body, and the client then sends
+    it. Before, the expectation was dropped on HTTP/2: the client waited for a 100 that never came."""
+    with serve(app) as srv:
+        client = RawH2(srv)
+        client.send(raw(1, END_HEADERS, 1, client.block(POST + [("expect", "100-continue"), ("content-length", "3")])))
+        [head] = client.frames(until=lambda f: isinstance(f, HeadersFrame))
+        assert isinstance(head, HeadersFrame) and "END_STREAM" not in head.flags
+        assert Decoder().decode(head.data) == [(":status", "100")]
+        client.send(raw(0, END_STREAM, 1, b"abc"))
+        frames = client.frames(until=lambda f: isinstance(f, DataFrame) and "END_STREAM" in f.flags)
+        assert [bytes(f.data) for f in frames if isinstance(f, DataFrame)] == [b"ok:abc"]
+        client.close()

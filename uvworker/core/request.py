@@ -202,7 +202,7 @@ def check_head(http_version: str, headers: Headers) -> tuple[bool, bool, bytes |
             raise HTTPError(400, "Missing Host header")
     elif host not in _valid_hosts:
         _check_host(host)
-    return keep_alive, expect and http_version == "1.1", upgrade if connection_upgrade else None, proxied
+    return keep_alive, expect and http_version != "1.0", upgrade if connection_upgrade else None, proxied  # no 1xx to 1.0
 
 
 def _check_host(host: bytes) -> None:
