@@ -3,9 +3,10 @@
 It knows nothing of HTTP and imports nothing from ``uvworker``. Give it listening sockets and a
 worker target (a callable run in each forked child with a ``WorkerContext``); the child reports
 over ``context.channel`` (``ready()``, ``heartbeat(requests)``, ``nearing(requests, eta)``,
-``retiring()``) and obeys signals (HUP retire gracefully while the others serve, TERM stop
-gracefully, QUIT stop quickly, USR1 reopen logs, USR2 report memory,
-``child.HANDOVER_SIGNAL`` stop at the request budget; ``supervisor.budget`` keeps one).
+``holding(requests, reason)``, ``retiring()``) and obeys signals (HUP retire gracefully while
+the others serve, TERM stop gracefully, QUIT stop quickly, USR1 reopen logs, USR2 report
+memory, ``child.HANDOVER_SIGNAL`` leave at your budget, ``child.SERVE_ON_SIGNAL`` your
+replacement failed, serve on; ``supervisor.budget`` keeps a budget).
 Heartbeat fields named in ``counter_fields`` are summed over every worker, past and present
 (``supervisor.metrics``); ``services`` run in the master's loop beside the workers (e.g. a
 metrics endpoint, fed from ``Master.policy``)::

@@ -7,6 +7,9 @@ Vocabulary (each message is far below PIPE_BUF, so a write is atomic)::
                               may follow as key=value fields (a master keeps the last ones)
     nearing <n> [eta=S]       n requests served, its budget about S seconds away at its current
                               rate: start my replacement now (``supervisor.budget``)
+    holding <n> [reason=R]    n requests served; at its budget (R: max_requests or max_lifetime)
+                              before its replacement was ready: it accepts nothing new and waits
+                              to be retired, or told to serve on (``supervisor.budget``)
     retiring [reason=R]       the worker stopped accepting and will exit after its in-flight work
                               (R: why, e.g. max_requests)
 
@@ -16,7 +19,8 @@ A line is ``<kind>[ <count>][ key=value ...]``. The master skips what it does no
 The master talks back with signals only (HUP: retire gracefully while the others serve; TERM:
 stop gracefully, the whole server is stopping; QUIT: stop quickly; USR1: reopen logs; USR2:
 log a memory report; ABRT: you look hung, dump your stacks; ``child.HANDOVER_SIGNAL``: your
-replacement is ready, stop at your budget), so the channel stays one-way and the
+replacement is ready, stop at your budget; ``child.SERVE_ON_SIGNAL``: your replacement could not
+start, serve on), so the channel stays one-way and the
 worker never blocks on it: the write end is non-blocking and a full pipe drops the message (a
 later heartbeat says the same thing again).
 """
@@ -30,8 +34,9 @@ READY = "ready"
 HEARTBEAT = "heartbeat"
 RETIRING = "retiring"
 NEARING = "nearing"
-KINDS = (READY, HEARTBEAT, RETIRING, NEARING)
-COUNTED = (HEARTBEAT, NEARING)  # kinds whose second word is a count
+HOLDING = "holding"
+KINDS = (READY, HEARTBEAT, RETIRING, NEARING, HOLDING)
+COUNTED = (HEARTBEAT, NEARING, HOLDING)  # kinds whose second word is a count
 MAX_LINE = 4000  # below PIPE_BUF (4096): one write, never interleaved with another
 
 
@@ -102,6 +107,9 @@ class Channel:
 
     def nearing(self, requests: int, eta: float) -> bool:
         return self._send(encode(NEARING, requests, eta=f"{min(eta, 1e6):.3f}"))
+
+    def holding(self, requests: int, reason: str) -> bool:
+        return self._send(encode(HOLDING, requests, reason=reason))
 
     def retiring(self, reason: str | None = None) -> bool:
         return self._send(encode(RETIRING, reason=reason) if reason else encode(RETIRING))

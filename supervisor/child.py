@@ -34,13 +34,16 @@ RETIRE_SIGNAL: int = signal.SIGHUP
 # budget (now, if you are past it)". A real-time signal: no terminal or tool sends it by
 # accident, and SIGWINCH (which a terminal resize sends the whole process group) would.
 HANDOVER_SIGNAL: int = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGWINCH  # (no RT signals on macOS)
+# Master -> worker "your replacement could not start: accept again if you hold at your limit,
+# and serve on until a replacement is ready" (``supervisor.budget``, rule 2).
+SERVE_ON_SIGNAL: int = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else getattr(signal, "SIGINFO", 29)
 # Master -> worker "log where your memory grew" (a worker recycled for memory gets it first;
 # SIGUSR2 to the master is forwarded to every worker).
 REPORT_SIGNAL: int = signal.SIGUSR2
 # Signals whose default action would kill a worker that does not handle them: a worker gets a
 # no-op handler for each (Python handlers are reset by exec, unlike SIG_IGN, so the app's
 # subprocesses are not affected); a target that cares installs its own.
-OPTIONAL_SIGNALS = (HANDOVER_SIGNAL, REPORT_SIGNAL)
+OPTIONAL_SIGNALS = (HANDOVER_SIGNAL, SERVE_ON_SIGNAL, REPORT_SIGNAL)
 
 
 @dataclass
@@ -52,11 +55,13 @@ class WorkerContext:
     sockets: list[socket.socket]
     channel: Channel
     master_pid: int
-    # The request count after which the master will recycle this worker (0: never). A worker
-    # that keeps it exactly asks for its replacement ahead of time (``supervisor.budget``) and
-    # stops at the limit once the master sends HANDOVER_SIGNAL; one that does not is replaced
-    # once its heartbeats show the limit reached.
+    # The request count after which the master will recycle this worker (0: never), and its
+    # lifetime in seconds from ready (0: none). A worker that keeps them exactly asks for its
+    # replacement ahead of time and stops accepting at the limit (``supervisor.budget``); one
+    # that does not is replaced once its heartbeats show the limit reached (or its lifetime
+    # is over), and retired when the replacement is ready.
     requests_limit: int = 0
+    lifetime_limit: float = 0.0
     # When the master decided to start this worker (time.monotonic(), the same clock in every
     # process) and the longest recent boot (start to ready) of the fleet's workers, in seconds
     # (0: none measured yet): the worker's own boot and this estimate how early to ask.
@@ -81,13 +86,14 @@ class WorkerSpec:
     spawned_at: float
     boot_estimate: float
     rate_estimate: float = 0.0
+    lifetime_limit: float = 0.0
 
     def context(self, sockets: list[socket.socket], channel_fd: int, master_pid: int) -> WorkerContext:
         return WorkerContext(
             number=self.number, generation=self.generation, sockets=sockets,
             channel=Channel(channel_fd, master_pid), master_pid=master_pid,
             requests_limit=self.requests_limit, spawned_at=self.spawned_at, boot_estimate=self.boot_estimate,
-            rate_estimate=self.rate_estimate,
+            rate_estimate=self.rate_estimate, lifetime_limit=self.lifetime_limit,
         )
 
 

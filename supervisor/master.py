@@ -539,7 +539,7 @@ class Master:
 def _spec(spawn: Spawn) -> WorkerSpec:
     worker = spawn.worker
     return WorkerSpec(worker.number, worker.generation, worker.requests_limit, worker.spawned_at, spawn.boot_estimate,
-                      spawn.rate_estimate)
+                      spawn.rate_estimate, worker.lifetime_limit)
 
 
 def _describe_socket(sock: socket.socket) -> str:

@@ -12,18 +12,23 @@ Rules this module keeps
    lifetime, max memory) is retired only after its replacement has reported ``ready``. Only a
    crash or a hang loses capacity, and only until the respawn. (One exception: a worker above
    twice its --max-memory is retired at once; its connections wait in the kernel backlog.)
-4. Exact budgets. A worker's replacement for --max-requests or --max-lifetime is started
+4. Hard budgets. A worker's replacement for --max-requests or --max-lifetime is started
    ahead of time (the worker says ``nearing`` from its request rate; the lifetime is known),
-   ``lead`` seconds early: three times the measured boot time plus a margin. Once the replacement is
-   ready the old worker is FINISHING: it stops at its budget (the handover signal makes a
-   worker stop accepting the moment it has served its limit) or at its lifetime, and no later
-   than ``handover_grace`` after the handover. If the replacement is late, rule 3 wins: the
-   old worker serves on until the replacement is ready.
+   ``lead`` seconds early: three times the measured boot time plus a margin. Once the
+   replacement is ready the old worker is FINISHING: it stops at its budget (the handover
+   signal makes it leave the moment it has served its limit) or at its lifetime, and no
+   later than ``handover_grace`` after the handover. A worker that keeps its budget
+   (``supervisor.budget``) stops accepting at its limit even when its replacement is late: it
+   says ``holding`` and is HOLDING (it accepts nothing; the process stays) until the
+   replacement is ready (then it is retired: it never held a slot's capacity alone for long)
+   or cannot start: then it is told to serve on (SERVE_ON_SIGNAL), and serves past its
+   limit until a replacement is ready (rule 7). A HOLDING worker is never left without a
+   replacement on the way: with none (a backoff, no template to fork from) it serves on.
 5. Never many at once: at most ``rotate_at_once`` reload and memory replacements are in
    flight. Budget replacements start when due (the jitter settings spread them).
 6. Every timer is a deadline; ``next_deadline`` says when the policy next wants a ``tick``.
 7. A broken deploy never takes the service down: a replacement that fails to start aborts the
-   reload and the old workers keep serving.
+   reload and the old workers keep serving; a worker holding at its budget serves on.
 8. Nothing is forgotten at exit: a worker that exits leaves a record (requests served, why it
    left, how it ended) in ``history`` and in the ``totals`` (with its last heartbeat's
    counter fields, ``supervisor.metrics``), so counters summed over the fleet never go
@@ -49,15 +54,20 @@ Each handler changes the records and queues actions; ``take`` hands them to the 
 Worker states, every change made by ``_transition`` from this table::
 
     STARTING --ready-------> SERVING          (successor ready: its predecessor gets "handover"
-                                               for a budget, "retire" for anything else)
+                                               for a budget it has not reached, "retire" else)
     SERVING --handover--> FINISHING           (out of its slot; serves on until its budget,
                                                its lifetime or the handover grace)
-    STARTING/SERVING/FINISHING --retire--> RETIRING    (we send SIGHUP; deadline = graceful bound)
-    STARTING/SERVING/FINISHING --retiring--> RETIRING  (the worker said it is leaving on its own)
-    STARTING/SERVING/FINISHING --stop--> RETIRING      (the master stops gracefully: SIGTERM)
-    STARTING/SERVING/FINISHING/RETIRING --halt--> RETIRING  (the master stops quickly: SIGQUIT)
-    STARTING/SERVING/FINISHING/RETIRING --hung--> ABORTING  (SIGABRT; abort grace, then SIGKILL)
+    SERVING --holding--> HOLDING              (the worker is at its budget, its replacement is
+                                               not ready: it accepts nothing and waits)
+    SERVING/HOLDING --serve_on--> SERVING     (its replacement could not start: SERVE_ON_SIGNAL)
+    live --retire--> RETIRING                 (we send SIGHUP; deadline = graceful bound)
+    live --retiring--> RETIRING               (the worker said it is leaving on its own)
+    live --stop--> RETIRING                   (the master stops gracefully: SIGTERM)
+    live/RETIRING --halt--> RETIRING          (the master stops quickly: SIGQUIT)
+    live/RETIRING --hung--> ABORTING          (SIGABRT; abort grace, then SIGKILL)
     any --exit (reaped)--> gone               (``exited``: crash accounting, backoff, respawn)
+
+(live: STARTING, SERVING, HOLDING, FINISHING.)
 
 Templates (with --preload)::
 
@@ -90,8 +100,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from supervisor.budget import lead_time
-from supervisor.channel import HEARTBEAT, NEARING, READY, RETIRING, Message
-from supervisor.child import HANDOVER_SIGNAL, REPORT_SIGNAL, RETIRE_SIGNAL
+from supervisor.channel import HEARTBEAT, HOLDING, NEARING, READY, RETIRING, Message
+from supervisor.child import HANDOVER_SIGNAL, REPORT_SIGNAL, RETIRE_SIGNAL, SERVE_ON_SIGNAL
 from supervisor.config import EXIT_OK, EXIT_STARTUP_FAILED, SupervisorConfig
 from supervisor.metrics import add as add_counters
 
@@ -111,6 +121,7 @@ BOOTS_KEPT = 8  # recent boot times (spawn to ready) behind the fleet's boot est
 class State(enum.Enum):
     STARTING = "starting"
     SERVING = "serving"
+    HOLDING = "holding"  # at its budget, its replacement not ready: accepts nothing, waits
     FINISHING = "finishing"  # replaced: serves until its budget or lifetime, then retires
     RETIRING = "retiring"
     ABORTING = "aborting"
@@ -139,10 +150,15 @@ class Reason(enum.Enum):
 
 
 S = State
-LIVE = (S.STARTING, S.SERVING, S.FINISHING)
+LIVE = (S.STARTING, S.SERVING, S.HOLDING, S.FINISHING)
+RUNNING = (S.SERVING, S.HOLDING, S.FINISHING)  # ready once, not leaving: heartbeats expected
+BUDGETS = (Reason.MAX_REQUESTS, Reason.MAX_LIFETIME)
 TRANSITIONS: dict[tuple[State, str], State] = {
     (S.STARTING, "ready"): S.SERVING,
     (S.SERVING, "handover"): S.FINISHING,
+    (S.SERVING, "holding"): S.HOLDING,
+    (S.SERVING, "serve_on"): S.SERVING,
+    (S.HOLDING, "serve_on"): S.SERVING,
     **{(state, "retire"): S.RETIRING for state in LIVE},
     **{(state, "retiring"): S.RETIRING for state in LIVE},
     **{(state, "stop"): S.RETIRING for state in LIVE},
@@ -166,6 +182,7 @@ class Worker:
     deadline: float | None = None  # RETIRING / ABORTING: SIGKILL after this
     retire_at: float | None = None  # FINISHING: retire at this time if still serving
     eta: float | None = None  # its last "nearing": seconds to its budget, as it estimated
+    served_on: bool = False  # told to serve on past its budget (its replacement failed)
     killed: bool = False
     reason: Reason | None = None  # why it is being replaced, or why it left
     why: str = ""  # the same in words, for the log
@@ -382,8 +399,10 @@ class Policy:
 
     @property
     def ready(self) -> bool:
-        """At least one worker serves and the master is not draining (a readiness probe)."""
-        return not self.draining and any(w.state in (State.SERVING, State.FINISHING) for w in self.workers)
+        """At least one worker serves and the master is not draining (a readiness probe). A
+        HOLDING worker counts: its replacement is on the way, and new connections wait for it
+        in the listen backlog (a probe that flapped for those milliseconds would do harm)."""
+        return not self.draining and any(w.state in RUNNING for w in self.workers)
 
     @property
     def finished(self) -> bool:
@@ -397,7 +416,7 @@ class Policy:
         for worker in self.workers:
             if worker.state is State.STARTING:
                 deadlines.append(worker.spawned_at + cfg.startup_timeout)
-            elif worker.state in (State.SERVING, State.FINISHING):
+            elif worker.state in RUNNING:
                 deadlines.append(worker.last_seen + cfg.timeout_worker)
                 if worker.retire_at is not None:
                     deadlines.append(worker.retire_at)
@@ -528,6 +547,9 @@ class Policy:
         elif message.kind == NEARING:
             self._count(worker, message.requests or 0)
             self._nearing(worker, message, now)
+        elif message.kind == HOLDING:
+            self._count(worker, message.requests or 0)
+            self._holding(worker, message, now)
         elif message.kind == RETIRING:
             said = message.fields.get("reason")
             if worker.reason is None and said in REASONS:
@@ -570,7 +592,7 @@ class Policy:
         limit = cfg.max_memory * 1024 * 1024
         for worker, used in samples.items():
             worker.memory = used
-            if worker.state not in (State.SERVING, State.FINISHING) or worker not in self.workers or used is None:
+            if worker.state not in RUNNING or worker not in self.workers or used is None:
                 continue
             if worker.state is State.FINISHING and used > limit:
                 self.log.info("Retiring %s: it uses %.0f MiB, over its limit of %g MiB, and its replacement "
@@ -656,7 +678,7 @@ class Policy:
         for worker in list(self.workers):
             if worker.state is State.STARTING and now - worker.spawned_at > cfg.startup_timeout:
                 self._transition(worker, "hung", now, f"did not become ready within {cfg.startup_timeout:g} s")
-            elif worker.state in (State.SERVING, State.FINISHING) and now - worker.last_seen > cfg.timeout_worker:
+            elif worker.state in RUNNING and now - worker.last_seen > cfg.timeout_worker:
                 self._transition(worker, "hung", now, f"sent no heartbeat for {cfg.timeout_worker:g} s")
             elif worker.state is State.FINISHING and self._finished_budget(worker, now):
                 if worker.reason is Reason.MAX_REQUESTS and worker.requests < worker.requests_limit:
@@ -690,7 +712,7 @@ class Policy:
         self._check_budgets(now)
         if cfg.max_memory and now >= self._next_memory_at:
             self._next_memory_at = now + cfg.memory_interval
-            serving = tuple(w for w in self.workers if w.state in (State.SERVING, State.FINISHING))
+            serving = tuple(w for w in self.workers if w.state in RUNNING)
             if serving:
                 self._act(Measure(serving))
         self._reconcile(now)
@@ -727,6 +749,15 @@ class Policy:
                       f"{worker.requests} of {worker.requests_limit} requests served, "
                       f"its budget about {worker.eta:.2f} s away")
 
+    def _holding(self, worker: Worker, message: Message, now: float) -> None:
+        """The worker reached its budget before its replacement was ready (rule 4)."""
+        if worker.served_on or worker.state is not State.SERVING:
+            return  # told to serve on meanwhile (it resumed), or already handed over
+        reason = Reason.MAX_LIFETIME if message.fields.get("reason") == Reason.MAX_LIFETIME.value else Reason.MAX_REQUESTS
+        if worker.reason is None and worker in self.attached():  # it never said "nearing"
+            self._replace(worker, reason, f"at its budget ({worker.requests} requests served)")
+        self._transition(worker, "holding", now)
+
     def _replace(self, worker: Worker, reason: Reason, why: str) -> None:
         worker.reason, worker.why = reason, why
         self.log.info("Recycling %s: %s; starting its replacement first.", worker.describe(), why)
@@ -742,7 +773,7 @@ class Policy:
         for slot in self.slots.values():
             current = slot.current
             if (
-                current is None or current.state is not State.SERVING or current.reason is None
+                current is None or current.state not in (State.SERVING, State.HOLDING) or current.reason is None
                 or slot.successor is not None or now < slot.next_spawn_at
             ):
                 continue
@@ -753,6 +784,9 @@ class Policy:
                     continue
                 in_flight += 1
             slot.successor = self._spawn(slot, now)
+        for slot in self.slots.values():
+            if slot.current is not None and slot.current.state is State.HOLDING and slot.successor is None:
+                self._transition(slot.current, "serve_on", now, "no replacement is on the way")
         self._update_phase(now)
 
     def _spawn(self, slot: Slot, now: float) -> Worker | None:
@@ -929,12 +963,23 @@ class Policy:
                 elif slot.current is worker:
                     self.log.info("%s is ready in %.0f ms.", worker.describe().capitalize(), worker.boot_time * 1000)
         elif event == "handover":
+            # "Leave at your limit": a worker that keeps its budget stops there itself; the
+            # retire_at deadline is for one that does not (or a request budget traffic left).
             end = worker.lifetime_end
             if worker.reason is Reason.MAX_LIFETIME and end is not None:
                 worker.retire_at = end
             else:
                 worker.retire_at = now + max(HANDOVER_GRACE, HANDOVER_ETA_FACTOR * (worker.eta or 0.0))
-                self._signal(worker, HANDOVER_SIGNAL)
+            self._signal(worker, HANDOVER_SIGNAL)
+        elif event == "holding":
+            self.log.info("%s is at its budget (%d requests served) before its replacement was ready: it "
+                          "accepts nothing new meanwhile.", worker.describe().capitalize(), worker.requests)
+        elif event == "serve_on":
+            worker.served_on = True
+            self._signal(worker, SERVE_ON_SIGNAL)
+            if old is State.HOLDING:
+                self.log.warning("%s accepts again, past its budget: %s; it serves until a replacement is ready.",
+                                 worker.describe().capitalize(), why)
         elif event == "retire":
             self._detach(worker, now)
             self._signal(worker, RETIRE_SIGNAL)  # the other workers go on serving
@@ -1024,8 +1069,9 @@ class Policy:
                 # One finishing worker per slot: replaced twice over, it has served enough.
                 self.log.info("Retiring %s: a newer replacement is ready.", older.describe())
                 self._transition(older, "retire", now)
-        budget = predecessor.reason in (Reason.MAX_REQUESTS, Reason.MAX_LIFETIME)
-        finish = budget and not _budget_spent(predecessor, now)  # else it is past it: retire now
+        # A budget it has not reached yet: it finishes it. Past it, or holding at it: retire now.
+        finish = (predecessor.reason in BUDGETS and predecessor.state is State.SERVING
+                  and not _budget_spent(predecessor, now))
         self.log.info(
             "%s is ready in %.0f ms; %s %s: %s.", successor.describe().capitalize(), successor.boot_time * 1000,
             "handing over from" if finish else "retiring", predecessor.describe(), predecessor.why or "replaced",
@@ -1042,13 +1088,16 @@ class Policy:
         slot = self.slots.get(worker.number)
         if slot is None or slot.successor is not worker or slot.current is None:
             return
-        if slot.current.reason is Reason.RELOAD and self.phase is Phase.RELOADING:
+        current = slot.current
+        if current.reason is Reason.RELOAD and self.phase is Phase.RELOADING:
             self._abandon_reload(f"the new {worker.describe()} {why}", now)
         else:
             self.log.error(
                 "The replacement for %s %s; %s keeps serving and will be replaced later.",
-                slot.current.describe(), why, slot.current.describe(),
+                current.describe(), why, current.describe(),
             )
+        if current.state is State.HOLDING or (current.reason in BUDGETS and not current.served_on):
+            self._transition(current, "serve_on", now, f"its replacement {why}")  # at its budget, or soon
 
     def _check_crash_loop(self, worker: Worker, how: str, now: float) -> None:
         slot = self.slots.get(worker.number)

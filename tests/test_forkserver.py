@@ -225,8 +225,8 @@ def test_max_memory_does_not_count_the_pages_shared_with_the_template(
 
 def test_max_requests_bound_holds_with_preload_and_a_slow_import(served: Callable[..., Served]) -> None:
     """The one test with a 2 s import: only the template pays it; every replacement is forked
-    ready in milliseconds, so a worker serves at most its limit plus one request per connection."""
-    limit, clients = 500, 6
+    ready in milliseconds, and a worker serves at most its limit plus one request per connection."""
+    limit, clients = 50, 8
     server = served("--workers", "2", "--preload", "--max-requests", str(limit), env={"APP_IMPORT_DELAY": "2"})
     server.serving_pids(2, timeout=30)
     load = KeepAliveLoad(server.url, clients=clients)

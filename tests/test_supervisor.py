@@ -29,9 +29,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from supervisor.budget import EXHAUSTED, NEARING, RequestBudget, lead_time  # noqa: E402
+from supervisor.budget import EXHAUSTED, HOLD, NEARING, RESUME, Budget, lead_time  # noqa: E402
 from supervisor.channel import HEARTBEAT, Message, decode, encode  # noqa: E402
-from supervisor.child import HANDOVER_SIGNAL, WorkerContext  # noqa: E402
+from supervisor.child import HANDOVER_SIGNAL, SERVE_ON_SIGNAL, WorkerContext  # noqa: E402
 from supervisor.config import SupervisorConfig, SupervisorError, default_workers  # noqa: E402
 from supervisor.memory import unique_memory  # noqa: E402
 from supervisor.pidfile import PidFile  # noqa: E402
@@ -51,8 +51,9 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
     ``ok``, ``crash`` (fails like an import error), ``slow:<s>`` (slow import), ``stubborn``
     (ignores SIGTERM and SIGHUP). Per request: ``/hang`` blocks without heartbeats, ``/leak`` keeps 1 MiB,
     ``/slow`` takes 0.3 s, ``/paced`` 2 ms, anything else answers "pid number generation uid".
-    It keeps its request budget as ``supervisor.budget`` describes (``nearing``, then the
-    handover signal, then it stops accepting at the limit), unless the mode file says ``lax``.
+    It keeps its budgets (requests, lifetime) as ``supervisor.budget`` describes (``nearing``;
+    at the limit it stops accepting, and leaves if handed over, else holds until retired or told
+    to serve on), unless the mode file says ``lax``; each hold leaves a ``held-<pid>`` file.
     """
     mode = PRELOADED.get("mode") or os.environ.get("SV_MODE") or Path(os.environ["SV_MODE_FILE"]).read_text().strip()
     if mode == "crash":
@@ -78,23 +79,38 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
     signal.signal(signal.SIGQUIT, on_quick)
     signal.signal(signal.SIGUSR1, on_usr1)
     budget = None
-    if ctx.requests_limit and mode != "lax":
-        now = time.monotonic()
-        budget = RequestBudget(ctx.requests_limit, lead_time(now - ctx.spawned_at, ctx.boot_estimate), now,
-                               ctx.rate_estimate)
-    handed_over = []
-    signal.signal(HANDOVER_SIGNAL, lambda signum, frame: handed_over.append(True))
-
-    def hand_over() -> None:
-        assert budget is not None
-        decide(budget.hand_over(served))
+    started = time.monotonic()
+    if (ctx.requests_limit or ctx.lifetime_limit) and mode != "lax":
+        budget = Budget(ctx.requests_limit, lead_time(started - ctx.spawned_at, ctx.boot_estimate), started,
+                        ctx.rate_estimate)
+    told: list[int] = []  # HANDOVER_SIGNAL, SERVE_ON_SIGNAL, in the order they came
+    signal.signal(HANDOVER_SIGNAL, lambda signum, frame: told.append(signum))
+    signal.signal(SERVE_ON_SIGNAL, lambda signum, frame: told.append(signum))
 
     def decide(decision: str | None) -> None:
-        if decision == NEARING and budget is not None:
+        if budget is None:
+            return
+        if decision == NEARING:
             ctx.channel.nearing(served, budget.eta)
+        elif decision == HOLD:
+            for sock in ctx.sockets:
+                selector.unregister(sock)  # not one more accept: the budget is exact
+            Path(os.environ["SV_MODE_FILE"]).with_name(f"held-{os.getpid()}").write_text(str(served))
+            ctx.channel.holding(served, budget.spent or "")
+        elif decision == RESUME:
+            for sock in ctx.sockets:
+                selector.register(sock, selectors.EVENT_READ)
         elif decision == EXHAUSTED:
-            ctx.channel.retiring("max_requests")
+            ctx.channel.retiring(budget.spent)
             stop["graceful"] = True
+
+    def heed() -> None:
+        """The master's signals, and the lifetime: before the next accept, so the budget is exact."""
+        while told and budget is not None:
+            signum = told.pop(0)
+            decide(budget.hand_over(served) if signum == HANDOVER_SIGNAL else budget.serve_on())
+        if budget is not None and ctx.lifetime_limit and time.monotonic() >= started + ctx.lifetime_limit:
+            decide(budget.expire())
 
     selector = selectors.DefaultSelector()
     for sock in ctx.sockets:
@@ -105,9 +121,9 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
     ctx.channel.ready()
     next_beat = 0.0
     while not (stop["graceful"] or stop["quick"]):
-        if handed_over and budget is not None and not budget.handed_over:
-            hand_over()
-            continue
+        heed()
+        if stop["graceful"]:
+            break
         now = time.monotonic()
         if now >= next_beat:
             if not ctx.channel.heartbeat(served):
@@ -116,10 +132,9 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
             if budget is not None and served < budget.limit:
                 decide(budget.update(served, now))  # the rate, as the real worker measures it
         for key, _ in selector.select(0.05):
-            if handed_over and budget is not None and not budget.handed_over:
-                hand_over()  # before the next accept: the budget is exact
-                if stop["graceful"]:
-                    break
+            heed()
+            if stop["graceful"] or key.fileobj not in selector.get_map():
+                break
             try:
                 conn, _ = key.fileobj.accept()  # type: ignore[union-attr]
             except (BlockingIOError, InterruptedError):
@@ -144,9 +159,6 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
                 if path == b"/paced":
                     time.sleep(0.002)
                 served += 1
-                if budget is not None and served == budget.limit + 1 and not budget.handed_over:
-                    # The replacement is late (a busy machine): capacity first, we serve on.
-                    Path(os.environ["SV_MODE_FILE"]).with_name(f"late-{os.getpid()}").write_text("")
                 body = f"{os.getpid()} {ctx.number} {ctx.generation} {os.getuid()}".encode()
                 conn.sendall(
                     b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: "
@@ -154,8 +166,7 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
                 )
             if budget is not None and served >= budget.check_at:
                 decide(budget.update(served, time.monotonic()))
-                if stop["graceful"]:
-                    break  # not one more accept: the budget is exact
+                break  # a hold or a stop takes effect before the next accept
     ctx.channel.heartbeat(served)
     if stop["graceful"]:
         ctx.channel.retiring()
@@ -606,12 +617,39 @@ def test_max_requests_is_exact_once_the_replacement_is_ready(supervised: Callabl
     wait_for(lambda: sv.log.count("after retiring (") >= 4, timeout=30)
     load.stop()
     assert load.failures == []
-    # One request per connection: a worker handed over before its limit (its replacement was
-    # ready in time) stopped accepting at the limit and served exactly that many. One whose
-    # replacement came late (a busy machine) served on meanwhile (capacity first), and says so.
-    late = {int(path.name.split("-")[1]) for path in sv.tmp.glob("late-*")}
-    finished = {pid: n for pid, n in load.served.items() if not alive(pid) and pid not in late}
-    assert finished and max(finished.values()) <= 300, (finished, late, sv.log)
+    # One request per connection: a worker stops accepting at its limit, its replacement ready
+    # or not, and so serves exactly that many at most.
+    finished = {pid: n for pid, n in load.served.items() if not alive(pid)}
+    assert finished and max(finished.values()) <= 300, (finished, sv.log)
+
+
+def test_a_late_replacement_finds_the_old_worker_holding_at_its_limit(
+    supervised: Callable[..., Supervised],
+) -> None:
+    sv = supervised(workers=1, max_requests=20)
+    first = pid_of(sv.get())
+    sv.mode_file.write_text("slow:1")  # every replacement now takes a second to boot
+    load = Load(sv.port, clients=3)
+    sv.wait_log("before its replacement was ready", timeout=10)
+    wait_for(lambda: len(load.pids - {first}) >= 1, timeout=10)  # then the replacement serves
+    load.stop()
+    assert load.failures == []  # meanwhile the clients waited in the listen backlog
+    assert load.served[first] <= 20 and int(sv.tmp.joinpath(f"held-{first}").read_text()) == 20
+
+
+def test_a_replacement_that_cannot_start_lets_the_holding_worker_serve_on(
+    supervised: Callable[..., Supervised],
+) -> None:
+    sv = supervised(workers=1, max_requests=20)
+    first = pid_of(sv.get())
+    sv.mode_file.write_text("crash")  # a broken deploy on disk: every replacement fails to start
+    load = Load(sv.port, clients=3)
+    sv.wait_log("accepts again, past its budget", timeout=10)
+    wait_for(lambda: load.served[first] > 60, timeout=10)  # the fleet never went to zero
+    load.stop()
+    assert load.failures == [] and load.pids == {first}
+    sv.mode_file.write_text("ok")  # fixed: the next retry replaces it
+    wait_for(lambda: (b := try_get(sv.port)) and pid_of(b) != first, timeout=15)
 
 
 def test_a_worker_that_keeps_no_budget_is_recycled_from_its_heartbeats(
@@ -635,6 +673,17 @@ def test_max_lifetime_recycles(supervised: Callable[..., Supervised]) -> None:
     assert load.failures == []
     assert "its lifetime of 1 s ends in" in sv.log or "its lifetime of 0 s ends in" in sv.log
     sv.wait_log("handing over from worker 1")  # the replacement was ready before the lifetime ended
+
+
+def test_max_lifetime_holds_at_its_end_while_the_replacement_is_late(supervised: Callable[..., Supervised]) -> None:
+    sv = supervised(workers=1, max_lifetime=1.0)
+    first = pid_of(sv.get())
+    sv.mode_file.write_text("slow:1.5")  # the replacement is asked early, but boots for longer
+    load = Load(sv.port, clients=2)
+    sv.wait_log("is at its budget", timeout=10)  # the lifetime is over: it accepts nothing more
+    wait_for(lambda: len(load.pids - {first}) >= 1, timeout=10)
+    load.stop()
+    assert load.failures == [] and sv.tmp.joinpath(f"held-{first}").exists()
 
 
 def test_max_memory_recycles_a_leaking_worker(supervised: Callable[..., Supervised]) -> None:

@@ -262,21 +262,36 @@ def test_max_requests_recycles_two_workers_without_failures(served: Callable[...
     assert "Recycling worker" in server.log
 
 
-def test_max_requests_bound_holds_under_keepalive_load(served: Callable[..., Served]) -> None:
+@pytest.mark.parametrize("limit", [25, 50])
+def test_max_requests_bound_holds_under_keepalive_load(served: Callable[..., Served], limit: int) -> None:
     """A worker serves at most its limit plus one request per client connection (the one in
-    flight, or the next one, answered with Connection: close), and none fails."""
-    # The premise of an exact budget: it lasts longer than a replacement takes to boot (else the
-    # old worker serves on: capacity first). Unpaced, a busy machine broke it (500 requests in
-    # less than a boot), so the clients send at most 100 requests/s each: 500 last about 1.7 s.
-    limit, clients = 500, 6
+    flight, or the next one, answered with Connection: close), and none fails. The budgets
+    last less than a replacement takes to boot (8 unpaced clients): a worker at its limit
+    stops accepting all the same, and its clients' new connections wait for the other worker
+    or the replacement."""
+    clients = 8
     server = served("--workers", "2", "--max-requests", str(limit))
     server.serving_pids(2)
-    load = KeepAliveLoad(server.url, clients=clients, pause=0.01)
-    wait_for(lambda: len(load.finished()) >= 3, timeout=90)
+    load = KeepAliveLoad(server.url, clients=clients)
+    wait_for(lambda: len(load.finished()) >= 6, timeout=60)
     load.stop()
     assert load.failures == []
     gone = load.finished()
-    assert len(gone) >= 3 and max(gone.values()) <= limit + clients, (gone, server.log)
+    assert max(gone.values()) <= limit + clients, (gone, server.log)
+
+
+def test_recycling_with_a_broken_deploy_keeps_the_old_workers_serving(served: Callable[..., Served]) -> None:
+    """Every replacement fails to import: the workers at their budget serve on (never zero)."""
+    server = served("--workers", "2", "--max-requests", "25")
+    old = server.serving_pids(2)
+    server.broken_flag.write_text("")
+    load = KeepAliveLoad(server.url, clients=4)
+    server.wait_log("accepts again, past its budget", timeout=30)
+    answered = load.ok
+    wait_for(lambda: load.ok > answered + 200, timeout=20)
+    load.stop()
+    assert load.failures == [] and load.pids == old
+    assert "deliberately broken deploy" in server.log
 
 
 LEAK_SITE = f"svapp.py:{APP.splitlines().index('        LEAK.append(os.urandom(1 << 20))') + 1}"

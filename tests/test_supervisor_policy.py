@@ -18,9 +18,20 @@ from typing import Any
 
 import pytest
 
-from supervisor.budget import EXHAUSTED, LEAD_FACTOR, LEAD_MARGIN, NEARING, RequestBudget, lead_time
+from supervisor.budget import (
+    EXHAUSTED,
+    HOLD,
+    LEAD_FACTOR,
+    LEAD_MARGIN,
+    MAX_LIFETIME,
+    MAX_REQUESTS,
+    NEARING,
+    RESUME,
+    Budget,
+    lead_time,
+)
 from supervisor.channel import Message
-from supervisor.child import HANDOVER_SIGNAL, REPORT_SIGNAL, RETIRE_SIGNAL
+from supervisor.child import HANDOVER_SIGNAL, REPORT_SIGNAL, RETIRE_SIGNAL, SERVE_ON_SIGNAL
 from supervisor.config import SupervisorConfig
 from supervisor.policy import (
     HANDOVER_GRACE,
@@ -44,6 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TERM, KILL, QUIT, ABRT = signal.SIGTERM, signal.SIGKILL, signal.SIGQUIT, signal.SIGABRT
 RETIRE = RETIRE_SIGNAL  # SIGHUP: retire while the others serve (TERM: the whole server stops)
 REPORT = REPORT_SIGNAL  # SIGUSR2: log where your memory grew
+HANDOVER = HANDOVER_SIGNAL  # your replacement is ready: leave at your limit
+SERVE_ON = SERVE_ON_SIGNAL  # your replacement could not start: serve on
 
 
 def exit_status(code: int = 0, signum: int | None = None) -> int:
@@ -108,12 +121,12 @@ class Fleet:
 
     # -- what the test makes happen ------------------------------------------------------------
     def advance(self, seconds: float, beat: bool = True) -> None:
-        """Let time pass in small steps; serving workers send heartbeats unless ``beat`` is off."""
+        """Let time pass in small steps; ready workers send heartbeats unless ``beat`` is off."""
         end = self.now + seconds
         while self.now < end:
             self.now = min(end, self.now + 0.25)
             if beat:
-                for worker in self.serving():
+                for worker in self.serving() + self.holding():
                     self.say(worker, "heartbeat", worker.requests)
             self.policy.tick(self.now)
             self.apply()
@@ -160,6 +173,9 @@ class Fleet:
 
     def serving(self) -> list[Worker]:
         return [w for w in self.policy.workers if w.state is State.SERVING]
+
+    def holding(self) -> list[Worker]:
+        return [w for w in self.policy.workers if w.state is State.HOLDING]
 
     def current(self, number: int) -> Worker:
         worker = self.policy.slots[number].current
@@ -331,15 +347,69 @@ def test_a_slot_keeps_one_finishing_worker_at_most() -> None:
     assert second.state is State.FINISHING and fleet.current(1) is third
 
 
-def test_a_late_replacement_lets_the_old_worker_serve_past_its_budget() -> None:
+def test_a_late_replacement_finds_the_old_worker_holding_at_its_budget_and_retires_it() -> None:
     fleet = budgeted()
     old = fleet.current(1)
     fleet.say(old, "nearing", 95, eta="0.05")
-    fleet.say(old, "heartbeat", 180)  # past the limit; the replacement is still booting
-    fleet.advance(1.0)
-    assert fleet.signalled(old) == [] and old.state is State.SERVING  # capacity first
+    successor = fleet.policy.slots[1].successor
+    fleet.say(old, "holding", 100, reason="max_requests")  # at its limit; the replacement still boots
+    assert old.state is State.HOLDING and fleet.signalled(old) == []  # it waits: no exit yet
+    assert fleet.policy.status_text().startswith("1 of 2 workers serving") and fleet.policy.ready
+    fleet.advance(1.0)  # a slow boot: it holds on (its heartbeats go on)
+    assert old.state is State.HOLDING and fleet.policy.slots[1].successor is successor
+    assert fleet.starting() == [successor]  # no second replacement
+    fleet.ready(successor)
+    assert fleet.signalled(old) == [RETIRE] and old.state is State.RETIRING  # ready: the old one leaves
+    assert fleet.current(1) is successor
+
+
+def test_a_worker_holding_at_its_budget_serves_on_when_its_replacement_fails() -> None:
+    fleet = budgeted()
+    old = fleet.current(1)
+    fleet.say(old, "nearing", 95, eta="0.05")
+    fleet.say(old, "holding", 100, reason="max_requests")
+    fleet.exit(fleet.starting()[0], code=1)  # a broken deploy: the replacement cannot import
+    assert fleet.signalled(old) == [SERVE_ON] and old.state is State.SERVING  # never to zero
+    retry = fleet.starting()[0]  # retried at once (then with backoff)
+    fleet.say(old, "holding", 100, reason="max_requests")  # sent before SERVE_ON arrived: stale
+    assert old.state is State.SERVING
+    fleet.exit(retry, code=1)
+    assert fleet.signalled(old) == [SERVE_ON]  # told once: it serves on until one is ready
+    fleet.say(old, "heartbeat", 180)
+    fleet.advance(backoff(2) + 0.25)
     fleet.ready(fleet.starting()[0])
-    assert fleet.signalled(old) == [RETIRE]  # past its budget: retired at once
+    assert fleet.signalled(old) == [SERVE_ON, RETIRE]  # past its budget: retired at once
+
+
+def test_a_replacement_failing_before_the_limit_tells_the_old_worker_to_serve_on() -> None:
+    fleet = budgeted()
+    old = fleet.current(1)
+    fleet.say(old, "nearing", 60, eta="0.5")
+    fleet.exit(fleet.starting()[0], code=1)
+    assert fleet.signalled(old) == [SERVE_ON] and old.state is State.SERVING
+    fleet.ready(fleet.starting()[0])  # the retry is ready before the limit: the limit is exact again
+    assert fleet.signalled(old) == [SERVE_ON, HANDOVER] and old.state is State.FINISHING
+
+
+def test_holding_without_nearing_asks_for_the_replacement() -> None:
+    fleet = budgeted()
+    old = fleet.current(1)
+    fleet.say(old, "holding", 100, reason="max_requests")  # its rate was unknown: no "nearing"
+    assert old.reason is Reason.MAX_REQUESTS and old.state is State.HOLDING
+    assert fleet.policy.slots[1].successor is not None
+    fleet.ready(fleet.policy.slots[1].successor)
+    assert fleet.signalled(old) == [RETIRE]
+
+
+def test_a_holding_worker_with_no_replacement_on_the_way_serves_on() -> None:
+    fleet = Fleet(1, max_requests=100, preload=lambda: 0)
+    fleet.template_ready()
+    old = fleet.current(1)
+    fleet.ready(old)
+    fleet.template_exit(fleet.templates[0], signum=KILL)  # restarted with backoff: nothing to fork from
+    fleet.say(old, "holding", 100, reason="max_requests")
+    assert fleet.policy.slots[1].successor is None
+    assert fleet.signalled(old) == [SERVE_ON] and old.state is State.SERVING
 
 
 def test_a_worker_that_keeps_no_budget_is_replaced_from_its_heartbeats() -> None:
@@ -359,13 +429,13 @@ def test_a_replacement_that_fails_keeps_the_old_worker_and_is_retried() -> None:
     fleet.say(old, "nearing", 80, eta="0.2")
     fleet.exit(fleet.starting()[0], code=1)  # a broken deploy: retried at once, then with backoff
     fleet.exit(fleet.starting()[0], code=1)
-    fleet.say(old, "heartbeat", 150)
-    assert fleet.current(1) is old and fleet.signalled(old) == [] and fleet.starting() == []
+    fleet.say(old, "heartbeat", 150)  # told to serve on (once): past its limit meanwhile
+    assert fleet.current(1) is old and fleet.signalled(old) == [SERVE_ON] and fleet.starting() == []
     fleet.advance(backoff(2) + 0.25)
     retry = fleet.policy.slots[1].successor
     assert retry is not None
     fleet.ready(retry)
-    assert fleet.signalled(old) == [RETIRE]
+    assert fleet.signalled(old) == [SERVE_ON, RETIRE]
 
 
 def test_budget_replacements_are_not_held_back_by_rotate_at_once() -> None:
@@ -376,7 +446,7 @@ def test_budget_replacements_are_not_held_back_by_rotate_at_once() -> None:
     assert len(fleet.starting()) == 4
 
 
-def test_lifetime_replacement_starts_ahead_and_the_old_worker_retires_at_its_lifetime() -> None:
+def test_lifetime_replacement_starts_ahead_and_the_old_worker_leaves_at_its_lifetime() -> None:
     fleet = Fleet(1, max_lifetime=10.0)
     fleet.advance(0.5)  # a boot of half a second
     old = fleet.current(1)
@@ -389,20 +459,23 @@ def test_lifetime_replacement_starts_ahead_and_the_old_worker_retires_at_its_lif
     assert successor is not None and old.reason is Reason.MAX_LIFETIME
     fleet.advance(0.25)
     fleet.ready(successor)
-    assert old.state is State.FINISHING and fleet.signalled(old) == []
+    assert old.state is State.FINISHING and fleet.signalled(old) == [HANDOVER]  # it leaves at its end
     assert fleet.now < (old.lifetime_end or 0)
     fleet.advance((old.lifetime_end or 0) - fleet.now - 0.1)
-    assert fleet.signalled(old) == []
+    assert fleet.signalled(old) == [HANDOVER]
     fleet.advance(0.25)
-    assert fleet.signalled(old) == [RETIRE]
+    assert fleet.signalled(old) == [HANDOVER, RETIRE]  # (for a worker that does not keep lifetimes)
 
 
 def test_a_lifetime_that_ends_before_the_replacement_is_ready_waits_for_it() -> None:
     fleet = Fleet(1, max_lifetime=2.0)
     old = fleet.current(1)
     fleet.ready(old)
-    fleet.advance(3.0)  # the replacement takes longer than the lifetime that is left
-    assert fleet.signalled(old) == [] and old.state is State.SERVING
+    fleet.advance(2.0)  # the replacement takes longer than the lifetime that is left
+    assert fleet.signalled(old) == [] and old.state is State.SERVING and old.reason is Reason.MAX_LIFETIME
+    fleet.say(old, "holding", 40, reason="max_lifetime")  # at its end: it stops accepting, and waits
+    assert old.state is State.HOLDING and old.reason is Reason.MAX_LIFETIME
+    fleet.advance(1.0)
     fleet.ready(fleet.starting()[0])
     assert fleet.signalled(old) == [RETIRE]
 
@@ -431,7 +504,7 @@ def test_a_finishing_worker_over_its_memory_limit_is_retired() -> None:
 # -- the worker's side of a budget (supervisor.budget) -------------------------------------------
 
 
-def drive(budget: RequestBudget, rate: float, start: float, until: int) -> list[tuple[int, str]]:
+def drive(budget: Budget, rate: float, start: float, until: int) -> list[tuple[int, str]]:
     """Requests at a steady ``rate`` from ``start``, checked as a request hook would."""
     decisions = []
     for served in range(1, until + 1):
@@ -443,44 +516,73 @@ def drive(budget: RequestBudget, rate: float, start: float, until: int) -> list[
 
 
 def test_budget_asks_ahead_at_twice_the_highest_rate() -> None:
-    budget = RequestBudget(1000, lead=1.0, now=0.0)
+    budget = Budget(1000, lead=1.0, now=0.0)
     decisions = drive(budget, rate=100.0, start=0.0, until=1020)
-    (asked_at, decision), = decisions
+    (asked_at, decision), held = decisions
     assert decision == NEARING
     assert 1000 - 2 * 100 * 1.0 - 30 <= asked_at <= 1000 - 2 * 100 * 1.0  # 200 requests ahead, not later
-    assert budget.check_at == math.inf  # past the limit without a handover: it serves on
-    assert budget.hand_over(1020) == EXHAUSTED
+    assert held == (1000, HOLD) and budget.spent == MAX_REQUESTS  # at the limit, replaced or not
+    assert budget.check_at == math.inf
+    assert budget.hand_over(1000) == EXHAUSTED
 
 
 def test_budget_handed_over_early_stops_exactly_at_the_limit() -> None:
-    budget = RequestBudget(100, lead=0.5, now=0.0)
+    budget = Budget(100, lead=0.5, now=0.0)
     assert drive(budget, rate=100.0, start=0.0, until=80)[0][1] == NEARING
     assert budget.hand_over(80) is None and budget.check_at == 100
     assert budget.update(99, 0.99) is None
     assert budget.update(100, 1.0) == EXHAUSTED
 
 
+def test_budget_holds_at_the_limit_until_handed_over_or_told_to_serve_on() -> None:
+    budget = Budget(100, lead=0.5, now=0.0)
+    assert budget.update(100, 1.0) == HOLD  # its replacement is not ready: stop accepting, stay
+    assert budget.update(101, 1.1) is None and budget.expire() is None  # holding already
+    assert budget.hand_over(101) == EXHAUSTED  # ready: leave
+    assert budget.hand_over(101) is None and budget.serve_on() is None  # (once)
+
+    broken = Budget(100, lead=0.5, now=0.0)
+    assert broken.update(100, 1.0) == HOLD
+    assert broken.serve_on() == RESUME  # the replacement could not start: accept again
+    assert broken.update(150, 1.5) is None and broken.serve_on() is None  # serves on past the limit
+    assert broken.hand_over(150) == EXHAUSTED  # until the next replacement is ready
+
+    early = Budget(100, lead=0.5, now=0.0)
+    assert early.serve_on() is None  # a replacement failed before the limit: no hold at it
+    assert early.update(100, 1.0) is None and early.hand_over(120) == EXHAUSTED
+
+
+def test_budget_lifetime_holds_or_leaves_like_the_request_limit() -> None:
+    alone = Budget(0, lead=0.5, now=0.0)  # --max-lifetime only
+    assert alone.check_at == math.inf and alone.update(10, 1.0) is None
+    assert alone.expire() == HOLD and alone.spent == MAX_LIFETIME
+    assert alone.hand_over(10) == EXHAUSTED
+    handed = Budget(1000, lead=0.5, now=0.0)
+    assert handed.hand_over(10) is None and handed.check_at == 1000
+    assert handed.expire() == EXHAUSTED and handed.spent == MAX_LIFETIME
+
+
 def test_budget_ignores_the_wait_before_the_first_request() -> None:
     # Ready at 0, idle for 30 s (no connections yet), then 100 requests a second.
-    budget = RequestBudget(1000, lead=1.0, now=0.0)
-    (asked_at, _), = drive(budget, rate=100.0, start=30.0, until=1000)
+    budget = Budget(1000, lead=1.0, now=0.0)
+    (asked_at, _), _ = drive(budget, rate=100.0, start=30.0, until=1000)
     assert asked_at >= 1000 - 2 * 100 * 1.0 - 30  # not fooled into a rate of 3 a second
 
 
 def test_budget_with_a_lead_longer_than_its_life_asks_at_once() -> None:
-    budget = RequestBudget(50, lead=5.0, now=0.0)
-    (asked_at, _), = drive(budget, rate=100.0, start=0.0, until=50)
+    budget = Budget(50, lead=5.0, now=0.0)
+    (asked_at, _), _ = drive(budget, rate=100.0, start=0.0, until=50)
     assert asked_at <= 12
     assert lead_time(0.1, 0.3) == pytest.approx(LEAD_FACTOR * 0.3 + LEAD_MARGIN)
 
 
 def test_budget_shorter_than_the_rate_window_asks_at_once_at_the_fleets_rate() -> None:
     # 50 requests at 1,500/s last 33 ms: less than the 50 ms it takes to measure a rate.
-    assert RequestBudget(50, lead=0.25, now=0.0).update(1, 0.0) is None  # no rate: it cannot know
-    budget = RequestBudget(50, lead=0.25, now=0.0, rate=1500.0)
+    assert Budget(50, lead=0.25, now=0.0).update(1, 0.0) is None  # no rate: it cannot know
+    budget = Budget(50, lead=0.25, now=0.0, rate=1500.0)
     assert budget.update(0, 0.0) is None  # idle: a worker that serves nothing asks for nothing
     assert budget.update(1, 0.001) == NEARING and budget.eta == pytest.approx(50 / 3000)
-    assert RequestBudget(100_000, lead=0.25, now=0.0, rate=1500.0).update(1, 0.0) is None  # far off
+    assert Budget(100_000, lead=0.25, now=0.0, rate=1500.0).update(1, 0.0) is None  # far off
 
 
 def test_new_workers_get_the_highest_rate_of_the_workers_that_exited() -> None:

@@ -14,11 +14,14 @@ The supervisor knows nothing of HTTP; this module is the only place the two meet
   served (and ``retiring`` once the server is draining); SIGABRT from the master (no
   heartbeat) logs the requests in flight next to the stacks (``uvworker.inflight``).
 
-Recycling by --max-requests is kept exactly (``supervisor.budget``): a request hook counts the
-requests done, asks the master for a replacement (``nearing``) ahead of time, and once the
-master hands over (its replacement is ready) calls ``Server.retire()`` the moment the budget
-is spent: the listeners close and every connection answers its current or next request with
-``Connection: close``. Any other retirement comes from the master as SIGHUP (the others go on
+Recycling by --max-requests and --max-lifetime is kept exactly (``supervisor.budget``): a
+request hook counts the requests done and asks the master for a replacement (``nearing``)
+ahead of time; at the limit (or the lifetime's end) the worker stops accepting, and every
+connection answers its current or next request with ``Connection: close``. Handed over (the
+replacement is ready) it retires (``Server.retire()``); not yet, it holds (``Server.hold()``,
+``holding`` to the master) until the master retires it, or tells it to serve on
+(``SERVE_ON_SIGNAL``: the replacement could not start) and it accepts again
+(``Server.resume()``). Any other retirement comes from the master as SIGHUP (the others go on
 serving: idle keep-alive connections stay open until their next request); SIGTERM means the
 whole server stops, so idle connections are closed at once. Both are graceful (a second TERM
 does not force a quick stop: the master has its own deadline).
@@ -169,8 +172,8 @@ def supervise(config: Config) -> int:
 
 def serve_worker(config: Config, context: WorkerContext) -> int:
     """The worker target: serve until the master retires or stops us; the exit code."""
-    from supervisor.budget import EXHAUSTED, NEARING, RequestBudget, lead_time
-    from supervisor.child import HANDOVER_SIGNAL
+    from supervisor.budget import EXHAUSTED, HOLD, NEARING, RESUME, Budget, lead_time
+    from supervisor.child import HANDOVER_SIGNAL, SERVE_ON_SIGNAL
     from uvworker.inflight import Watchdog, hung_report, on_abort, watchdog_delay
     from uvworker.logging import reopen_on_sigusr1
     from uvworker.server import Server
@@ -181,7 +184,7 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     except ConfigError as err:
         return report(err, config.log_level == "debug")
     channel = context.channel
-    budget: RequestBudget | None = None
+    budget: Budget | None = None
     state: ServerState | None = None
     said_retiring = False
 
@@ -194,10 +197,17 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
         server.retire(close_idle)
 
     def decide(decision: str | None, served: int) -> None:
-        if decision == NEARING and budget is not None:
+        if decision is None or budget is None:
+            return
+        if decision == NEARING:
             channel.nearing(served, budget.eta)
+        elif decision == HOLD:
+            server.hold()
+            channel.holding(served, budget.spent or "")
+        elif decision == RESUME:
+            server.resume()
         elif decision == EXHAUSTED:
-            leave("max_requests")
+            leave(budget.spent)
 
     def on_request(cycle: RequestCycle) -> None:
         served = state.requests_served  # type: ignore[union-attr]  # hooks run once ready
@@ -208,6 +218,14 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
         if budget is not None:
             decide(budget.hand_over(server.requests_served), server.requests_served)
 
+    def on_serve_on() -> None:
+        if budget is not None:
+            decide(budget.serve_on(), server.requests_served)
+
+    def on_lifetime() -> None:
+        if budget is not None:
+            decide(budget.expire(), server.requests_served)
+
     def on_ready() -> None:
         nonlocal budget, state
         assert server.state is not None
@@ -215,13 +233,17 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, leave)  # retire: the others go on serving
         loop.add_signal_handler(signal.SIGTERM, leave, None, True)  # the whole server stops
-        if context.requests_limit:
+        if context.requests_limit or context.lifetime_limit:
             now = time.monotonic()
             own_boot = now - context.spawned_at if context.spawned_at else 0.0
             lead = lead_time(own_boot, context.boot_estimate)
-            budget = RequestBudget(context.requests_limit, lead, now, context.rate_estimate)
-            state.request_hooks.append(on_request)
+            budget = Budget(context.requests_limit, lead, now, context.rate_estimate)
+            if context.requests_limit:
+                state.request_hooks.append(on_request)
+            if context.lifetime_limit:
+                loop.call_later(context.lifetime_limit, on_lifetime)
             loop.add_signal_handler(HANDOVER_SIGNAL, on_handover)
+            loop.add_signal_handler(SERVE_ON_SIGNAL, on_serve_on)
         channel.ready()
 
     def on_tick(srv: Server) -> None:

@@ -20,6 +20,11 @@ connection depends on whether anyone else will serve its next request:
 
 Quick (SIGQUIT, a second SIGINT, force_exit): close every connection and cancel the apps at
 once, then still run lifespan shutdown.
+
+``hold()`` is the first half of a retirement without the exit: a worker at its budget whose
+replacement is not ready yet (``supervisor.budget``) stops accepting and answers what its
+connections send last, then waits for ``retire()`` or, if the replacement could not start,
+``resume()``, which listens again on the same sockets.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ class Server:
         self.startup_failed = False
         self.state: ServerState | None = None
         self._servers: list[asyncio.base_events.Server] = []
+        self._sockets: list[socket.socket] = []  # what the listeners listen on
+        self._held: list[socket.socket] | None = None  # hold(): copies to listen on again
         self._interrupts = 0
         self._close_idle = False
         self._stuck = False
@@ -159,6 +166,8 @@ class Server:
         finally:
             state.swept_at = 0.0  # no more sweeps: the watchdog (uvworker.inflight) stands down
             self._close_listeners()
+            for sock in self._held or ():
+                sock.close()
             await lifespan.shutdown()
 
     async def _listen(self, sockets: list[socket.socket] | None) -> None:
@@ -167,6 +176,7 @@ class Server:
         assert state is not None
         if sockets is None:
             sockets = listen(config)
+        self._sockets = sockets
         loop = state.loop
 
         def factory() -> HTTPConnection:
@@ -256,26 +266,47 @@ class Server:
         if tasks:  # let cancelled apps run their cleanup before lifespan shutdown
             await asyncio.wait(tasks, timeout=5)
 
+    def hold(self) -> None:
+        """Stop accepting as a retirement does (every connection answers its current or next
+        request with Connection: close), but keep serving until ``retire()`` or ``resume()``.
+        On the event loop, once started."""
+        if self.should_exit or self._held is not None or not self.started:
+            return
+        self._held = [sock.dup() for sock in self._sockets]  # the listeners close theirs
+        self._stop_accepting()
+
+    def resume(self) -> None:
+        """Accept again after ``hold()``. On the event loop."""
+        held, self._held = self._held, None
+        if held is None or self.should_exit or self.state is None:
+            for sock in held or ():
+                sock.close()
+            return
+        self.state.accepting_requests = True
+        self.state.loop.create_task(self._listen(held))
+
     def _stop_accepting(self) -> None:
         state = self.state
         assert state is not None
         state.accepting_requests = False
         state.closing_idle = close_idle = self._close_idle
         loop = state.loop
+        servers, self._servers = self._servers, []
         if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
             # asyncio accepts in one loop turn and builds the connection's transport in a task
             # the next; a server closed in between drops that socket, and the client, which has
             # sent its request, gets a reset. Stop accepting now, close after those tasks ran.
-            for server in self._servers:
+            for server in servers:
                 for sock in server.sockets:
                     loop.remove_reader(sock.fileno())
-        loop.call_soon(self._close_listeners)
+            loop.call_soon(_close_all, servers)
+        else:  # uvloop builds the transport as it accepts: close now, or it may accept more first
+            _close_all(servers)
         for conn in list(state.connections):
             conn.shutdown(close_idle)
 
     def _close_listeners(self) -> None:
-        for server in self._servers:
-            server.close()
+        _close_all(self._servers)
 
     # -- signals ----------------------------------------------------------------------------
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -362,6 +393,11 @@ def listen(config: Config) -> list[socket.socket]:
         return [open_listener(config.host, config.port, config.uds, config.fd, config.backlog)]
     except ListenError as err:
         raise ConfigError(str(err)) from err
+
+
+def _close_all(servers: list[asyncio.base_events.Server]) -> None:
+    for server in servers:
+        server.close()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -1,8 +1,8 @@
 """Recycling benchmarks (issue 14): what --trace-memory costs, how fast a recycled worker forked
 from the --preload template is ready, and how much memory the template's workers share.
 
-    python tests/benchmarks/recycling.py             # all three
-    python tests/benchmarks/recycling.py trace       # or: ready, memory
+    python tests/benchmarks/recycling.py             # all four
+    python tests/benchmarks/recycling.py trace       # or: ready, memory, bound
 
 * ``trace``: hello world (the suite's app, httptools, uvloop, one process pinned to CPU 0, wrk
   with 64 keep-alive connections on CPU 1) with --trace-memory 0, 1 and 10, interleaved over
@@ -13,6 +13,12 @@ from the --preload template is ready, and how much memory the template's workers
   the old worker stops accepting only once it is ready) to its replacement's "ready", from the
   master's log; and for a SIGKILLed worker, the time from its reaping to its replacement's
   "ready".
+* ``bound``: the --max-requests bound under load: 2 workers, 8 keep-alive clients (httpx, back
+  to back), N = 50 and 500, without --preload (an app that imports at once) and with it (an
+  app whose import takes 2 s), with and without a CPU hog beside (``--hog``: a ``nice -n 10``
+  busy loop on each CPU); for each, the most requests one worker served against the bound
+  N + 8, how many workers held at their budget (their replacement was late) and the failed
+  requests.
 * ``memory``: an app that holds 200 MiB of Python objects after import, 4 workers, with and
   without --preload; the workers' summed USS (/proc/PID/smaps_rollup) once all serve and each
   has answered requests.
@@ -99,7 +105,8 @@ def supervised(*args: str, **env: str) -> Iterator[tuple[subprocess.Popen[bytes]
             proc = subprocess.Popen(
                 [sys.executable, "-m", "uvworker", "recycling_app:app", "--app-dir", tmp, "--port", str(port),
                  "--no-access-log", "--lifespan", "off", *args],
-                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=out, stderr=subprocess.STDOUT)
+                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=every_cpu)
             try:
                 yield proc, f"http://127.0.0.1:{port}/", log
             finally:
@@ -109,6 +116,11 @@ def supervised(*args: str, **env: str) -> Iterator[tuple[subprocess.Popen[bytes]
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def every_cpu() -> None:
+    """The server (and a hog) may run on any CPU; this process, a load generator, stays on CPU 1."""
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
 
 
 def wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
@@ -193,7 +205,7 @@ def ready(clients: int, recycles: int = 12) -> str:
     for at, text in lines:
         if m := re.match(r"Recycling worker (\d) \(pid (\d+)\)", text):
             decided[m[2]] = at
-        elif m := re.match(r"Worker \d \(pid \d+\) is ready in (\d+) ms; handing over from worker \d \(pid (\d+)\)", text):
+        elif m := re.match(r"Worker \d \(pid \d+\) is ready in (\d+) ms; (?:handing over from|retiring) worker \d \(pid (\d+)\)", text):
             if m[2] in decided:
                 after_decision.append((at - decided[m[2]]) * 1000)
         elif re.match(r"Worker \d \(pid \d+\) was killed by SIGKILL", text):
@@ -216,6 +228,45 @@ def ready(clients: int, recycles: int = 12) -> str:
         f"- SIGKILLed worker, reaped to the replacement ready: {spread(crashes)}",
         f"- failed requests: {len(failures)}",
     ])
+
+
+def bound(limit: int, preload: bool, seconds: float, hog: bool) -> str:
+    """2 workers, 8 keep-alive clients: the most one worker served against ``limit`` + 8."""
+    from tests.test_supervisor_cli import KeepAliveLoad
+
+    clients = 8
+    args = ["--workers", "2", "--max-requests", str(limit)] + (["--preload"] if preload else [])
+    hogs = [subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", "while 1: pass"], preexec_fn=every_cpu)
+            for _ in range(os.cpu_count() or 1 if hog else 0)]
+    try:
+        with supervised(*args, APP_IMPORT_SECONDS="2" if preload else "0") as (proc, url, log):
+            wait(lambda: get(url), 60, "the first answer")
+            load = KeepAliveLoad(url, clients=clients)
+            time.sleep(seconds)
+            load.stop()
+            held = log.read_text().count("before its replacement was ready")
+            gone = load.finished()
+    finally:
+        for hog_proc in hogs:
+            hog_proc.kill()
+            hog_proc.wait()
+    served = sorted(gone.values())
+    most = max(served, default=0)
+    return (f"| {limit} | {'2 s import, --preload' if preload else 'no --preload'} | {'yes' if hog else 'no'} | "
+            f"{len(served)} | {statistics.median(served) if served else 0:.0f} | {most} | {limit + clients} | "
+            f"{'ok' if most <= limit + clients else 'BROKEN'} | {held} | {len(load.failures)} | "
+            f"{load.ok / seconds:,.0f} |")
+
+
+def bounds(seconds: float, hog: bool) -> str:
+    lines = ["| N | app | CPU hog | workers done | median served | most served | bound N+8 | | held | failed "
+             "| req/s |", "|--:|---|---|--:|--:|--:|--:|---|--:|--:|--:|"]
+    for limit in (50, 500):
+        for preload in (False, True):
+            for busy in ((False, True) if hog else (False,)):
+                lines.append(bound(limit, preload, seconds, busy))
+                print(lines[-1], flush=True)
+    return "2 workers, 8 keep-alive clients (httpx), --max-requests N:\n" + "\n".join(lines)
 
 
 def memory() -> str:
@@ -249,11 +300,12 @@ def memory() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="*", choices=["trace", "ready", "memory"], default=[])
+    parser.add_argument("parts", nargs="*", choices=["trace", "ready", "memory", "bound"], default=[])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run, per bound row x 2")
+    parser.add_argument("--hog", action="store_true", help="bound: also with a CPU hog on each CPU")
     args = parser.parse_args(argv)
-    parts = args.parts or ["trace", "ready", "memory"]
+    parts = args.parts or ["trace", "ready", "memory", "bound"]
     os.sched_setaffinity(0, {1})  # this process is a load generator too
     results = []
     if "trace" in parts:
@@ -262,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         results += [ready(1), ready(4)]
     if "memory" in parts:
         results.append(memory())
+    if "bound" in parts:
+        results.append(bounds(2 * args.duration, args.hog))
     print("\n\n".join(results))
     return 0
 
