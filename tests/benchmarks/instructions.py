@@ -1,12 +1,20 @@
 """Machine instructions per hello-world request, without sockets, under callgrind.
 
     python -m tests.benchmarks.instructions [--http h11] [--requests 10000] [--metrics]
+    python -m tests.benchmarks.instructions --connections 1024 [--cache]
 
-Drives one keep-alive HTTPConnection over a fake transport on a plain asyncio loop, so the
-count is the Python side of uvworker (parser, cycle, framing, books) and nothing the kernel
-does. It runs the drive twice under ``valgrind --tool=callgrind`` (a few requests, then that
-many more) and prints the difference divided by the extra requests: start-up cancels out.
+Drives keep-alive HTTPConnections over fake transports on a plain asyncio loop, so the count
+is the Python side of uvworker (parser, cycle, framing, books) and nothing the kernel does.
+It runs the drive twice under ``valgrind --tool=callgrind`` (a few requests, then that many
+more) and prints the difference divided by the extra requests: start-up cancels out.
 Deterministic to a few instructions, unlike wall-clock time on a shared machine.
+
+``--connections N`` drives N connections the way one epoll wake-up with N readable sockets
+does: every connection reads its request, then the loop runs every app, then the next round.
+The requests of a round are all alive at once, so what a request costs more at 1024
+connections than at 1 is per-connection work (instructions) or footprint (``--cache``:
+cachegrind's simulated L1 data and last-level misses per request, the last level modelled
+as a 2 MiB private L2 like the suite's machines').
 """
 
 from __future__ import annotations
@@ -51,8 +59,9 @@ class Transport(asyncio.Transport):
         pass
 
 
-async def drive(http: str, requests: int, metrics: bool) -> None:
+async def drive(http: str, requests: int, metrics: bool, connections: int = 1) -> None:
     from tests.benchmarks.suite.apps import app
+    from uvworker.collector import tune_collector
     from uvworker.config import Config
     from uvworker.protocols.http import HTTPConnection
     from uvworker.server import make_state
@@ -63,28 +72,37 @@ async def drive(http: str, requests: int, metrics: bool) -> None:
     config = Config(app, **settings)
     config.load()
     state = make_state(config, asyncio.get_running_loop(), {})
-    conn = HTTPConnection(state)
-    transport = Transport()
-    conn.connection_made(transport)
-    for n in range(1, requests + 1):
-        conn.data_received(REQUEST)
-        while transport.responses < n:
+    transports = [Transport() for _ in range(connections)]
+    conns = [HTTPConnection(state) for _ in transports]
+    for conn, transport in zip(conns, transports):
+        conn.connection_made(transport)
+    tune_collector()  # as the server does once the app is loaded
+    last = transports[-1]
+    for n in range(1, requests // connections + 1):
+        for conn in conns:  # one wake-up: every connection's read, before any app runs
+            conn.data_received(REQUEST)
+        while last.responses < n:
             await asyncio.sleep(0)
-    assert state.requests_served == requests
+    assert state.requests_served == requests // connections * connections
 
 
-def measure(args: argparse.Namespace, requests: int) -> int:
+def measure(args: argparse.Namespace, requests: int) -> dict[str, int]:
+    """valgrind's event totals for one drive of ``requests`` requests."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "callgrind.out")
+        out = os.path.join(tmp, "valgrind.out")
+        tool = ["--tool=cachegrind", "--cache-sim=yes", "--D1=49152,12,64", "--LL=2097152,16,64",
+                f"--cachegrind-out-file={out}"] if args.cache else ["--tool=callgrind", f"--callgrind-out-file={out}"]
         command = [
-            "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m",
-            "tests.benchmarks.instructions", "--drive", "--http", args.http, "--requests", str(requests),
+            "valgrind", *tool, sys.executable, "-m", "tests.benchmarks.instructions", "--drive",
+            "--http", args.http, "--requests", str(requests), "--connections", str(args.connections),
         ] + (["--metrics"] if args.metrics else [])
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         with open(out) as handle:
-            totals = re.search(r"^(?:summary|totals): (\d+)", handle.read(), re.M)
-    assert totals is not None
-    return int(totals.group(1))
+            text = handle.read()
+    events = re.search(r"^events: (.+)$", text, re.M)
+    totals = re.search(r"^(?:summary|totals): (.+)$", text, re.M)
+    assert events is not None and totals is not None
+    return dict(zip(events.group(1).split(), map(int, totals.group(1).split())))
 
 
 def main() -> None:
@@ -92,17 +110,29 @@ def main() -> None:
     parser.add_argument("--http", default="httptools", choices=("httptools", "h11"))
     parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--metrics", action="store_true", help="with --metrics-bind set")
+    parser.add_argument("--connections", type=int, default=1, help="connections driven, one read each per round")
+    parser.add_argument("--cache", action="store_true", help="cachegrind: simulated cache misses per request too")
     parser.add_argument("--drive", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
-        asyncio.run(drive(args.http, args.requests, args.metrics))
+        asyncio.run(drive(args.http, args.requests, args.metrics, args.connections))
         return
     if not shutil.which("valgrind"):
         raise SystemExit("Needs valgrind (apt-get install -y valgrind).")
-    base = measure(args, 1000)
-    more = measure(args, 1000 + args.requests)
-    print(f"{args.http}{' with metrics' if args.metrics else ''}: "
-          f"{(more - base) / args.requests:,.0f} instructions per request")
+    n = args.connections
+    warm = -(-1000 // n) * n if n < 500 else 2 * n  # whole rounds
+    served = max(1, args.requests // n) * n
+    base = measure(args, warm)
+    more = measure(args, warm + served)
+    per = {name: (more[name] - base[name]) / served for name in base}
+    label = f"{args.http}{' with metrics' if args.metrics else ''}"
+    if args.connections > 1:
+        label += f", {args.connections} connections"
+    if args.cache:  # Ir: instructions; D1mr/D1mw, DLmr/DLmw: L1 data and last-level misses
+        print(f"{label}: {per['Ir']:,.0f} instructions, {per['D1mr'] + per['D1mw']:,.0f} L1d misses, "
+              f"{per['DLmr'] + per['DLmw']:,.0f} L2 misses per request")
+    else:
+        print(f"{label}: {per['Ir']:,.0f} instructions per request")
 
 
 if __name__ == "__main__":
