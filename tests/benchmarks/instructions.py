@@ -1,7 +1,7 @@
 """Machine instructions per hello-world request, without sockets, under callgrind.
 
     python -m tests.benchmarks.instructions [--http h11] [--requests 10000] [--metrics]
-    python -m tests.benchmarks.instructions --connections 1024 [--cache]
+    python -m tests.benchmarks.instructions --connections 1024 [--cache] [--uvloop]
 
 Drives keep-alive HTTPConnections over fake transports on a plain asyncio loop, so the count
 is the Python side of uvworker (parser, cycle, framing, books) and nothing the kernel does.
@@ -71,7 +71,8 @@ async def drive(http: str, requests: int, metrics: bool, connections: int = 1) -
         settings["metrics_bind"] = "127.0.0.1:0"
     config = Config(app, **settings)
     config.load()
-    state = make_state(config, asyncio.get_running_loop(), {})
+    loop = asyncio.get_running_loop()
+    state = make_state(config, loop, {})
     transports = [Transport() for _ in range(connections)]
     conns = [HTTPConnection(state) for _ in transports]
     for conn, transport in zip(conns, transports):
@@ -79,8 +80,8 @@ async def drive(http: str, requests: int, metrics: bool, connections: int = 1) -
     tune_collector()  # as the server does once the app is loaded
     last = transports[-1]
     for n in range(1, requests // connections + 1):
-        for conn in conns:  # one wake-up: every connection's read, before any app runs
-            conn.data_received(REQUEST)
+        for conn in conns:  # one wake-up: every connection's read, as loop callbacks (not in a task)
+            loop.call_soon(conn.data_received, REQUEST)
         while last.responses < n:
             await asyncio.sleep(0)
     assert state.requests_served == requests // connections * connections
@@ -95,7 +96,7 @@ def measure(args: argparse.Namespace, requests: int) -> dict[str, int]:
         command = [
             "valgrind", *tool, sys.executable, "-m", "tests.benchmarks.instructions", "--drive",
             "--http", args.http, "--requests", str(requests), "--connections", str(args.connections),
-        ] + (["--metrics"] if args.metrics else [])
+        ] + (["--metrics"] if args.metrics else []) + (["--uvloop"] if args.uvloop else [])
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         with open(out) as handle:
             text = handle.read()
@@ -112,9 +113,14 @@ def main() -> None:
     parser.add_argument("--metrics", action="store_true", help="with --metrics-bind set")
     parser.add_argument("--connections", type=int, default=1, help="connections driven, one read each per round")
     parser.add_argument("--cache", action="store_true", help="cachegrind: simulated cache misses per request too")
+    parser.add_argument("--uvloop", action="store_true", help="on uvloop, as the server runs (default: asyncio's loop)")
     parser.add_argument("--drive", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
+        if args.uvloop:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         asyncio.run(drive(args.http, args.requests, args.metrics, args.connections))
         return
     if not shutil.which("valgrind"):
