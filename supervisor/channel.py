@@ -28,6 +28,7 @@ later heartbeat says the same thing again).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 READY = "ready"
@@ -38,6 +39,7 @@ HOLDING = "holding"
 KINDS = (READY, HEARTBEAT, RETIRING, NEARING, HOLDING)
 COUNTED = (HEARTBEAT, NEARING, HOLDING)  # kinds whose second word is a count
 MAX_LINE = 4000  # below PIPE_BUF (4096): one write, never interleaved with another
+ADOPTION_TIMEOUT = 2.0  # seconds a worker forked by a template waits to become the master's child
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,16 @@ def decode(buffer: bytes) -> tuple[list[Message], bytes]:
 
 
 class Channel:
-    """The worker's end. Every method returns False once the master is gone."""
+    """The worker's end. Every method returns False once the master is gone.
 
-    def __init__(self, fd: int, master_pid: int) -> None:
+    ``adopted`` False: the worker was forked by a process that is exiting so that the master,
+    a child subreaper, becomes its parent (``supervisor.forkserver``); the first message waits
+    for that (at most ADOPTION_TIMEOUT), since the parent is how a worker knows its master."""
+
+    def __init__(self, fd: int, master_pid: int, adopted: bool = True) -> None:
         self.fd = fd
         self.master_pid = master_pid
+        self.adopted = adopted
         os.set_blocking(fd, False)
 
     def ready(self) -> bool:
@@ -126,6 +133,11 @@ class Channel:
     def _send(self, data: bytes) -> bool:
         if self.fd < 0:
             return False
+        if not self.adopted:
+            self.adopted = True
+            deadline = time.monotonic() + ADOPTION_TIMEOUT
+            while not self.master_alive() and time.monotonic() < deadline:
+                time.sleep(0.0005)
         try:
             os.write(self.fd, data)
         except BlockingIOError:

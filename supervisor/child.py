@@ -88,10 +88,12 @@ class WorkerSpec:
     rate_estimate: float = 0.0
     lifetime_limit: float = 0.0
 
-    def context(self, sockets: list[socket.socket], channel_fd: int, master_pid: int) -> WorkerContext:
+    def context(self, sockets: list[socket.socket], channel_fd: int, master_pid: int,
+                adopted: bool = True) -> WorkerContext:
+        """``adopted``: the master is already our parent (else: soon, ``Channel``)."""
         return WorkerContext(
             number=self.number, generation=self.generation, sockets=sockets,
-            channel=Channel(channel_fd, master_pid), master_pid=master_pid,
+            channel=Channel(channel_fd, master_pid, adopted), master_pid=master_pid,
             requests_limit=self.requests_limit, spawned_at=self.spawned_at, boot_estimate=self.boot_estimate,
             rate_estimate=self.rate_estimate, lifetime_limit=self.lifetime_limit,
         )

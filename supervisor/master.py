@@ -417,7 +417,8 @@ class Master:
                 child.reset_process([ours.fileno(), *self._inherited_fds()], self.config.reopen_logs)
                 set_title(template_title(self.config.proc_name, template.generation, self.config.label))
                 privileges.drop(self._identity)  # the app is imported as the workers' user
-                return forkserver.Template(theirs, self.target, self.sockets, self.config, self.pid, self.log).run()
+                return forkserver.Template(theirs, self.target, self.sockets, self.config, self.pid, self.log,
+                                           template.generation).run()
 
             child.run_child(main)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

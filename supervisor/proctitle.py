@@ -14,13 +14,21 @@ def set_title(title: str) -> None:
 
 
 def master_title(proc_name: str, label: str) -> str:
-    return f"{proc_name}: master [{label}]" if label else f"{proc_name}: master"
+    return _titled(proc_name, "master", label)
 
 
 def worker_title(proc_name: str, number: int, label: str) -> str:
-    return f"{proc_name}: worker {number} [{label}]" if label else f"{proc_name}: worker {number}"
+    return _titled(proc_name, f"worker {number}", label)
 
 
 def template_title(proc_name: str, generation: int, label: str) -> str:
-    role = f"template {generation}"
+    return _titled(proc_name, f"template {generation}", label)
+
+
+def spare_title(proc_name: str, generation: int, label: str) -> str:
+    """A worker forked ahead by template ``generation``, waiting to be asked for."""
+    return _titled(proc_name, f"spare {generation}", label)
+
+
+def _titled(proc_name: str, role: str, label: str) -> str:
     return f"{proc_name}: {role} [{label}]" if label else f"{proc_name}: {role}"

@@ -20,7 +20,7 @@ import httpx
 
 from supervisor.memory import resident_memory, unique_memory
 from tests.conftest import wait_for
-from tests.test_supervisor import Load, Supervised, alive, pid_of, supervised  # noqa: F401 (fixture)
+from tests.test_supervisor import Load, Supervised, alive, pid_of, supervised, try_get  # noqa: F401 (fixture)
 from tests.test_supervisor_cli import KeepAliveLoad, Served, served  # noqa: F401 (fixture)
 
 MiB = 1024 * 1024
@@ -64,6 +64,30 @@ def test_every_worker_is_forked_from_one_template_and_is_the_masters_child(
     assert not alive(template)
 
 
+def spares(sv: Supervised, generation: int) -> set[int]:
+    """The master's children titled as template ``generation``'s spare (a worker forked ahead)."""
+    return {pid for pid in sv.worker_pids() if f"spare {generation} [" in title_of(pid)}
+
+
+def title_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_spare_forked_ahead_becomes_the_next_worker(supervised: Callable[..., Supervised]) -> None:
+    sv = supervised(workers=1, preload=True)
+    (worker,) = sv.pids(1)
+    (spare,) = wait_for(lambda: spares(sv, 1))  # asleep, and the master's child already
+    assert sv.worker_pids() == {worker, spare, *sv.preloads()}
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: (body := try_get(sv.port)) and pid_of(body) == spare)  # it took the worker's place
+    assert "worker 1 [" in title_of(spare)
+    (new,) = wait_for(lambda: spares(sv, 1))  # and the template forked the next one
+    assert new != spare and parent_of(new) == sv.proc.pid
+
+
 def test_hup_loads_the_new_code_in_a_new_template_then_rolls_the_workers(
     supervised: Callable[..., Supervised],
 ) -> None:
@@ -82,6 +106,7 @@ def test_hup_loads_the_new_code_in_a_new_template_then_rolls_the_workers(
     new = sv.pids(2)
     assert new.isdisjoint(old) and all(parent_of(pid) == sv.proc.pid for pid in new)
     assert generation_of(sv.get()) == 2 and alive(second)
+    wait_for(lambda: not spares(sv, 1) and len(spares(sv, 2)) == 1)  # a spare leaves with its template
 
 
 def test_a_broken_deploy_keeps_the_old_template_forking(supervised: Callable[..., Supervised]) -> None:

@@ -245,6 +245,7 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
             loop.add_signal_handler(HANDOVER_SIGNAL, on_handover)
             loop.add_signal_handler(SERVE_ON_SIGNAL, on_serve_on)
         channel.ready()
+        watchdog.start()  # after "ready": a thread's start waits for it to run, on a busy CPU too
 
     def on_tick(srv: Server) -> None:
         nonlocal said_retiring
@@ -274,7 +275,6 @@ def serve_worker(config: Config, context: WorkerContext) -> int:
     on_abort(report_hung)
     # Half the heartbeat timeout: the report comes before the master's SIGABRT and SIGKILL.
     watchdog = Watchdog(lambda: server.state, watchdog_delay(config.timeout_worker), logger.critical)
-    watchdog.start()
     server.run(sockets=context.sockets)
     watchdog.stop()
     reopen_on_sigusr1()  # the loop's handler is gone; the final heartbeat and exit remain

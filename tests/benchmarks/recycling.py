@@ -161,7 +161,18 @@ def events(log: Path) -> list[tuple[float, str]]:
     return found
 
 
-def ready(clients: int, recycles: int = 12) -> str:
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of every CPU, from /proc/stat."""
+    fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return (after[0] - before[0]) / max(1, after[1] - before[1])
+
+
+def ready(clients: int, recycles: int = 20) -> str:
     """2 s import, --preload, 2 workers, --max-requests under ``clients`` back-to-back clients
     (4 saturate both CPUs); then SIGKILLs."""
     import threading
@@ -184,7 +195,9 @@ def ready(clients: int, recycles: int = 12) -> str:
         threads = [threading.Thread(target=client) for _ in range(clients)]
         for thread in threads:
             thread.start()
+        before = cpu_times()
         wait(lambda: log.read_text().count("after retiring") >= recycles, 300, f"{recycles} recycles")
+        busy = busy_share(before, cpu_times())
         stop.set()
         for thread in threads:
             thread.join()
@@ -216,8 +229,10 @@ def ready(clients: int, recycles: int = 12) -> str:
     template = next((text for _, text in lines if "loaded the application in" in text), "")
 
     def spread(values: list[float]) -> str:
-        return (f"median {statistics.median(values):.0f} ms, max {max(values):.0f} ms (n={len(values)})"
-                if values else "none")
+        if not values:
+            return "none"
+        p90 = sorted(values)[round(0.9 * (len(values) - 1))]
+        return f"median {statistics.median(values):.0f} ms, p90 {p90:.0f} ms, max {max(values):.0f} ms (n={len(values)})"
 
     return "\n".join([
         f"App with a 2 s import, --preload, 2 workers, --max-requests 3000, {clients} client(s) "
@@ -226,6 +241,7 @@ def ready(clients: int, recycles: int = 12) -> str:
         f"- recycled worker, from the master's decision to recycle it to its replacement ready: "
         f"{spread(after_decision)}",
         f"- SIGKILLed worker, reaped to the replacement ready: {spread(crashes)}",
+        f"- both CPUs busy {busy:.0%} of the time while recycling (every process on the machine)",
         f"- failed requests: {len(failures)}",
     ])
 
@@ -275,7 +291,7 @@ def memory() -> str:
     for preload in (False, True):
         args = ["--workers", "4"] + (["--preload"] if preload else [])
         with supervised(*args, APP_OBJECTS=str(OBJECTS_200_MIB)) as (proc, url, log):
-            expected = 5 if preload else 4
+            expected = 6 if preload else 4  # with --preload: and the template, and its spare
             wait(lambda: len(children(proc.pid)) == expected and log.read_text().count("is ready in") >= 4,
                  120, "4 workers")
             seen: set[int] = set()
@@ -289,7 +305,7 @@ def memory() -> str:
             rss = sum(resident_memory(pid) or 0 for pid in workers)
             extra = ""
             if templates:
-                extra = f", template USS {sum(unique_memory(p) or 0 for p in templates) / MiB:.0f} MiB"
+                extra = f", template and spare USS {sum(unique_memory(p) or 0 for p in templates) / MiB:.0f} MiB"
             sums[preload] = uss
             print(f"--preload {'on ' if preload else 'off'}: {len(workers)} workers answered, summed USS "
                   f"{uss / MiB:.0f} MiB, summed RSS {rss / MiB:.0f} MiB{extra}", flush=True)
