@@ -24,3 +24,23 @@ def test_expect_continue_with_the_body_already_sent_keeps_the_connection(serve: 
         assert not response.has_token("connection", "close")
         conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert conn.read_response().status == 200
+
+
+async def host_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    hosts = b",".join(value for name, value in scope["headers"] if name == b"host")
+    await respond(send, body=hosts + b" " + scope["raw_path"])
+
+
+def test_absolute_form_target_names_the_host_whatever_host_says(serve: Any) -> None:
+    """RFC 9112 §3.2.2: an origin server ignores Host for an absolute-form target and uses the
+    target's authority: the app sees that authority as its one Host (also when the request had
+    none, as HTTP/1.0 may), and the origin-form path. uvicorn and Gunicorn serve these too."""
+    with serve(host_app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for request, seen in [
+            (b"GET http://other.example:8080/a?b HTTP/1.1\r\nHost: example.com\r\n\r\n", b"other.example:8080 /a"),
+            (b"GET http://example.com/b HTTP/1.1\r\nHost: example.com\r\n\r\n", b"example.com /b"),
+            (b"GET http://other.example HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", b"other.example /"),
+        ]:
+            conn.send(request)
+            response = conn.read_response()
+            assert (response.status, response.body) == (200, seen)

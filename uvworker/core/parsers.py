@@ -43,7 +43,8 @@ same way. Each class of input has one decision, enforced for both parsers:
                                                                              RFC 9110 §4.2.4
     ``#fragment`` in the target                     dropped: never in path
                                                     or query_string          RFC 9110 §7.1
-    absolute-form authority other than Host         400                      RFC 9112 §3.2.2
+    absolute-form target                            its authority is Host
+                                                    (Host ignored, as told) RFC 9112 §3.2.2
     Host outside uri-host [":" port] (``a b/c``,
       ``a@b``, ``a:b``); empty Host is valid        400                      RFC 9112 §3.2,
                                                                              RFC 9110 §7.2

@@ -248,7 +248,7 @@ def accepts_trailers(headers: Headers) -> bool:
 # -- the scope ------------------------------------------------------------------------------------
 def split_target(target: bytes) -> tuple[bytes, bytes]:
     """Request target → (raw path, query string): the fragment, if a client sent one, is dropped;
-    an absolute-form target loses scheme and authority (see ``target_authority``)."""
+    an absolute-form target loses scheme and authority (its authority becomes Host: ``absolute_form_host``)."""
     if HASH in target:
         target = target[: target.find(b"#")]
     if target[:1] != b"/" and target != b"*":
@@ -261,29 +261,20 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
     return path, query
 
 
-def _authority(scheme: bytes, authority: bytes) -> bytes:
-    """An authority for comparison: lowercased, without the scheme's default port."""
-    authority = authority.lower()
-    default = b":443" if scheme == b"https" else b":80"
-    if authority.endswith(default):
-        return authority[: -len(default)]
-    return authority[:-1] if authority.endswith(b":") else authority
-
-
-def check_absolute_host(target: bytes, headers: Headers) -> None:
-    """RFC 9112 §3.2.2 tells an origin server to route an absolute-form request by the target's
-    authority, not Host; apps route by Host. Both must name the same authority, else 400."""
-    scheme, _, rest = target.partition(b"://")
+def absolute_form_host(target: bytes, headers: Headers) -> Headers:
+    """RFC 9112 §3.2.2: an origin server routes an absolute-form request by the target's
+    authority and ignores Host. Apps route by Host, so Host becomes that authority (added if the
+    request had none): app and target then name one host, as a proxy in front read it."""
+    _, _, rest = target.partition(b"://")
     end = len(rest)
     for stop in (b"/", b"?", b"#"):
         i = rest.find(stop)
         if 0 <= i < end:
             end = i
-    scheme = scheme.lower()
-    wanted = _authority(scheme, rest[:end])
-    for name, value in headers:
-        if name == b"host" and _authority(scheme, value) != wanted:
-            raise HTTPError(400, "Host header does not match the request target")
+    authority = rest[:end]
+    if (b"host", authority) in headers:
+        return headers
+    return [(name, value) for name, value in headers if name != b"host"] + [(b"host", authority)]
 
 
 def decode_path(raw_path: bytes) -> str:
@@ -297,9 +288,8 @@ def build_scope(
     server: Any, client: Any, scheme: str, root_path: str, state: dict[str, Any],
 ) -> dict[str, Any]:
     """The ASGI ``http`` scope of a checked head; ``state`` is copied (lifespan state)."""
-    if target[0] != 47:  # not origin-form
-        if target != b"*":
-            check_absolute_host(target, headers)
+    if target[0] != 47 and target != b"*":  # absolute-form
+        headers = absolute_form_host(target, headers)
     raw_path, query = split_target(target)
     return {
         "type": "http",
