@@ -48,7 +48,8 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
     """A blocking HTTP/1.0-style server: one request per connection, heartbeats every 0.1 s.
 
     Behaviour on start comes from the "mode file" (so a test can "deploy" new code):
-    ``ok``, ``crash`` (fails like an import error), ``slow:<s>`` (slow import), ``stubborn``
+    ``ok``, ``crash`` (fails like an import error), ``slow:<s>`` (slow import), ``crash-after:<s>``
+    (a slow import that fails), ``stubborn``
     (ignores SIGTERM and SIGHUP). Per request: ``/hang`` blocks without heartbeats, ``/leak`` keeps 1 MiB,
     ``/slow`` takes 0.3 s, ``/paced`` 2 ms, anything else answers "pid number generation uid".
     It keeps its budgets (requests, lifetime) as ``supervisor.budget`` describes (``nearing``;
@@ -59,8 +60,11 @@ def blocking_http_worker(ctx: WorkerContext) -> int:
     if mode == "crash":
         print("ImportError: cannot import name 'app' from 'broken' (test)", file=sys.stderr)
         return 1
-    if mode.startswith("slow:"):
+    if mode.startswith(("slow:", "crash-after:")):
         time.sleep(float(mode.split(":")[1]))
+    if mode.startswith("crash-after:"):
+        print("ImportError: cannot import name 'app' from 'broken' (test)", file=sys.stderr)
+        return 1
     stop = {"graceful": False, "quick": False}
 
     def on_term(signum: int, frame: Any) -> None:
@@ -585,7 +589,7 @@ def test_hup_with_broken_code_keeps_old_workers(supervised: Callable[..., Superv
     sv.wait_log("Reload complete")
     load.stop()
     assert load.failures == [] and load.pids >= old
-    assert sv.worker_pids().isdisjoint(old)
+    wait_for(lambda: sv.worker_pids().isdisjoint(old))  # retired at "Reload complete": exiting
 
 
 def test_notify_sequence_and_socket_activation(supervised: Callable[..., Supervised], tmp_path: Path) -> None:
@@ -642,9 +646,9 @@ def test_a_replacement_that_cannot_start_lets_the_holding_worker_serve_on(
 ) -> None:
     sv = supervised(workers=1, max_requests=20)
     first = pid_of(sv.get())
-    sv.mode_file.write_text("crash")  # a broken deploy on disk: every replacement fails to start
+    sv.mode_file.write_text("crash-after:1")  # a broken deploy on disk: every replacement fails to start
     load = Load(sv.port, clients=3)
-    sv.wait_log("accepts again, past its budget", timeout=10)
+    sv.wait_log("accepts again, past its budget", timeout=10)  # it held at its limit until the failure
     wait_for(lambda: load.served[first] > 60, timeout=10)  # the fleet never went to zero
     load.stop()
     assert load.failures == [] and load.pids == {first}
