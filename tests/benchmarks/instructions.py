@@ -2,12 +2,15 @@
 
     python -m tests.benchmarks.instructions [--http h11] [--requests 10000] [--metrics]
     python -m tests.benchmarks.instructions --connections 1024 [--cache] [--uvloop]
+    python -m tests.benchmarks.instructions --wsgi --uvloop      # row wsgi-hello's app, on threads
 
 Drives keep-alive HTTPConnections over fake transports on a plain asyncio loop, so the count
 is the Python side of uvworker (parser, cycle, framing, books) and nothing the kernel does.
 It runs the drive twice under ``valgrind --tool=callgrind`` (a few requests, then that many
 more) and prints the difference divided by the extra requests: start-up cancels out.
-Deterministic to a few instructions, unlike wall-clock time on a shared machine.
+Deterministic to a few instructions, unlike wall-clock time on a shared machine. With
+``--wsgi`` both the loop's and the pool threads' instructions count (not the kernel's context
+switches), and the drive waits for a round's responses without spinning.
 
 ``--connections N`` drives N connections the way one epoll wake-up with N readable sockets
 does: every connection reads its request, then the loop runs every app, then the next round.
@@ -59,29 +62,68 @@ class Transport(asyncio.Transport):
         pass
 
 
-async def drive(http: str, requests: int, metrics: bool, connections: int = 1) -> None:
+class Round:
+    """--wsgi: the responses of a round come from the app's threads; the drive waits for them
+    on a future instead of spinning (a busy loop would hold the threads up, unevenly)."""
+
+    due = 0
+    future: asyncio.Future[None] | None = None
+
+    def expect(self, count: int) -> asyncio.Future[None]:
+        self.due = count
+        self.future = asyncio.get_running_loop().create_future()
+        return self.future
+
+    def written(self) -> None:
+        self.due -= 1
+        if self.due == 0 and self.future is not None:
+            self.future.set_result(None)
+
+
+class RoundTransport(Transport):
+    def __init__(self, round_: Round) -> None:
+        super().__init__()
+        self.round = round_
+
+    def write(self, data: bytes) -> None:
+        self.responses += 1
+        self.round.written()
+
+    def writelines(self, parts: Any) -> None:
+        self.write(b"")
+
+
+async def drive(http: str, requests: int, metrics: bool, connections: int = 1, wsgi: bool = False) -> None:
     from tests.benchmarks.suite.apps import app
+    from tests.benchmarks.wsgi_hello import app as wsgi_app
     from uvworker.collector import tune_collector
     from uvworker.config import Config
     from uvworker.protocols.http import HTTPConnection
     from uvworker.server import make_state
 
     settings: dict[str, Any] = {"http": http, "access_log": False, "lifespan": "off"}
+    if wsgi:
+        app = wsgi_app
+        settings.update(interface="wsgi", wsgi_threads=10)
     if metrics:
         settings["metrics_bind"] = "127.0.0.1:0"
     config = Config(app, **settings)
     config.load()
     loop = asyncio.get_running_loop()
     state = make_state(config, loop, {})
-    transports = [Transport() for _ in range(connections)]
+    round_ = Round() if wsgi else None
+    transports = [RoundTransport(round_) if round_ else Transport() for _ in range(connections)]
     conns = [HTTPConnection(state) for _ in transports]
     for conn, transport in zip(conns, transports):
         conn.connection_made(transport)
     tune_collector()  # as the server does once the app is loaded
     last = transports[-1]
     for n in range(1, requests // connections + 1):
+        done = round_.expect(connections) if round_ else None
         for conn in conns:  # one wake-up: every connection's read, as loop callbacks (not in a task)
             loop.call_soon(conn.data_received, REQUEST)
+        if done is not None:
+            await done
         while last.responses < n:
             await asyncio.sleep(0)
     assert state.requests_served == requests // connections * connections
@@ -96,7 +138,8 @@ def measure(args: argparse.Namespace, requests: int) -> dict[str, int]:
         command = [
             "valgrind", *tool, sys.executable, "-m", "tests.benchmarks.instructions", "--drive",
             "--http", args.http, "--requests", str(requests), "--connections", str(args.connections),
-        ] + (["--metrics"] if args.metrics else []) + (["--uvloop"] if args.uvloop else [])
+        ] + (["--metrics"] if args.metrics else []) + (["--uvloop"] if args.uvloop else []) + (
+            ["--wsgi"] if args.wsgi else [])
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         with open(out) as handle:
             text = handle.read()
@@ -114,6 +157,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1, help="connections driven, one read each per round")
     parser.add_argument("--cache", action="store_true", help="cachegrind: simulated cache misses per request too")
     parser.add_argument("--uvloop", action="store_true", help="on uvloop, as the server runs (default: asyncio's loop)")
+    parser.add_argument("--wsgi", action="store_true", help="the WSGI hello world of row wsgi-hello, on its threads")
     parser.add_argument("--drive", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -121,7 +165,7 @@ def main() -> None:
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        asyncio.run(drive(args.http, args.requests, args.metrics, args.connections))
+        asyncio.run(drive(args.http, args.requests, args.metrics, args.connections, args.wsgi))
         return
     if not shutil.which("valgrind"):
         raise SystemExit("Needs valgrind (apt-get install -y valgrind).")
@@ -131,7 +175,7 @@ def main() -> None:
     base = measure(args, warm)
     more = measure(args, warm + served)
     per = {name: (more[name] - base[name]) / served for name in base}
-    label = f"{args.http}{' with metrics' if args.metrics else ''}"
+    label = f"{args.http}{' with metrics' if args.metrics else ''}{' WSGI' if args.wsgi else ''}"
     if args.connections > 1:
         label += f", {args.connections} connections"
     if args.cache:  # Ir: instructions; D1mr/D1mw, DLmr/DLmw: L1 data and last-level misses

@@ -3,6 +3,7 @@
     python -m tests.benchmarks.suite.profile                 # httptools
     python -m tests.benchmarks.suite.profile --http h11 --native
     python -m tests.benchmarks.suite.profile --commit HEAD~3    # uvworker as it was then
+    python -m tests.benchmarks.suite.profile --wsgi             # the WSGI hello world (wsgi-hello)
 
 Needs ``py-spy`` (in the ``bench`` extra; attaching needs ptrace rights, e.g. root) and wrk.
 Starts uvworker as the suite does (pinned to CPU 0, hello world, 64 keep-alive connections
@@ -36,6 +37,7 @@ from tests.benchmarks.suite.servers import (
     RunningServer,
     ServerSpec,
     asgi_server,
+    wsgi_server,
     pinning,
     uvworker_tree,
 )
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--native", action="store_true", help="also sample C frames (py-spy --native)")
     parser.add_argument("--cprofile", action="store_true", help="count calls per request under cProfile instead")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--wsgi", action="store_true", help="the WSGI hello world on its threads (row wsgi-hello)")
     parser.add_argument("--commit", help="profile uvworker as of this git commit instead of the work tree")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
@@ -147,14 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("Profiling needs wrk: apt-get install -y wrk.")
 
     with uvworker_tree(args.commit) as tree:
-        spec = asgi_server("uvworker", args.http, tree)
+        spec = wsgi_server("uvworker", tree) if args.wsgi else asgi_server("uvworker", args.http, tree)
         if args.cprofile:
             call_counts(spec, args)
             return 0
         with RunningServer(spec, args.server_cpu) as server:
             plain = loads.wrk(server, args.path, connections=args.connections, duration=args.duration, warmup=1,
                               client_cpu=args.client_cpu)
-            print(f"uvworker, {args.http}, GET {args.path}, {args.connections} keep-alive connections, no profiler: "
+            print(f"uvworker{' WSGI' if args.wsgi else ''}, {args.http}, GET {args.path}, {args.connections} keep-alive connections, no profiler: "
                   f"{plain.value:,.0f} req/s, {plain.cpu_us:.1f} CPU us/request", flush=True)
             sample(server, args, plain.cpu_us or 0.0)
     return 0
