@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -550,6 +551,18 @@ def test_threads_run_apps_concurrently(serve: Any) -> None:
         for client in clients:
             client.join(10)
     assert results == [200, 200, 200]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_pool_threads_do_not_preempt_the_event_loop_on_wake_up(serve: Any) -> None:
+    """Pool threads are SCHED_BATCH: woken while the loop holds the GIL, they wait their turn."""
+
+    def app(environ: Environ, start_response: Any) -> list[bytes]:
+        return text_response(start_response, str(os.sched_getscheduler(0)).encode())
+
+    with serve(app) as srv:
+        assert httpx.get(srv.url).content == str(os.SCHED_BATCH).encode()
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH  # the test's (the loop's) thread is left alone
 
 
 def test_keep_alive_many_requests_one_connection(serve: Any) -> None:
