@@ -553,6 +553,98 @@ def test_threads_run_apps_concurrently(serve: Any) -> None:
     assert results == [200, 200, 200]
 
 
+def test_many_clients_mixing_slow_and_fast_responses_each_get_their_own(serve: Any) -> None:
+    """Responses finished by the pool in one burst are handed to the loop together: each must
+    reach its own client, on every connection, whatever the order they finish in."""
+
+    def app(environ: Environ, start_response: Any) -> Iterator[bytes]:
+        name = environ["PATH_INFO"].encode()
+        if environ["QUERY_STRING"] == "slow":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            for piece in (b"slow:", name):
+                time.sleep(0.01)
+                yield piece
+        else:
+            yield from text_response(start_response, b"fast:" + name)
+
+    failures: list[str] = []
+
+    def client(index: int) -> None:
+        try:
+            with Conn.open(srv.host, srv.port) as conn:
+                for n in range(15):
+                    slow = (index + n) % 4 == 0
+                    path = f"/{index}-{n}"
+                    conn.send(build_request("GET", path + ("?slow" if slow else "")))
+                    body = conn.read_response(timeout=10).body
+                    if body != (b"slow:" if slow else b"fast:") + path.encode():
+                        failures.append(f"{path}: {body!r}")
+        except Exception as exc:  # noqa: BLE001 - reported below, with the others
+            failures.append(f"client {index}: {exc!r}")
+
+    with serve(app, wsgi_threads=4) as srv:
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(24)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(60)
+        assert not failures, failures[:5]
+        assert srv.server.requests_served >= 24 * 15
+
+
+def test_client_gone_mid_response_frees_the_thread_and_closes_the_iterable(serve: Any) -> None:
+    closed = threading.Event()
+    chunk = b"y" * 16384
+
+    class Endless:
+        def __iter__(self) -> Iterator[bytes]:
+            while True:
+                yield chunk
+
+        def close(self) -> None:
+            closed.set()
+
+    def app(environ: Environ, start_response: Any) -> Any:
+        if environ["PATH_INFO"] == "/next":
+            return text_response(start_response, b"next")
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return Endless()
+
+    with serve(app, wsgi_threads=1) as srv:
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(build_request())
+            conn.read_head()
+            conn.read_exact(len(chunk) * 4, time.monotonic() + 10)
+        wait_for(closed.is_set)  # the one thread is free again ...
+        with Conn.open(srv.host, srv.port) as conn:  # ... and serves the next request
+            conn.send(build_request("GET", "/next"))
+            assert conn.read_response(timeout=10).body == b"next"
+
+
+def test_streamed_response_far_larger_than_the_transport_buffer_after_reading_the_body(serve: Any) -> None:
+    """The app reads the request body (the loop answers its reads), then streams many times what
+    the transport buffers (the loop makes it wait, then lets it go on): every byte arrives, in
+    order, to a client with a small receive buffer."""
+    piece = bytes(range(256)) * 256  # 64 KiB
+    pieces = 128  # 8 MiB
+
+    def app(environ: Environ, start_response: Any) -> Iterator[bytes]:
+        digest = hashlib.sha256(environ["wsgi.input"].read()).hexdigest()
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("X-Body", digest)])
+        for n in range(pieces):
+            yield piece[n % 256 :] + piece[: n % 256]
+
+    upload = b"u" * (3 * MiB)
+    expected = hashlib.sha256(b"".join(piece[n % 256 :] + piece[: n % 256] for n in range(pieces))).hexdigest()
+    with serve(app) as srv, Conn.open(srv.host, srv.port, rcvbuf=65536) as conn:
+        conn.send(build_request("POST", body=upload))
+        resp = conn.read_response(timeout=60)
+        assert resp.get("x-body") == hashlib.sha256(upload).hexdigest()
+        assert len(resp.body) == pieces * len(piece) and hashlib.sha256(resp.body).hexdigest() == expected
+        conn.send(build_request("GET"))  # the connection is still in step
+        assert len(conn.read_response(timeout=60).body) == pieces * len(piece)
+
+
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
 def test_pool_threads_do_not_preempt_the_event_loop_on_wake_up(serve: Any) -> None:
     """Pool threads are SCHED_BATCH: woken while the loop holds the GIL, they wait their turn."""

@@ -31,9 +31,10 @@ Theory of operation. Each request gets an ``Exchange`` shared by two sides:
          on ``gate``                        <--  ``pump()`` sends/receives, then releases
                                                  ``gate`` (RECEIVE, or pending bytes drained)
 
-The thread appends ops to a deque and schedules at most one wake-up of the loop at a time, so
-a small response (start + body + finish) costs a single ``call_soon_threadsafe`` and a small
-request a single job hand-off. If the pump ends early (the task is cancelled, or the engine
+The thread appends ops to the exchange's deque and the exchange to the loop's ``Completions``,
+which schedules at most one wake-up of the loop at a time for all exchanges: a burst of small
+responses (start + body + finish each) from the pool costs a single ``call_soon_threadsafe``,
+and a small request a single job hand-off. If the pump ends early (the task is cancelled, or the engine
 refuses what the app sent) the Exchange is *detached*: later ops are settled on arrival
 (RECEIVE answered with a disconnect, pending bytes released), so the thread never waits for
 a loop that no longer listens.
@@ -55,7 +56,7 @@ import stat
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -303,7 +304,6 @@ def _environ_key(name: bytes) -> str:
 def build_environ(scope: dict[str, Any], base: Environ) -> tuple[Environ, bool]:
     """The PEP 3333 environ for an ASGI http scope (without ``wsgi.input``), and whether the
     request has no body at all (so reading it needs no trip to the event loop)."""
-    environ = base.copy()
     root_path: str = scope.get("root_path", "")
     raw_path: bytes | None = scope.get("raw_path")
     if raw_path is None:
@@ -312,18 +312,22 @@ def build_environ(scope: dict[str, Any], base: Environ) -> tuple[Environ, bool]:
         prefix = root_path.encode("utf-8")
         if raw_path.startswith(prefix):
             raw_path = raw_path[len(prefix) :]
-        environ["SCRIPT_NAME"] = prefix.decode("latin-1")
+        script_name = prefix.decode("latin-1")
     else:
-        environ["SCRIPT_NAME"] = ""
-    # PEP 3333: PATH_INFO holds the decoded bytes of the path, one character per byte.
-    environ["PATH_INFO"] = (
-        unquote_to_bytes(raw_path).decode("latin-1") if PERCENT in raw_path else raw_path.decode("latin-1")
-    )
-    environ["REQUEST_METHOD"] = scope["method"]
-    environ["QUERY_STRING"] = scope["query_string"].decode("latin-1")
-    environ["SERVER_PROTOCOL"] = _SERVER_PROTOCOLS.get(scope["http_version"]) or "HTTP/" + scope["http_version"]
+        script_name = ""
+    version = scope["http_version"]
     scheme = scope.get("scheme", "http")
-    environ["wsgi.url_scheme"] = scheme
+    # One dict display rather than a copy and a store per key (hot path).
+    environ = {
+        **base,
+        "REQUEST_METHOD": scope["method"],
+        "SCRIPT_NAME": script_name,
+        # PEP 3333: PATH_INFO holds the decoded bytes of the path, one character per byte.
+        "PATH_INFO": (unquote_to_bytes(raw_path) if PERCENT in raw_path else raw_path).decode("latin-1"),
+        "QUERY_STRING": scope["query_string"].decode("latin-1"),
+        "SERVER_PROTOCOL": _SERVER_PROTOCOLS.get(version) or "HTTP/" + version,
+        "wsgi.url_scheme": scheme,
+    }
     client = scope.get("client")
     if client:
         environ["REMOTE_ADDR"] = client[0]
@@ -359,45 +363,74 @@ def build_environ(scope: dict[str, Any], base: Environ) -> tuple[Environ, bool]:
 # -- one request --------------------------------------------------------------------------------
 
 
-class Exchange:
-    """One WSGI request: the app's thread on one side, the request's ASGI task on the other."""
+class Completions:
+    """Exchanges with ops for the event loop, from any thread: one loop wake-up
+    (``call_soon_threadsafe``) carries every exchange that has something to hand over until
+    the loop drains them, so a burst of finished requests costs one wake-up, not one each."""
 
-    __slots__ = (
-        "app", "pool", "loop", "scope", "receive", "send", "base",
-        "ops", "wake_scheduled", "waiter", "gate", "mutex", "pending", "blocked", "receiving",
-        "received", "disconnected", "detached", "running", "finished", "set_aside",
-        "status", "headers", "headers_sent", "remaining", "complete",
-    )
-
-    def __init__(self, adapter: WSGIAdapter, loop: asyncio.AbstractEventLoop, scope: dict[str, Any],
-                 receive: Any, send: Any) -> None:
-        self.app = adapter.app
-        self.pool = adapter.pool
-        self.base = adapter.base_environ
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.ready: deque[Exchange] = deque()
+        self.scheduled = False
+        self._drain = self.drain
+
+    def add(self, exchange: Exchange) -> None:
+        """Any thread; raises RuntimeError once the loop is closed."""
+        self.ready.append(exchange)
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:
+                self.scheduled = False
+                raise
+
+    def drain(self) -> None:
+        """Event loop. ``scheduled`` is cleared before the deque is read, and each exchange's
+        ``queued`` before its ops are: whatever is added meanwhile schedules another drain."""
+        self.scheduled = False
+        ready = self.ready
+        while ready:
+            exchange = ready.popleft()
+            exchange.queued = False
+            exchange.wake()
+
+
+class Exchange:
+    """One WSGI request: the app's thread on one side, the request's ASGI task on the other.
+
+    Class-level defaults: a new exchange stores only what differs per request (hot path). The
+    locks are made by the thread when it first needs one, before it hands over the op that
+    makes the loop use it.
+    """
+
+    queued = False  # in the Completions deque, not yet drained
+    waiter: asyncio.Future[None] | None = None
+    gate: threading.Lock | None = None  # held while nobody waits; released once per wait
+    mutex: threading.Lock | None = None  # guards pending/blocked, shared by both sides
+    pending = 0
+    blocked = False
+    receiving = False
+    received: dict[str, Any] | None = None
+    disconnected = False  # set on the loop; the thread stops producing when it sees it
+    detached = False
+    running = False  # set by the thread before it looks at ``disconnected``
+    finished = False  # the loop has seen FINISH
+    set_aside = False  # the pool no longer counts the thread (--timeout-request)
+    status = 0
+    headers: list[tuple[bytes, bytes]] | None = None
+    headers_sent = False
+    remaining: int | None = None  # Content-Length bytes still allowed
+    complete = False
+
+    def __init__(self, adapter: WSGIAdapter, completions: Completions, scope: dict[str, Any],
+                 receive: Any, send: Any) -> None:
+        self.adapter = adapter
+        self.completions = completions
         self.scope = scope
         self.receive = receive
         self.send = send
         self.ops: deque[tuple[Any, ...]] = deque()
-        self.wake_scheduled = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.gate = threading.Lock()  # held while nobody waits; released once per wait
-        self.gate.acquire()
-        self.mutex = threading.Lock()  # guards pending/blocked, shared by both sides
-        self.pending = 0
-        self.blocked = False
-        self.receiving = False
-        self.received: dict[str, Any] | None = None
-        self.disconnected = False  # set on the loop; the thread stops producing when it sees it
-        self.detached = False
-        self.running = False  # set by the thread before it looks at ``disconnected``
-        self.finished = False  # the loop has seen FINISH
-        self.set_aside = False  # the pool no longer counts the thread (--timeout-request)
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] | None = None
-        self.headers_sent = False
-        self.remaining: int | None = None  # Content-Length bytes still allowed
-        self.complete = False
 
     # -- app thread ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -407,9 +440,9 @@ class Exchange:
         if not self.disconnected:
             result: Any = None
             try:
-                environ, no_body = build_environ(self.scope, self.base)
+                environ, no_body = build_environ(self.scope, self.adapter.base_environ)
                 environ["wsgi.input"] = InputStream(self, no_body)
-                result = self.app(environ, self.start_response)
+                result = self.adapter.app(environ, self.start_response)
                 self._respond(result)
             except BaseException as exc:
                 error = exc
@@ -440,16 +473,23 @@ class Exchange:
             raise ValueError(f"Invalid WSGI status {status!r}: expected a string like '200 OK'")
         encoded = []
         remaining = None
+        cache = _ENCODED_HEADERS
         try:
-            for name, value in headers:
-                pair = (name.encode("latin-1"), value.encode("latin-1"))
-                if len(name) == 14 and name.lower() == "content-length" and value.strip().isdigit():
-                    remaining = int(value)
+            for header in headers:
+                try:
+                    known = cache.get(header)
+                except TypeError:  # an unhashable item (a list): encoded below, or refused
+                    known = None
+                if known is None:
+                    known = _encode_header(*header)
+                pair, length = known
+                if length is not None:
+                    remaining = length
                 encoded.append(pair)
+        except UnicodeEncodeError as exc:  # a ValueError: before the clause below
+            raise ValueError(f"WSGI response headers must be latin-1 strings: {exc}") from None
         except (AttributeError, TypeError, ValueError):
             raise TypeError(f"Invalid WSGI response headers {headers!r}: expected a list of (str, str)") from None
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"WSGI response headers must be latin-1 strings: {exc}") from None
         self.status = int(status[:3])
         self.headers = encoded
         self.remaining = remaining
@@ -532,6 +572,10 @@ class Exchange:
         size = len(data) if more else 0
         wait = False
         if size:
+            if self.mutex is None:
+                self.mutex = threading.Lock()
+                if self.gate is None:
+                    self.gate = _closed_gate()
             with self.mutex:
                 self.pending += size
                 if self.pending > PENDING_HIGH:
@@ -544,6 +588,8 @@ class Exchange:
         """The next piece of request body (for wsgi.input): (data, more)."""
         if self.disconnected:
             raise ClientDisconnected("the client disconnected before sending the whole request body")
+        if self.gate is None:
+            self.gate = _closed_gate()
         self._push(RECEIVE_OP)
         message = self.received if self._wait() else None
         self.received = None
@@ -553,25 +599,26 @@ class Exchange:
 
     def _push(self, op: tuple[Any, ...]) -> None:
         self.ops.append(op)
-        if not self.wake_scheduled:
-            self.wake_scheduled = True
+        if not self.queued:
+            self.queued = True
             try:
-                self.loop.call_soon_threadsafe(self._wake)
+                self.completions.add(self)
             except RuntimeError:  # the event loop is closed: the server is gone
                 self.disconnected = True
 
     def _wait(self) -> bool:
         """Wait for the loop to release the gate; False if the loop went away meanwhile."""
         gate = self.gate
+        assert gate is not None
         while not gate.acquire(timeout=GATE_POLL):
-            if self.loop.is_closed():
+            if self.completions.loop.is_closed():
                 self.disconnected = True
                 return False
         return True
 
     # -- event loop ----------------------------------------------------------------------------
-    def _wake(self) -> None:
-        self.wake_scheduled = False  # before the ops are read: a later push schedules again
+    def wake(self) -> None:
+        """The thread has handed over ops (called by Completions.drain)."""
         if self.detached:
             self._settle()
             return
@@ -588,7 +635,7 @@ class Exchange:
         try:
             while True:
                 if not ops:
-                    waiter = self.waiter = self.loop.create_future()
+                    waiter = self.waiter = self.completions.loop.create_future()
                     await waiter
                     continue
                 op = ops.popleft()
@@ -611,10 +658,10 @@ class Exchange:
                     self.receiving = True
                     self.received = DISCONNECT if self.disconnected else await self.receive()
                     self.receiving = False
-                    self.gate.release()
+                    self.gate.release()  # type: ignore[union-attr]
                 else:
                     self.detached = self.finished = True
-                    self.pool.done()
+                    self.adapter.pool.done()
                     if op[1] is not None:
                         raise op[1]
                     return
@@ -629,16 +676,16 @@ class Exchange:
         """The request timed out but its thread runs on: keep this task until the thread ends
         (or the server cancels the task again, when it stops)."""
         self.set_aside = True
-        self.pool.set_aside()
-        waiter = self.waiter = self.loop.create_future()
+        self.adapter.pool.set_aside()
+        waiter = self.waiter = self.completions.loop.create_future()
         await waiter
 
     def _sent(self, size: int) -> None:
-        with self.mutex:
+        with self.mutex:  # type: ignore[union-attr]
             self.pending -= size
             if self.blocked and self.pending <= PENDING_LOW:
                 self.blocked = False
-                self.gate.release()
+                self.gate.release()  # type: ignore[union-attr]
 
     def _detach(self) -> None:
         """The pump is gone: unblock the thread now and settle whatever it sends later."""
@@ -649,11 +696,13 @@ class Exchange:
         if self.receiving:
             self.receiving = False
             self.received = DISCONNECT
-            self.gate.release()
-        with self.mutex:
-            if self.blocked:
-                self.blocked = False
-                self.gate.release()
+            self.gate.release()  # type: ignore[union-attr]
+        mutex = self.mutex
+        if mutex is not None:  # else nothing is pending yet; what comes later is settled
+            with mutex:
+                if self.blocked:
+                    self.blocked = False
+                    self.gate.release()  # type: ignore[union-attr]
         self._settle()
 
     def _settle(self) -> None:
@@ -663,21 +712,42 @@ class Exchange:
             kind = op[0]
             if kind == RECEIVE:
                 self.received = DISCONNECT
-                self.gate.release()
+                self.gate.release()  # type: ignore[union-attr]
             elif kind == FINISH:
                 self.finished = True
                 if self.set_aside:
-                    self.pool.rejoin()
+                    self.adapter.pool.rejoin()
                     waiter, self.waiter = self.waiter, None
                     if waiter is not None and not waiter.done():
                         waiter.set_result(None)
                 else:
-                    self.pool.done()
+                    self.adapter.pool.done()
                 error = op[1]
                 if error is not None and not isinstance(error, OSError):
                     logger.error("Exception in WSGI application", exc_info=error)
             elif op[4]:  # BODY: dropped, but its bytes no longer hold the thread back
                 self._sent(op[4])
+
+
+_ENCODED_HEADERS: dict[tuple[str, str], tuple[tuple[bytes, bytes], int | None]] = {}
+_MAX_ENCODED_HEADERS = 1024
+
+
+def _encode_header(name: str, value: str) -> tuple[tuple[bytes, bytes], int | None]:
+    """A response header as bytes, and its value if it is a Content-Length; remembered (up to
+    _MAX_ENCODED_HEADERS of them), as apps send the same few headers again and again."""
+    pair = (name.encode("latin-1"), value.encode("latin-1"))
+    length = int(value) if len(name) == 14 and name.lower() == "content-length" and value.strip().isdigit() else None
+    known = (pair, length)
+    if len(_ENCODED_HEADERS) < _MAX_ENCODED_HEADERS and type(name) is str and type(value) is str:
+        _ENCODED_HEADERS[(name, value)] = known
+    return known
+
+
+def _closed_gate() -> threading.Lock:
+    gate = threading.Lock()
+    gate.acquire()
+    return gate
 
 
 def _as_bytes(data: Any) -> bytes:
@@ -704,6 +774,7 @@ class WSGIAdapter:
         self.app = app
         self.pool = WorkerPool(threads, queue_size)
         self.shed = 0  # requests answered 503 because the queue was full (read by the metrics)
+        self.completions: Completions | None = None  # for the running loop, made on first use
         self.base_environ: Environ = {
             "SERVER_SOFTWARE": f"uvworker/{__version__}",
             "wsgi.version": (1, 0),
@@ -715,20 +786,23 @@ class WSGIAdapter:
             "wsgi.input_terminated": True,
         }
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Coroutine[Any, Any, None]:
+        """The ASGI application call. Not itself a coroutine function: it returns the coroutine
+        that serves the scope, so the request's task resumes the pump directly (hot path)."""
         kind = scope["type"]
         if kind == "http":
             if self.pool.full():
                 self.shed += 1
-                await _overloaded(send)
-                return
-            exchange = Exchange(self, asyncio.get_running_loop(), scope, receive, send)
+                return _overloaded(send)
+            completions = self.completions
+            if completions is None or completions.loop is not asyncio.get_running_loop():
+                completions = self.completions = Completions(asyncio.get_running_loop())
+            exchange = Exchange(self, completions, scope, receive, send)
             self.pool.submit(exchange.run)
-            await exchange.pump()
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-        else:
-            raise RuntimeError(f"A WSGI application cannot serve {kind!r} connections")
+            return exchange.pump()
+        if kind == "lifespan":
+            return self._lifespan(receive, send)
+        return _refuse(kind)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -739,6 +813,10 @@ class WSGIAdapter:
                 self.pool.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _refuse(kind: str) -> None:
+    raise RuntimeError(f"A WSGI application cannot serve {kind!r} connections")
 
 
 _BUSY_BODY = b"Service Unavailable: all WSGI threads are busy"
