@@ -75,7 +75,8 @@ def parse(raw: str) -> tuple[collections.Counter[str], collections.Counter[str],
 
 def sample(server: RunningServer, args: argparse.Namespace, cpu_us: float) -> None:
     """py-spy while wrk runs; print self and inclusive time per function, in us/request."""
-    spy = shutil.which("py-spy")
+    # The bench extra installs py-spy next to this interpreter, which need not be on PATH.
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if not spy:
         raise SystemExit("Sampling needs py-spy: pip install -e '.[bench]'.")
     with tempfile.TemporaryDirectory() as tmp:
