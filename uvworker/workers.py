@@ -73,6 +73,12 @@ from uvworker.warm_imports import warm_imports
 
 __all__ = ["Worker", "H11Worker"]
 
+# How long a worker stopped by TERM leaves idle keep-alive connections open (at most their
+# keep-alive timeout), for a request a client may be sending: Gunicorn's gthread worker waits
+# as long. The worker cannot tell a reload's TERM from a shutdown's, and the arbiter blocks on
+# old workers during a reload: a long --keep-alive must not hold it for the graceful timeout.
+STOP_KEEPALIVE_LINGER = 2.0
+
 
 class Worker(GunicornWorker):
     """uvworker under Gunicorn: httptools and uvloop when installed, else h11 and asyncio."""
@@ -199,8 +205,11 @@ class Worker(GunicornWorker):
 
     def _on_term(self) -> None:
         self.alive = False
-        if self.server is not None:
-            self.server.retire()  # graceful, even when a max_requests retirement is under way
+        server = self.server
+        if server is not None:
+            server.retire()  # graceful, even when a max_requests retirement is under way
+            if server.state is not None:  # then idle connections close, after the linger
+                server.state.loop.call_later(STOP_KEEPALIVE_LINGER, server.retire, True)
 
     def _on_quit(self) -> None:
         if self.server is None or self.server.force_exit:

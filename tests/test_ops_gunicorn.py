@@ -1,0 +1,36 @@
+"""Gunicorn's signals with our worker class, compared with Gunicorn's own gthread worker.
+
+Real gunicorn processes (``run_gunicorn`` from test_gunicorn.py); what is asserted is what a
+client sees.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.http_client import Conn, build_request
+from tests.test_gunicorn import WORKERS, run_gunicorn
+
+
+@pytest.mark.parametrize("worker_class", WORKERS)
+def test_term_closes_an_idle_keep_alive_connection_after_a_short_linger(tmp_path: Path, worker_class: str) -> None:
+    """With a long keepalive, TERM (a shutdown's or a reload's: the worker cannot tell) closes
+    an idle connection after 2 s, as gthread does, not at the graceful timeout's end: the
+    arbiter waits for old workers during a reload."""
+    with run_gunicorn(tmp_path, worker_class, "keepalive = 30\ngraceful_timeout = 12\n") as server:
+        with Conn.open("127.0.0.1", server.port) as conn:
+            conn.send(build_request())
+            assert conn.read_response().status == 200
+            started = time.monotonic()
+            server.signal(signal.SIGTERM)
+            conn.closed_within(8)
+            closed = time.monotonic() - started
+            assert server.wait_exit(8) == 0
+            exited = time.monotonic() - started
+    print(f"\n{worker_class}: idle keep-alive connection closed {closed:.2f} s after TERM, exit {exited:.2f} s")
+    assert 1.0 < closed < 5
+    assert exited < 7
