@@ -255,3 +255,23 @@ def test_single_process_signals_hup_ignored_usr1_reopens_logs(tmp_path: Path) ->
         assert httpx.get(url + "/after", timeout=10).status_code == 200
         wait_for(lambda: "/after" in access.read_text())
         assert proc.poll() is None
+
+
+def test_the_error_line_is_written_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers share stderr with the supervisor: the line and its newline go in one write, or
+    another process's line lands in between ("...: boom2026-12-02 ... [ERROR] Worker 2 ...")."""
+    from uvworker.errors import ConfigError, report
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    report(ConfigError("cannot import module 'app': RuntimeError: boom"))
+    assert writes == ["uvworker: error: cannot import module 'app': RuntimeError: boom\n"]

@@ -56,7 +56,9 @@ REQUEST_TIMEOUT = "request timeout"
 
 def report(err: Exception, debug: bool = False) -> int:
     """A user's mistake: one line on stderr (the traceback too when ``debug``); the exit code."""
-    print(f"uvworker: error: {err}", file=sys.stderr)
+    # One write: a worker's line is not split by another process's log line (print() writes
+    # the newline apart, and the supervisor's workers share stderr).
+    sys.stderr.write(f"uvworker: error: {err}\n")
     if debug:
         traceback.print_exception(err)
     return EXIT_CONFIG_ERROR
