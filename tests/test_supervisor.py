@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import selectors
@@ -462,12 +463,16 @@ def test_pidfile_refuses_live_pid_and_replaces_stale(tmp_path: Path) -> None:
 
 
 def test_unique_memory_grows_with_private_allocations() -> None:
+    # Fresh anonymous pages, touched one by one: a malloc'd block could come from heap the process
+    # already holds (earlier tests' freed memory, glibc's raised mmap threshold) and add nothing.
     before = unique_memory(os.getpid())
     assert before is not None and before > 0
-    block = os.urandom(32 << 20)
+    block = mmap.mmap(-1, 32 << 20)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1
     after = unique_memory(os.getpid())
     assert after is not None and after - before >= 24 << 20
-    del block
+    block.close()
 
 
 def test_systemd_environment_parsing() -> None:
