@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.http_client import Conn, build_request
+from tests.conftest import wait_for
 from tests.test_gunicorn import WORKERS, run_gunicorn
 
 
@@ -34,3 +35,30 @@ def test_term_closes_an_idle_keep_alive_connection_after_a_short_linger(tmp_path
     print(f"\n{worker_class}: idle keep-alive connection closed {closed:.2f} s after TERM, exit {exited:.2f} s")
     assert 1.0 < closed < 5
     assert exited < 7
+
+
+@pytest.mark.parametrize("worker_class", WORKERS)
+def test_post_request_gets_the_request_object_pre_request_got(tmp_path: Path, worker_class: str) -> None:
+    """Gunicorn hands pre_request and post_request the same ``req``: a hook that notes a start
+    time on it in pre_request reads it back in post_request (a common timing recipe)."""
+    conf = """
+        import os, time
+
+        def pre_request(worker, req):
+            req.started = time.monotonic()
+
+        def post_request(worker, req, environ, resp):
+            took = time.monotonic() - req.started
+            with open(os.environ["EVENTS"], "a") as events:
+                events.write(f"took {req.path} {resp.status_code} {took:.3f}\\n")
+        """
+    with run_gunicorn(tmp_path, worker_class, conf) as server:
+        assert server.get("/a").status_code == 200
+        assert server.get("/slow?0.2").status_code == 200
+        failed = "Exception in post_request hook"
+        wait_for(lambda: len(server.events("took")) == 2 or failed in server.log)
+        assert failed not in server.log, server.log
+        lines = server.events("took")
+    (a, a_status, _), (slow, slow_status, slow_took) = (line.split()[1:] for line in lines)
+    assert (a, a_status, slow, slow_status) == ("/a", "200", "/slow", "200")
+    assert float(slow_took) >= 0.2

@@ -29,7 +29,7 @@ from typing import Any
 
 from gunicorn import glogging
 
-from uvworker.gunicorn_objects import FinishedRequest, GunicornRequest, GunicornResponse, wsgi_environ
+from uvworker.gunicorn_objects import FinishedRequest, GunicornResponse, gunicorn_request, wsgi_environ
 from uvworker.logging import AccessLog
 from uvworker.proxy import TrustedHosts, apply_proxy_headers
 
@@ -157,7 +157,7 @@ def _call_access(log: Any) -> Hook:
     def hook(done: FinishedRequest) -> None:
         duration = datetime.timedelta(seconds=time.perf_counter() - done.start_clock)
         try:
-            request, response = GunicornRequest(done.scope), GunicornResponse(done)
+            request, response = gunicorn_request(done.scope), GunicornResponse(done)
             log.access(response, request, wsgi_environ(done.scope), duration)
         except Exception:
             log.exception("Cannot write the access log line.")
@@ -168,7 +168,7 @@ def _call_access(log: Any) -> Hook:
 def _call_post_request(worker: Any) -> Hook:
     def hook(done: FinishedRequest) -> None:
         try:
-            request, environ = GunicornRequest(done.scope), wsgi_environ(done.scope)
+            request, environ = gunicorn_request(done.scope), wsgi_environ(done.scope)
             worker.cfg.post_request(worker, request, environ, GunicornResponse(done))
         except Exception:
             worker.log.exception("Exception in post_request hook")

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from uvworker import __version__
 from uvworker.interfaces.wsgi import build_environ
 
-__all__ = ["FinishedRequest", "GunicornRequest", "GunicornResponse", "wsgi_environ"]
+__all__ = ["FinishedRequest", "GunicornRequest", "GunicornResponse", "gunicorn_request", "wsgi_environ"]
 
 
 class FinishedRequest(Protocol):
@@ -45,6 +45,19 @@ class GunicornRequest:
         self.headers = [(k.decode("latin-1").upper(), v.decode("latin-1")) for k, v in scope["headers"]]
         self.scheme: str = scope.get("scheme", "http")
         self.remote_addr = self.peer_addr = scope.get("client")
+
+
+def gunicorn_request(scope: dict[str, Any]) -> GunicornRequest:
+    """The request's one ``GunicornRequest``, kept in its scope: Gunicorn gives pre_request,
+    post_request and the logger class the same object, so what a hook sets on it (a start
+    time, a trace id) the next one reads."""
+    request = scope.get(_REQUEST_KEY)
+    if request is None:
+        request = scope[_REQUEST_KEY] = GunicornRequest(scope)
+    return request
+
+
+_REQUEST_KEY = "uvworker.gunicorn_request"
 
 
 class GunicornResponse:

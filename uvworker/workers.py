@@ -63,7 +63,7 @@ from gunicorn.workers.base import Worker as GunicornWorker
 from uvworker.config import Config, offer_alpn
 from uvworker.errors import ConfigError
 from uvworker.gunicorn_hooks import front, hook_set, request_hooks, route_error_log
-from uvworker.gunicorn_objects import GunicornRequest
+from uvworker.gunicorn_objects import GunicornRequest, gunicorn_request
 from uvworker.gunicorn_settings import settings_from_gunicorn
 from uvworker.inflight import Watchdog, hung_report, watchdog_delay
 from uvworker.logging import AccessLog
@@ -173,7 +173,7 @@ class Worker(GunicornWorker):
                 assert self.server is not None
                 self.server.retire()  # at once: the listeners close, this response says close
         if self._pre_request is not None:
-            self._pre_request(self, GunicornRequest(scope))
+            self._pre_request(self, gunicorn_request(scope))
 
     # -- callbacks from the server, on the event loop ------------------------------------------
     async def _serve(self, server: Server) -> None:
