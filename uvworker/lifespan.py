@@ -10,6 +10,9 @@ What startup() returns (False: the server must exit with code 3):
     (or sends a message that is not a lifespan answer:  taken as unsupported (logged at INFO);
     an app that serves every scope as HTTP)             mode "on": False, logged at ERROR
     mode "off"                                          True; the app is never called
+    abandon() while the server waits (a forced exit)    True; the server is stopping anyway
+abandon() is the way out of an app that never answers startup or shutdown (a database that is
+down): the lifespan task is cancelled and the wait ends.
 An unexpected message raises RuntimeError inside the app's send(); any exception that ends the
 app's coroutine is logged with its traceback (unless the app reported the failure itself).
 """
@@ -49,6 +52,7 @@ class Lifespan:
         self._phase = "idle"
         self._sent = False
         self._unsupported = False
+        self._abandoned = False
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._started = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -63,6 +67,8 @@ class Lifespan:
         self._queue.put_nowait({"type": "lifespan.startup"})
         self._task = asyncio.get_running_loop().create_task(self._run())
         await self._started.wait()
+        if self._abandoned:
+            return True
         if self._phase == "running":
             self.logger.info("Application startup complete.")
             return True
@@ -84,6 +90,15 @@ class Lifespan:
         if not task.done():  # an app lingering after its answer, or after a failed startup
             task.cancel()
             await asyncio.wait({task})
+
+    def abandon(self) -> None:
+        """Stop waiting for the app's answer to startup or shutdown: cancel the lifespan task
+        (again at each call, for an app that catches the first cancellation)."""
+        task = self._task
+        if self._phase in ("startup", "shutdown") and task is not None and not task.done():
+            self.logger.warning("Application %s cancelled: forced exit.", self._phase)
+            self._abandoned = True
+            task.cancel()
 
     async def _run(self) -> None:
         scope = {

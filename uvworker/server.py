@@ -19,7 +19,8 @@ connection depends on whether anyone else will serve its next request:
     SIGTERM, SIGINT             (gracefully: our FIN first, then the client's)
 
 Quick (SIGQUIT, a second SIGINT, force_exit): close every connection and cancel the apps at
-once, then still run lifespan shutdown.
+once, then still run lifespan shutdown. A quick stop signalled while lifespan startup or
+shutdown waits for the app cancels that wait: the way out of an app that never answers.
 
 ``hold()`` is the first half of a retirement without the exit: a worker at its budget whose
 replacement is not ready yet (``supervisor.budget``) stops accepting and answers what its
@@ -91,6 +92,7 @@ class Server:
         self._stuck = False
         self._delaying = False  # SIGTERM came; --shutdown-delay runs before the drain
         self._metrics_server: asyncio.base_events.Server | None = None
+        self._lifespan: Lifespan | None = None
 
     @property
     def requests_served(self) -> int:
@@ -130,7 +132,7 @@ class Server:
         config = self.config
         config.load()
         loop = asyncio.get_running_loop()
-        lifespan = Lifespan(config.loaded_app, config.lifespan, logger)
+        lifespan = self._lifespan = Lifespan(config.loaded_app, config.lifespan, logger)
         self.state = make_state(config, loop, lifespan.state)
         if self.install_signal_handlers:
             self._install_signal_handlers(loop)
@@ -338,6 +340,8 @@ class Server:
             return
         if self.should_exit and sig == signal.SIGTERM:
             self.force_exit = True
+        if self.force_exit and self._lifespan is not None:
+            self._lifespan.abandon()  # the app's startup or shutdown may never answer
         self.retire(close_idle=True)
 
     def _delay_over(self) -> None:

@@ -1,0 +1,70 @@
+"""The standalone server's signals as a user at a terminal sees them: real processes, real
+signals; what is asserted is the exit (code and time) and the log lines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.test_cli import environment
+
+# A lifespan that never answers startup (a database that is down), or never finishes shutdown;
+# it notes in EVENTS when it is cancelled.
+HANGING_LIFESPAN = """
+import asyncio, os
+
+async def app(scope, receive, send):
+    assert scope["type"] == "lifespan"
+    await receive()
+    if os.environ["HANG"] == "shutdown":
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        with open(os.environ["EVENTS"], "a") as events:
+            events.write("cancelled\\n")
+        raise
+"""
+
+
+@pytest.mark.parametrize("phase", ["startup", "shutdown"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_a_second_signal_stops_a_lifespan_that_hangs(tmp_path: Path, phase: str, sig: signal.Signals) -> None:
+    """Without --workers: Ctrl-C (or TERM) once waits for the app's lifespan, as uvicorn does;
+    a second one stops the wait (the lifespan task is cancelled) instead of leaving the
+    process to kill -9."""
+    (tmp_path / "hanging.py").write_text(HANGING_LIFESPAN)
+    events = tmp_path / "events"
+    env = environment({"PYTHONPATH": str(tmp_path), "HANG": phase, "EVENTS": str(events)})
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "uvworker", "hanging:app", "--port", "0"],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        text = lambda: (tmp_path / "log").read_text()  # noqa: E731
+        wait_for(lambda: "Listening on" in text() if phase == "shutdown" else "startup." in text(), timeout=10)
+        proc.send_signal(sig)
+        if phase == "shutdown":
+            wait_for(lambda: "Waiting for application shutdown." in text())
+        else:
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(0.5)  # one signal waits for the startup
+        started = time.monotonic()
+        proc.send_signal(sig)
+        code = proc.wait(5)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, text()
+    assert took < 2, took
+    assert events.read_text() == "cancelled\n"
+    assert f"Application {phase} cancelled" in text()
