@@ -206,3 +206,32 @@ def test_many_sequential_connections(serve: Any) -> None:
                 assert conn.read_response().body.startswith(f"/{i} ".encode())
         assert time.monotonic() - started < 5
         assert srv.server.requests_served >= 20
+
+
+def test_each_request_runs_in_a_task_of_its_own_made_by_the_loops_task_factory(serve: Any) -> None:
+    """current_task() in the app is a real asyncio Task, a new one per request (anyio and the
+    cancellation on disconnect need it); once the app sets a task factory on the loop, the
+    factory makes them (the server builds request tasks itself only when there is none)."""
+    tasks: list[Any] = []
+    made: list[asyncio.Task[Any]] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, context: Any = None) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, context=context)
+        made.append(task)
+        return task
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        tasks.append(asyncio.current_task())
+        if scope["path"] == "/factory":
+            asyncio.get_running_loop().set_task_factory(factory)
+        elif scope["path"] == "/reset":
+            asyncio.get_running_loop().set_task_factory(None)
+        await respond(send, body=b"ok")
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for target in ("/", "/factory", "/made", "/reset"):
+            conn.send(build_request(target=target))
+            assert conn.read_response().body == b"ok"
+    assert all(isinstance(task, asyncio.Task) for task in tasks)
+    assert len({id(task) for task in tasks}) == 4
+    assert made == tasks[2:]

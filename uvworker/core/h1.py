@@ -227,21 +227,22 @@ class H1Core:
 
     def start(self, status: int, headers: Any) -> None:
         """Check and encode the response head; it goes out with the first body piece."""
-        parts = [STATUS_LINES[status]]
+        parts = [STATUS_LINES[status], b""]  # [1]: the server's default lines
         override_defaults = False
         lines = HEADER_LINES
         for pair in headers:
             try:
-                line, kind = lines[pair]
+                line, kind, length = lines[pair]
             except (KeyError, TypeError):  # new, or not a hashable (name, value) tuple
                 line, kind = header_line(*pair)
+                length = int(pair[1]) if kind == RESP_LENGTH else 0
                 if type(pair) is tuple:
                     if len(lines) >= 4096:
                         lines.clear()
-                    lines[pair] = line, kind
+                    lines[pair] = line, kind, length
             if kind:
                 if kind == RESP_LENGTH:
-                    self.remaining = int(pair[1])
+                    self.remaining = length
                 elif kind == RESP_CONNECTION:
                     if pair[1].lower().find(b"close") >= 0:
                         self.keep_alive = False
@@ -251,7 +252,7 @@ class H1Core:
                 else:
                     override_defaults = True
             parts.append(line)
-        parts.insert(1, self.defaults.without(headers) if override_defaults else self.defaults.encoded)
+        parts[1] = self.defaults.without(headers) if override_defaults else self.defaults.encoded
         if status in NO_BODY_STATUSES:
             self.no_body = True
             self.remaining = 0
@@ -360,7 +361,7 @@ class H1Core:
             framing += b"connection: close\r\n"
         elif self.http10:
             framing += b"connection: keep-alive\r\n"
-        return b"%s%s\r\n%s" % (head, framing, start), suffix
+        return head + framing + b"\r\n" + start, suffix  # + b"" costs nothing
 
     def error(self, status: int, reason: str, extra: bytes = b"") -> bytes:
         """A whole plain-text answer of the server's own; the connection closes after it."""

@@ -278,8 +278,7 @@ def absolute_form_host(target: bytes, headers: Headers) -> Headers:
 
 
 def decode_path(raw_path: bytes) -> str:
-    if PERCENT not in raw_path and raw_path.isascii():
-        return raw_path.decode("ascii")
+    """A path with percent-escapes or non-ASCII bytes: decoded as UTF-8 (bad bytes replaced)."""
     return unquote_to_bytes(raw_path).decode("utf-8", "replace")
 
 
@@ -288,9 +287,13 @@ def build_scope(
     server: Any, client: Any, scheme: str, root_path: str, state: dict[str, Any],
 ) -> dict[str, Any]:
     """The ASGI ``http`` scope of a checked head; ``state`` is copied (lifespan state)."""
-    if target[0] != 47 and target != b"*":  # absolute-form
-        headers = absolute_form_host(target, headers)
-    raw_path, query = split_target(target)
+    if target[0] == 47 and HASH not in target:  # origin-form, no fragment: split here (hot path)
+        raw_path, _, query = target.partition(b"?")
+    else:
+        if target[0] != 47 and target != b"*":  # absolute-form
+            headers = absolute_form_host(target, headers)
+        raw_path, query = split_target(target)
+    path = raw_path.decode("ascii") if PERCENT not in raw_path and raw_path.isascii() else decode_path(raw_path)
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -300,7 +303,7 @@ def build_scope(
         "scheme": scheme,
         "method": _METHODS.get(method) or method.decode("ascii"),
         "root_path": root_path,
-        "path": root_path + decode_path(raw_path) if root_path else decode_path(raw_path),
+        "path": root_path + path if root_path else path,
         "raw_path": root_path.encode() + raw_path if root_path else raw_path,
         "query_string": query,
         "headers": headers,

@@ -35,8 +35,9 @@ RESPONSE_HEADS = {
     b"date": RESP_DEFAULTED,
 }
 # Validated, encoded response header lines, keyed by the app's (name, value) tuple: most apps
-# send the same few headers on every response. Bounded: cleared when full.
-HEADER_LINES: dict[tuple[bytes, bytes], tuple[bytes, int]] = {}
+# send the same few headers on every response. Bounded: cleared when full. The entry is
+# (line, kind, Content-Length as an int, else 0): int(b"13") is ~1k instructions a response.
+HEADER_LINES: dict[tuple[bytes, bytes], tuple[bytes, int, int]] = {}
 
 
 def header_line(name: bytes, value: bytes) -> tuple[bytes, int]:

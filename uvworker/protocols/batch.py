@@ -38,14 +38,20 @@ class WriteBatch:
         if self.size >= self.limit:
             self.flush()
 
-    def write(self, *pieces: bytes) -> None:
-        """Write now: whatever is batched, then ``pieces``."""
-        if self.parts or len(pieces) > 1:
-            self.parts.extend(pieces)
-            self.size += sum(map(len, pieces))
+    def write(self, data: bytes) -> None:
+        """Write now: whatever is batched, then ``data``."""
+        if self.parts:
+            self.parts.append(data)
+            self.size += len(data)
             self.flush()
         else:  # the common case, one whole response: straight through
-            self.transport.write(pieces[0])
+            self.transport.write(data)
+
+    def writelines(self, pieces: tuple[bytes, ...]) -> None:
+        """Write now: whatever is batched, then ``pieces`` (by reference, if large)."""
+        self.parts.extend(pieces)
+        self.size += sum(map(len, pieces))
+        self.flush()
 
     def flush(self) -> None:
         parts = self.parts
@@ -75,10 +81,10 @@ class CountingBatch(WriteBatch):
         super().__init__(transport, loop, limit)
         self.counters = counters
 
-    def write(self, *pieces: bytes) -> None:
-        if not self.parts and len(pieces) == 1:  # else flush() counts them
-            self.counters.sent += len(pieces[0])
-        super().write(*pieces)
+    def write(self, data: bytes) -> None:
+        if not self.parts:  # else flush() counts it
+            self.counters.sent += len(data)
+        super().write(data)
 
     def flush(self) -> None:
         if self.parts and not self.transport.is_closing():

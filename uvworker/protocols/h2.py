@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from h2.config import H2Configuration
@@ -516,11 +515,7 @@ class H2Connection(Connection):
             stream.send_error(503, "Service Unavailable")
             self._app_done(stream)
             return
-        if self.config.reset_contextvars:
-            task = self.loop.create_task(cycle.run_asgi(state.app), context=Context())
-        else:
-            task = self.loop.create_task(cycle.run_asgi(state.app))
-        cycle.task = task
+        task = cycle.task = state.start_app(cycle.run_asgi(state.app))
         task.add_done_callback(lambda _: self._app_done(stream))
 
     def _on_data(self, event: DataReceived) -> None:

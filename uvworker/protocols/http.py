@@ -49,7 +49,6 @@ import logging
 import os
 import socket
 import struct
-from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from uvworker.core.h1 import DISCARD, NEXT, BodyLengthError, H1Core
@@ -197,10 +196,7 @@ class HTTPConnection(Connection):
             state.shed(cycle)
             self.send_error(503, "Service Unavailable", cycle)
             return
-        if self.config.reset_contextvars:  # a fresh, empty context for each request
-            cycle.task = self.loop.create_task(cycle.run_asgi(state.app), context=Context())
-        else:
-            cycle.task = self.loop.create_task(cycle.run_asgi(state.app))
+        cycle.task = state.start_app(cycle.run_asgi(state.app))
 
     def on_upgrade(self, scope: dict[str, Any]) -> None:
         from uvworker.protocols.websocket import new_session
@@ -305,8 +301,8 @@ class HTTPConnection(Connection):
             if data:
                 if more:
                     self.write_soon(data)
-                else:
-                    self.write(data)
+                elif self.phase != CLOSED:
+                    self.batch.write(data)  # Connection.write, inlined: once a response
         else:
             self.writelines(data)  # type: ignore[arg-type]
         if not self.core.no_body:
@@ -570,7 +566,7 @@ class HTTPConnection(Connection):
     def _next_cycle(self) -> None:
         self.cycle = None
         self.phase = KEEP_ALIVE
-        self._set_deadline(self.config.timeout_keep_alive)
+        self.deadline = self.loop.time() + self.config.timeout_keep_alive  # _set_deadline, inlined
         if self.state.closing_idle and not self.parser.holding_input:
             self.close()  # the whole server is stopping: nobody would answer a next request
             return
