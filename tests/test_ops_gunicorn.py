@@ -62,3 +62,27 @@ def test_post_request_gets_the_request_object_pre_request_got(tmp_path: Path, wo
     (a, a_status, _), (slow, slow_status, slow_took) = (line.split()[1:] for line in lines)
     assert (a, a_status, slow, slow_status) == ("/a", "200", "/slow", "200")
     assert float(slow_took) >= 0.2
+
+
+@pytest.mark.parametrize("worker_class", WORKERS)
+def test_worker_nr_counts_requests_for_the_hooks(tmp_path: Path, worker_class: str) -> None:
+    """Gunicorn's workers count every request in ``worker.nr`` (after pre_request, before the
+    app), with or without max_requests: hooks read it to log or to recycle on their own."""
+    conf = """
+        import os
+
+        def _record(line):
+            with open(os.environ["EVENTS"], "a") as events:
+                events.write(line + "\\n")
+
+        def pre_request(worker, req):
+            _record(f"pre {req.path} {worker.nr}")
+
+        def post_request(worker, req, environ, resp):
+            _record(f"post {req.path} {worker.nr}")
+        """
+    with run_gunicorn(tmp_path, worker_class, conf) as server:
+        for path in ("/a", "/b", "/c"):
+            assert server.get(path).status_code == 200
+        wait_for(lambda: len(server.events("post")) == 3)
+    assert server.events("p") == ["pre /a 0", "post /a 1", "pre /b 1", "post /b 2", "pre /c 2", "post /c 3"]

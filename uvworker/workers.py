@@ -13,8 +13,9 @@ Where each part of Gunicorn's configuration goes:
     timeout                           ``notify()`` from ``Server.on_tick``, i.e. from the event
                                       loop: a blocked loop stops the heartbeat, the arbiter
                                       sends SIGABRT and replaces the worker
-    max_requests (+ jitter)           ``self.nr`` counts requests as they reach the app; the
-                                      last one of the budget calls ``Server.retire()``
+    max_requests (+ jitter)           ``self.nr`` counts requests as they reach the app (also
+                                      for hooks, which read it); the last one of the budget
+                                      calls ``Server.retire()``
     (UVWORKER_TIMEOUT_REQUEST)        too many requests still running after it ended them:
                                       the worker retires, the arbiter starts another
     forwarded_allow_ips,              applied per request in front of the app, where the peer
@@ -156,7 +157,9 @@ class Worker(GunicornWorker):
         # Gunicorn's default pre_request only logs at debug level: skip it unless it would.
         debug = getattr(self.log, "loglevel", logging.INFO) <= logging.DEBUG
         self._pre_request = cfg.pre_request if hook_set(cfg, "pre_request") or debug else None
-        before = self._before_app if budget or self._pre_request is not None else None
+        # worker.nr is counted for the budget, and for hooks, which may read it.
+        counted = budget or self._pre_request is not None or hook_set(cfg, "post_request")
+        before = self._before_app if counted else None
         config.loaded_app = front(
             config.loaded_app, trusted=config.forwarded_allow, proxy_headers=proxy_headers,
             secure_scheme_headers=cfg.secure_scheme_headers, before=before,
@@ -165,15 +168,15 @@ class Worker(GunicornWorker):
         return config
 
     def _before_app(self, scope: dict[str, Any]) -> None:
-        """Each request, as it reaches the app: the request budget, then pre_request."""
-        if self.max_requests < sys.maxsize:
-            self.nr += 1
-            if self.nr == self.max_requests:
-                self.log.info("Autorestarting worker after current request.")
-                assert self.server is not None
-                self.server.retire()  # at once: the listeners close, this response says close
+        """Each request, as it reaches the app, in the order of Gunicorn's workers: pre_request
+        (if it raises, the request is a 500 and not counted), then ``nr`` and the budget."""
         if self._pre_request is not None:
             self._pre_request(self, gunicorn_request(scope))
+        self.nr += 1
+        if self.nr == self.max_requests:
+            self.log.info("Autorestarting worker after current request.")
+            assert self.server is not None
+            self.server.retire()  # at once: the listeners close, this response says close
 
     # -- callbacks from the server, on the event loop ------------------------------------------
     async def _serve(self, server: Server) -> None:
