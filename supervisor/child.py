@@ -44,6 +44,10 @@ REPORT_SIGNAL: int = signal.SIGUSR2
 # no-op handler for each (Python handlers are reset by exec, unlike SIG_IGN, so the app's
 # subprocesses are not affected); a target that cares installs its own.
 OPTIONAL_SIGNALS = (HANDOVER_SIGNAL, SERVE_ON_SIGNAL, REPORT_SIGNAL)
+# The master's scaling signals reach the workers too when sent to the process group or by name
+# (``pkill -TTIN uvworker``); their default action would stop a worker (in a shell's job) until
+# SIGCONT: it gets the same no-op handler.
+SCALING_SIGNALS = (signal.SIGTTIN, signal.SIGTTOU)
 
 
 @dataclass
@@ -121,7 +125,7 @@ def reset_process(close_fds: list[int], reopen_logs: Callable[[], None] | None =
         if signum == signal.SIGUSR1 and reopen_logs is not None:
             handler = lambda signum, frame: reopen_logs()  # noqa: E731
         signal.signal(signum, handler)
-    for signum in OPTIONAL_SIGNALS:
+    for signum in OPTIONAL_SIGNALS + SCALING_SIGNALS:
         signal.signal(signum, _ignore)
     for fd in close_fds:
         try:

@@ -3,8 +3,11 @@ signals; what is asserted is the exit (code and time) and the log lines."""
 
 from __future__ import annotations
 
+import http.client
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,3 +71,49 @@ def test_a_second_signal_stops_a_lifespan_that_hangs(tmp_path: Path, phase: str,
     assert took < 2, took
     assert events.read_text() == "cancelled\n"
     assert f"Application {phase} cancelled" in text()
+
+
+def _get(port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+    try:
+        conn.request("GET", "/")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (T: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["fork", "preload"])
+def test_ttin_and_ttou_to_the_whole_process_group_leave_the_workers_running(tmp_path: Path, preload: bool) -> None:
+    """``pkill -TTIN uvworker`` or a signal to the process group reaches the workers too: the
+    master scales, and the workers, whose default action for TTIN and TTOU is to stop, must
+    go on serving. (The group is started as a shell's job is, with its parent in the same
+    session: the kernel stops an orphaned group, a session of its own, on neither.)"""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port, fd = sock.getsockname()[1], sock.fileno()
+        with open(tmp_path / "log", "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "uvworker", "examples.hello:app", "--workers", "1", "--fd", str(fd),
+                 *(["--preload"] if preload else [])],
+                cwd=Path(__file__).resolve().parent.parent, env=environment(), stdout=log,
+                stderr=subprocess.STDOUT, pass_fds=[fd], process_group=0,
+            )
+    text = lambda: (tmp_path / "log").read_text()  # noqa: E731
+    try:
+        first = int(wait_for(lambda: re.search(r"Worker 1 \(pid (\d+)\) is ready", text()), timeout=10)[1])
+        os.killpg(proc.pid, signal.SIGTTIN)
+        second = int(wait_for(lambda: re.search(r"Worker 2 \(pid (\d+)\) is ready", text()), timeout=10)[1])
+        os.killpg(proc.pid, signal.SIGTTOU)  # the master retires worker 2; worker 1 serves alone
+        wait_for(lambda: f"Worker 2 (pid {second}) exited" in text(), timeout=10)
+        assert _state(first) != "T", text()
+        assert _get(port) == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started
+            proc.wait()
