@@ -86,3 +86,31 @@ def test_worker_nr_counts_requests_for_the_hooks(tmp_path: Path, worker_class: s
             assert server.get(path).status_code == 200
         wait_for(lambda: len(server.events("post")) == 3)
     assert server.events("p") == ["pre /a 0", "post /a 1", "pre /b 1", "post /b 2", "pre /c 2", "post /c 3"]
+
+
+SLOW_STARTUP = '''
+import asyncio
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await asyncio.sleep(4)  # loading a model, warming a cache: the event loop turns
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+'''
+
+
+@pytest.mark.parametrize("worker_class", WORKERS)
+def test_a_slow_lifespan_startup_is_not_a_worker_timeout(tmp_path: Path, worker_class: str) -> None:
+    """The heartbeat comes from the event loop, from the start: an async lifespan startup
+    longer than Gunicorn's timeout is waited for (a blocked loop is still a timeout)."""
+    with run_gunicorn(tmp_path, worker_class, "timeout = 2\n", app=SLOW_STARTUP, wait=False) as server:
+        server.wait_ready(timeout=15)
+        assert server.get("/").status_code == 200
+        assert "WORKER TIMEOUT" not in server.log

@@ -10,9 +10,10 @@ Where each part of Gunicorn's configuration goes:
     a setting named by a row's        that uvworker setting (``settings_from_gunicorn``);
       ``Setting.gunicorn`` slot       ``UVWORKER_<NAME>`` fills in what Gunicorn leaves at its
                                       default or has no setting for
-    timeout                           ``notify()`` from ``Server.on_tick``, i.e. from the event
-                                      loop: a blocked loop stops the heartbeat, the arbiter
-                                      sends SIGABRT and replaces the worker
+    timeout                           ``notify()`` once a second from a task on the event loop
+                                      (lifespan startup and shutdown included): a blocked loop
+                                      stops the heartbeat, the arbiter sends SIGABRT and
+                                      replaces the worker
     max_requests (+ jitter)           ``self.nr`` counts requests as they reach the app (also
                                       for hooks, which read it); the last one of the budget
                                       calls ``Server.retire()``
@@ -66,7 +67,7 @@ from uvworker.errors import ConfigError
 from uvworker.gunicorn_hooks import front, hook_set, request_hooks, route_error_log
 from uvworker.gunicorn_objects import GunicornRequest, gunicorn_request
 from uvworker.gunicorn_settings import settings_from_gunicorn
-from uvworker.inflight import Watchdog, hung_report, watchdog_delay
+from uvworker.inflight import HEARTBEAT_INTERVAL, Watchdog, hung_report, watchdog_delay
 from uvworker.logging import AccessLog
 from uvworker.server import Server
 from uvworker.settings import BY_NAME
@@ -188,8 +189,19 @@ class Worker(GunicornWorker):
         loop.add_signal_handler(signal.SIGWINCH, self.log.debug, "worker: SIGWINCH ignored.")
         if not self.alive:  # TERM arrived while the app was loading
             server.should_exit = True
-        self.notify()
-        await server.serve(sockets=[getattr(sock, "sock", sock) for sock in self.sockets])
+        beat = loop.create_task(self._heartbeat())
+        try:
+            await server.serve(sockets=[getattr(sock, "sock", sock) for sock in self.sockets])
+        finally:
+            beat.cancel()
+
+    async def _heartbeat(self) -> None:
+        """Gunicorn's heartbeat, from the event loop for the whole of serve(): lifespan startup
+        and shutdown included, so that a slow async startup (a model loading) is not taken for
+        a hung worker; a blocked loop still stops it."""
+        while True:
+            self.notify()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     def _on_ready(self) -> None:
         # Registered as the listeners start: no request can finish in the same loop turn.
@@ -197,7 +209,6 @@ class Worker(GunicornWorker):
         self.server.state.request_hooks.extend(request_hooks(self))
 
     def _on_tick(self, server: Server) -> None:
-        self.notify()
         if server.should_exit:
             return
         if self.ppid != os.getppid():
