@@ -116,6 +116,11 @@ EXITED_KEPT = 64
 HANDOVER_GRACE = 2.0
 HANDOVER_ETA_FACTOR = 4.0
 BOOTS_KEPT = 8  # recent boot times (spawn to ready) behind the fleet's boot estimate
+# The loop ticks at least once a second (next_deadline). A longer gap means the master itself
+# did not run: the process group stopped and continued (Ctrl-Z then fg, SIGSTOP), a frozen
+# cgroup (docker pause). The workers were most likely stopped with it, so their silence
+# during the gap is not held against them (else every worker is aborted as hung at once).
+STALL = 2.0
 
 
 class State(enum.Enum):
@@ -371,6 +376,7 @@ class Policy:
         self._boots: deque[float] = deque(maxlen=BOOTS_KEPT)
         self._rates: deque[float] = deque(maxlen=BOOTS_KEPT)  # requests/s of recent workers, at exit
         self._next_memory_at = 0.0
+        self._ticked_at: float | None = None
         self._next_status_at = 0.0
         self._last_status = ""
         # --preload: the templates (the last one READY forks the workers) and, after one died,
@@ -482,6 +488,19 @@ class Policy:
 
     def start(self, now: float) -> None:
         self.tick(now)
+
+    def _excuse(self, gap: float, now: float) -> None:
+        """The master did not run for ``gap`` seconds: move the heartbeat and startup clocks on
+        by as much (never past now)."""
+        self.log.warning("The master did not run for %.1f s (stopped or frozen); the workers' "
+                         "heartbeats are awaited anew.", gap)
+        for worker in self.workers:
+            worker.last_seen = min(now, worker.last_seen + gap)
+            if worker.state is State.STARTING:
+                worker.spawned_at = min(now, worker.spawned_at + gap)
+        for template in self.templates:
+            if template.state is TemplateState.STARTING:
+                template.spawned_at = min(now, template.spawned_at + gap)
 
     def started(self, worker: Worker, pid: int, now: float) -> None:
         """The fork for ``worker`` succeeded."""
@@ -675,6 +694,9 @@ class Policy:
 
     def tick(self, now: float) -> None:
         cfg = self.config
+        gap, self._ticked_at = now - (self._ticked_at or now), now
+        if gap > STALL:
+            self._excuse(gap, now)
         for worker in list(self.workers):
             if worker.state is State.STARTING and now - worker.spawned_at > cfg.startup_timeout:
                 self._transition(worker, "hung", now, f"did not become ready within {cfg.startup_timeout:g} s")

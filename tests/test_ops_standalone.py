@@ -117,3 +117,37 @@ def test_ttin_and_ttou_to_the_whole_process_group_leave_the_workers_running(tmp_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started
             proc.wait()
+
+
+def test_workers_stopped_and_continued_with_the_master_are_not_taken_for_hung(tmp_path: Path) -> None:
+    """Ctrl-Z then fg, or docker pause then unpause, stops the master and its workers alike
+    for longer than --timeout-worker: once continued, the workers serve on; before, the
+    master aborted every one of them as hung at its first look."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port, fd = sock.getsockname()[1], sock.fileno()
+        with open(tmp_path / "log", "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "uvworker", "examples.hello:app", "--workers", "2", "--fd", str(fd),
+                 "--timeout-worker", "2"],
+                cwd=Path(__file__).resolve().parent.parent, env=environment(), stdout=log,
+                stderr=subprocess.STDOUT, pass_fds=[fd], start_new_session=True,
+            )
+    text = lambda: (tmp_path / "log").read_text()  # noqa: E731
+    try:
+        wait_for(lambda: "Ready: 2 worker(s) serving." in text(), timeout=10)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        time.sleep(3)  # the freeze itself: longer than --timeout-worker
+        os.killpg(proc.pid, signal.SIGCONT)
+        watch_until = time.monotonic() + 2.5  # the master looks at once, the workers beat each second
+        while time.monotonic() < watch_until:
+            assert _get(port) == 200
+            assert "sent no heartbeat" not in text() and "found hung" not in text(), text()
+            assert "has not turned" not in text(), text()  # nor does a worker's watchdog report
+            time.sleep(0.1)
+        assert "The master did not run for" in text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session this test started
+            proc.wait()

@@ -257,6 +257,21 @@ def test_a_worker_silent_past_the_timeout_is_aborted_then_killed(running: Fleet)
     assert running.signalled(chatty) == []
 
 
+def test_a_master_that_did_not_run_awaits_the_heartbeats_anew(running: Fleet) -> None:
+    """Ctrl-Z then fg, docker pause then unpause: the master's clock jumps while every worker
+    stood still with it; none is taken for hung, and one that stays silent still is."""
+    running.policy.config.timeout_worker = 2.0
+    quiet, chatty = running.current(1), running.current(2)
+    running.now += 30.0  # no tick meanwhile: the master was stopped
+    running.policy.tick(running.now)
+    assert running.signalled(quiet) == running.signalled(chatty) == []
+    for _ in range(12):  # 3 s more: only worker 2 sends heartbeats
+        running.now += 0.25
+        running.say(chatty, "heartbeat", 1)
+    assert running.signalled(quiet) == [ABRT]
+    assert running.signalled(chatty) == []
+
+
 def test_a_worker_that_never_becomes_ready_is_aborted(running: Fleet) -> None:
     running.policy.config.startup_timeout = 5.0
     running.exit(running.current(1), signum=KILL)

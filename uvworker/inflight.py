@@ -107,10 +107,18 @@ class Watchdog:
 
     def _watch(self) -> None:
         reported = 0.0
-        while not self.stopped.wait(min(1.0, max(0.05, self.after / 4))):
+        interval = min(1.0, max(0.05, self.after / 4))
+        woke = resumed = time.monotonic()
+        while not self.stopped.wait(interval):
+            now, last = time.monotonic(), woke
+            woke = now
+            if now - last > interval + 1.0:
+                # This thread overslept: the process was stopped (Ctrl-Z, SIGSTOP, docker
+                # pause), and the loop with it; a stall counts from the resumption.
+                resumed = now
             state = self.state()
             swept_at = state.swept_at if state is not None else 0.0
-            blocked = time.monotonic() - swept_at
+            blocked = time.monotonic() - max(swept_at, resumed)
             if swept_at and swept_at != reported and blocked >= self.after:
                 reported = swept_at
                 frame = sys._current_frames().get(self.loop_thread)
