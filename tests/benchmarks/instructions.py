@@ -3,6 +3,7 @@
     python -m tests.benchmarks.instructions [--http h11] [--requests 10000] [--metrics]
     python -m tests.benchmarks.instructions --connections 1024 [--cache] [--uvloop]
     python -m tests.benchmarks.instructions --wsgi --uvloop      # row wsgi-hello's app, on threads
+    python -m tests.benchmarks.instructions --close --uvloop     # row close-64: a connection per request
 
 Drives keep-alive HTTPConnections over fake transports on a plain asyncio loop, so the count
 is the Python side of uvworker (parser, cycle, framing, books) and nothing the kernel does.
@@ -18,6 +19,12 @@ The requests of a round are all alive at once, so what a request costs more at 1
 connections than at 1 is per-connection work (instructions) or footprint (``--cache``:
 cachegrind's simulated L1 data and last-level misses per request, the last level modelled
 as a 2 MiB private L2 like the suite's machines').
+
+``--close`` opens a connection for every request, as row close-64 does: each round makes N
+connections (``connection_made``), reads each one's request (``Connection: close``), runs the
+apps, then delivers every client's FIN (``eof_received``) and the transports' end
+(``connection_lost``, a loop callback as uvloop calls it), so the count is everything a
+connection's life costs on the Python side.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import tempfile
 from typing import Any
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+CLOSE_REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"  # as wrk -H sends it
 
 
 class Transport(asyncio.Transport):
@@ -60,6 +68,36 @@ class Transport(asyncio.Transport):
 
     def resume_reading(self) -> None:
         pass
+
+
+class ClosingTransport(Transport):
+    """A transport that ends as uvloop's does: close() calls the protocol's connection_lost in
+    a loop callback, then lets go of the protocol."""
+
+    def __init__(self, protocol: asyncio.Protocol, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.protocol: asyncio.Protocol | None = protocol
+        self.loop = loop
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.loop.call_soon(self._lost)
+
+    def _lost(self) -> None:
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.connection_lost(None)
+
+    def abort(self) -> None:
+        self.close()
 
 
 class Round:
@@ -137,6 +175,42 @@ async def drive(http: str, requests: int, metrics: bool, connections: int = 1, w
     assert state.requests_served == requests // connections * connections
 
 
+async def drive_close(http: str, requests: int, connections: int) -> None:
+    """A connection per request, ``connections`` of them opened in each round (--close)."""
+    from tests.benchmarks.suite.apps import app
+    from uvworker.collector import tune_collector
+    from uvworker.config import Config
+    from uvworker.protocols.http import HTTPConnection
+    from uvworker.server import make_state
+
+    config = Config(app, http=http, access_log=False, lifespan="off")
+    config.load()
+    loop = asyncio.get_running_loop()
+    state = make_state(config, loop, {})
+    tune_collector()
+    rounds = max(1, requests // connections)
+    for _ in range(rounds):
+        conns = [HTTPConnection(state) for _ in range(connections)]
+        transports = [ClosingTransport(conn, loop) for conn in conns]
+        for conn, transport in zip(conns, transports):  # one wake-up: every accept, then every read
+            loop.call_soon(conn.connection_made, transport)
+            loop.call_soon(conn.data_received, CLOSE_REQUEST)
+        while transports[-1].responses < 1:
+            await asyncio.sleep(0)
+        for conn, transport in zip(conns, transports):  # the next wake-up: every client's FIN
+            if not transport.closing:
+                loop.call_soon(_end, conn, transport)
+        while state.connections or not all(transport.closing for transport in transports):
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the last connection_lost callbacks
+    assert state.requests_served == rounds * connections
+
+
+def _end(conn: asyncio.Protocol, transport: ClosingTransport) -> None:
+    if not conn.eof_received():  # a falsy answer: the transport closes itself
+        transport.close()
+
+
 def measure(args: argparse.Namespace, requests: int) -> dict[str, int]:
     """valgrind's event totals for one drive of ``requests`` requests."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +221,7 @@ def measure(args: argparse.Namespace, requests: int) -> dict[str, int]:
             "valgrind", *tool, sys.executable, "-m", "tests.benchmarks.instructions", "--drive",
             "--http", args.http, "--requests", str(requests), "--connections", str(args.connections),
         ] + (["--metrics"] if args.metrics else []) + (["--uvloop"] if args.uvloop else []) + (
-            ["--wsgi"] if args.wsgi else [])
+            ["--wsgi"] if args.wsgi else []) + (["--close"] if args.close else [])
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         with open(out) as handle:
             text = handle.read()
@@ -166,6 +240,7 @@ def main() -> None:
     parser.add_argument("--cache", action="store_true", help="cachegrind: simulated cache misses per request too")
     parser.add_argument("--uvloop", action="store_true", help="on uvloop, as the server runs (default: asyncio's loop)")
     parser.add_argument("--wsgi", action="store_true", help="the WSGI hello world of row wsgi-hello, on its threads")
+    parser.add_argument("--close", action="store_true", help="a new connection per request (row close-64)")
     parser.add_argument("--drive", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -173,7 +248,10 @@ def main() -> None:
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        asyncio.run(drive(args.http, args.requests, args.metrics, args.connections, args.wsgi))
+        if args.close:
+            asyncio.run(drive_close(args.http, args.requests, args.connections))
+        else:
+            asyncio.run(drive(args.http, args.requests, args.metrics, args.connections, args.wsgi))
         return
     if not shutil.which("valgrind"):
         raise SystemExit("Needs valgrind (apt-get install -y valgrind).")
@@ -186,6 +264,8 @@ def main() -> None:
     label = f"{args.http}{' with metrics' if args.metrics else ''}{' WSGI' if args.wsgi else ''}"
     if args.connections > 1:
         label += f", {args.connections} connections"
+    if args.close:
+        label += ", a new connection per request"
     if args.cache:  # Ir: instructions; D1mr/D1mw, DLmr/DLmw: L1 data and last-level misses
         print(f"{label}: {per['Ir']:,.0f} instructions, {per['D1mr'] + per['D1mw']:,.0f} L1d misses, "
               f"{per['DLmr'] + per['DLmw']:,.0f} L2 misses per request")

@@ -4,6 +4,7 @@
     python -m tests.benchmarks.suite.profile --http h11 --native
     python -m tests.benchmarks.suite.profile --commit HEAD~3    # uvworker as it was then
     python -m tests.benchmarks.suite.profile --wsgi             # the WSGI hello world (wsgi-hello)
+    python -m tests.benchmarks.suite.profile --close            # a new connection per request (close-64)
 
 Needs ``py-spy`` (in the ``bench`` extra; attaching needs ptrace rights, e.g. root) and wrk.
 Starts uvworker as the suite does (pinned to CPU 0, hello world, 64 keep-alive connections
@@ -81,7 +82,7 @@ def sample(server: RunningServer, args: argparse.Namespace, cpu_us: float) -> No
         raise SystemExit("Sampling needs py-spy: pip install -e '.[bench]'.")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "stacks.txt"
-        load = subprocess.Popen([*pinning(args.client_cpu), "wrk", "-t1", f"-c{args.connections}",
+        load = subprocess.Popen([*pinning(args.client_cpu), "wrk", "-t1", f"-c{args.connections}", *wrk_headers(args),
                                  f"-d{args.duration + 2}s", server.url + args.path], stdout=subprocess.DEVNULL)
         try:
             command = [*pinning(args.client_cpu), spy, "record", "--pid", str(server.pid), "--function",
@@ -107,6 +108,14 @@ def sample(server: RunningServer, args: argparse.Namespace, cpu_us: float) -> No
         print()
 
 
+def headers(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("Connection: close",) if args.close else ()
+
+
+def wrk_headers(args: argparse.Namespace) -> list[str]:
+    return [option for header in headers(args) for option in ("-H", header)]
+
+
 def call_counts(spec: ServerSpec, args: argparse.Namespace) -> None:
     """The server under cProfile: calls per request of every function (Python and C), exact.
 
@@ -118,7 +127,7 @@ def call_counts(spec: ServerSpec, args: argparse.Namespace) -> None:
         profiled = replace(spec, argv=("-m", "cProfile", "-o", str(stats_file), *spec.argv))
         with RunningServer(profiled, args.server_cpu) as server:
             run = loads.wrk(server, args.path, connections=args.connections, duration=args.duration, warmup=0,
-                            client_cpu=args.client_cpu)
+                            client_cpu=args.client_cpu, headers=headers(args))
         requests = run.value * args.duration  # close enough: wrk's own total is logged below
         stats = pstats.Stats(str(stats_file))
     entries = stats.stats  # type: ignore[attr-defined]
@@ -143,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cprofile", action="store_true", help="count calls per request under cProfile instead")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--wsgi", action="store_true", help="the WSGI hello world on its threads (row wsgi-hello)")
+    parser.add_argument("--close", action="store_true",
+                        help="Connection: close on every request: a new connection per request (row close-64)")
     parser.add_argument("--commit", help="profile uvworker as of this git commit instead of the work tree")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
@@ -157,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with RunningServer(spec, args.server_cpu) as server:
             plain = loads.wrk(server, args.path, connections=args.connections, duration=args.duration, warmup=1,
-                              client_cpu=args.client_cpu)
-            print(f"uvworker{' WSGI' if args.wsgi else ''}, {args.http}, GET {args.path}, {args.connections} keep-alive connections, no profiler: "
+                              client_cpu=args.client_cpu, headers=headers(args))
+            print(f"uvworker{' WSGI' if args.wsgi else ''}, {args.http}, GET {args.path}, {args.connections} {'connections, a new one per request' if args.close else 'keep-alive connections'}, no profiler: "
                   f"{plain.value:,.0f} req/s, {plain.cpu_us:.1f} CPU us/request", flush=True)
             sample(server, args, plain.cpu_us or 0.0)
     return 0
