@@ -162,6 +162,13 @@ class H1Core:
         """The response is out: deliver held (pipelined) input, up to the next request's end."""
         self.parser.next_cycle()
 
+    def detach(self) -> None:
+        """The connection is gone: drop the references back to the handler and those between
+        the parser's objects. Each is a reference cycle, which only the cyclic collector
+        frees; without them the connection's objects go as soon as the transport lets go."""
+        del self.handler
+        self.parser.detach()
+
     @property
     def holding_input(self) -> bool:
         """Input for a later request waits in the parser: the transport should stop reading."""

@@ -413,6 +413,10 @@ class _Adapter:
         if data:
             self._fast(bytes(data))
 
+    def detach(self) -> None:
+        """The connection is gone: let go of the sink, which holds this adapter (H1Core.detach)."""
+        del self.sink
+
     @property
     def trailing_data(self) -> bytes:
         """Input after the current request (after an upgrade request: the other protocol's)."""
@@ -540,6 +544,10 @@ class HttptoolsAdapter(_Adapter):
         self._short = limits.fast
         self._tiny = min(limits.fast, 4 * limits.fields)  # too short for more fields than allowed
         self._request_headers: Headers = []
+
+    def detach(self) -> None:
+        super().detach()
+        del self.parser  # llhttp holds this adapter's bound methods: a cycle of its own
 
     def _new_parser(self) -> None:
         self.parser = self._httptools.HttpRequestParser(self)
