@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from supervisor.child import SCALING_SIGNALS
+
 
 class PathFilter:
     def __init__(self, include: list[str], exclude: list[str]) -> None:
@@ -100,9 +102,10 @@ class WatchfilesWatcher:
 
     @staticmethod
     def _run(dirs: list[str], fd: int, master_pid: int, delay: float) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-                       signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
+        for signum in SCALING_SIGNALS:  # the master's: stopping on one would end the watching
+            signal.signal(signum, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         import watchfiles

@@ -3,6 +3,7 @@ signals; what is asserted is the exit (code and time) and the log lines."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -87,30 +89,22 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
 
 
-@pytest.mark.parametrize("preload", [False, True], ids=["fork", "preload"])
-def test_ttin_and_ttou_to_the_whole_process_group_leave_the_workers_running(tmp_path: Path, preload: bool) -> None:
-    """``pkill -TTIN uvworker`` or a signal to the process group reaches the workers too: the
-    master scales, and the workers, whose default action for TTIN and TTOU is to stop, must
-    go on serving. (The group is started as a shell's job is, with its parent in the same
-    session: the kernel stops an orphaned group, a session of its own, on neither.)"""
+@contextlib.contextmanager
+def _supervised(tmp_path: Path, *args: str, own_session: bool) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``uvworker examples.hello:app *args`` on a socket bound here; yields it and its port. In
+    a session of its own, or (``own_session`` false) as a shell's job: in a process group of
+    its own whose parent, this test, is in the same session."""
     with socket.create_server(("127.0.0.1", 0)) as sock:
         port, fd = sock.getsockname()[1], sock.fileno()
         with open(tmp_path / "log", "w") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "uvworker", "examples.hello:app", "--workers", "1", "--fd", str(fd),
-                 *(["--preload"] if preload else [])],
+                [sys.executable, "-m", "uvworker", "examples.hello:app", "--fd", str(fd), *args],
                 cwd=Path(__file__).resolve().parent.parent, env=environment(), stdout=log,
-                stderr=subprocess.STDOUT, pass_fds=[fd], process_group=0,
+                stderr=subprocess.STDOUT, pass_fds=[fd],
+                **({"start_new_session": True} if own_session else {"process_group": 0}),
             )
-    text = lambda: (tmp_path / "log").read_text()  # noqa: E731
     try:
-        first = int(wait_for(lambda: re.search(r"Worker 1 \(pid (\d+)\) is ready", text()), timeout=10)[1])
-        os.killpg(proc.pid, signal.SIGTTIN)
-        second = int(wait_for(lambda: re.search(r"Worker 2 \(pid (\d+)\) is ready", text()), timeout=10)[1])
-        os.killpg(proc.pid, signal.SIGTTOU)  # the master retires worker 2; worker 1 serves alone
-        wait_for(lambda: f"Worker 2 (pid {second}) exited" in text(), timeout=10)
-        assert _state(first) != "T", text()
-        assert _get(port) == 200
+        yield proc, port
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
@@ -119,21 +113,35 @@ def test_ttin_and_ttou_to_the_whole_process_group_leave_the_workers_running(tmp_
             proc.wait()
 
 
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize("shape", ["fork", "preload", "reload"])
+def test_ttin_and_ttou_to_the_whole_process_group_leave_the_workers_running(tmp_path: Path, shape: str) -> None:
+    """``pkill -TTIN uvworker`` or a signal to the process group reaches the workers (and the
+    --reload watcher) too: the master scales, and the others, whose default action for TTIN
+    and TTOU is to stop, must go on. (The group is started as a shell's job is, with its
+    parent in the same session: the kernel stops an orphaned group, a session of its own, on
+    neither.)"""
+    extra = {"fork": [], "preload": ["--preload"], "reload": ["--reload", "--reload-dir", str(tmp_path)]}[shape]
+    text = lambda: (tmp_path / "log").read_text()  # noqa: E731
+    with _supervised(tmp_path, "--workers", "1", *extra, own_session=False) as (proc, port):
+        wait_for(lambda: "Worker 1 (pid" in text(), timeout=10)
+        os.killpg(proc.pid, signal.SIGTTIN)
+        second = int(wait_for(lambda: re.search(r"Worker 2 \(pid (\d+)\) is ready", text()), timeout=10)[1])
+        os.killpg(proc.pid, signal.SIGTTOU)  # the master retires worker 2; worker 1 serves alone
+        wait_for(lambda: f"Worker 2 (pid {second}) exited" in text(), timeout=10)
+        assert [_state(pid) for pid in _children(proc.pid) if _state(pid) == "T"] == [], text()
+        assert _get(port) == 200
+
+
 def test_workers_stopped_and_continued_with_the_master_are_not_taken_for_hung(tmp_path: Path) -> None:
     """Ctrl-Z then fg, or docker pause then unpause, stops the master and its workers alike
     for longer than --timeout-worker: once continued, the workers serve on; before, the
     master aborted every one of them as hung at its first look."""
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        port, fd = sock.getsockname()[1], sock.fileno()
-        with open(tmp_path / "log", "w") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "uvworker", "examples.hello:app", "--workers", "2", "--fd", str(fd),
-                 "--timeout-worker", "2"],
-                cwd=Path(__file__).resolve().parent.parent, env=environment(), stdout=log,
-                stderr=subprocess.STDOUT, pass_fds=[fd], start_new_session=True,
-            )
     text = lambda: (tmp_path / "log").read_text()  # noqa: E731
-    try:
+    with _supervised(tmp_path, "--workers", "2", "--timeout-worker", "2", own_session=True) as (proc, port):
         wait_for(lambda: "Ready: 2 worker(s) serving." in text(), timeout=10)
         os.killpg(proc.pid, signal.SIGSTOP)
         time.sleep(3)  # the freeze itself: longer than --timeout-worker
@@ -145,9 +153,3 @@ def test_workers_stopped_and_continued_with_the_master_are_not_taken_for_hung(tm
             assert "has not turned" not in text(), text()  # nor does a worker's watchdog report
             time.sleep(0.1)
         assert "The master did not run for" in text()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the session this test started
-            proc.wait()
