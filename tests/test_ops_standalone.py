@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -90,19 +91,23 @@ def _state(pid: int) -> str:
 
 
 @contextlib.contextmanager
-def _supervised(tmp_path: Path, *args: str, own_session: bool) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``uvworker examples.hello:app *args`` on a socket bound here; yields it and its port. In
-    a session of its own, or (``own_session`` false) as a shell's job: in a process group of
-    its own whose parent, this test, is in the same session."""
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        port, fd = sock.getsockname()[1], sock.fileno()
+def _supervised(
+    tmp_path: Path, *args: str, own_session: bool = True, fd: bool = True
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``uvworker examples.hello:app *args``, with ``fd``: on a socket bound here; yields it and
+    that port (0 without). In a session of its own, or (``own_session`` false) as a shell's
+    job: in a process group of its own whose parent, this test, is in the same session."""
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_server(("127.0.0.1", 0))) if fd else None
+        fds = [sock.fileno()] if sock is not None else []
         with open(tmp_path / "log", "w") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "uvworker", "examples.hello:app", "--fd", str(fd), *args],
+                [sys.executable, "-m", "uvworker", "examples.hello:app", *[f"--fd={n}" for n in fds], *args],
                 cwd=Path(__file__).resolve().parent.parent, env=environment(), stdout=log,
-                stderr=subprocess.STDOUT, pass_fds=[fd],
+                stderr=subprocess.STDOUT, pass_fds=fds,
                 **({"start_new_session": True} if own_session else {"process_group": 0}),
             )
+        port = sock.getsockname()[1] if sock is not None else 0
     try:
         yield proc, port
         proc.send_signal(signal.SIGTERM)
@@ -153,3 +158,15 @@ def test_workers_stopped_and_continued_with_the_master_are_not_taken_for_hung(tm
             assert "has not turned" not in text(), text()  # nor does a worker's watchdog report
             time.sleep(0.1)
         assert "The master did not run for" in text()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(None, 0o666), ("007", 0o660), ("077", 0o600)])
+def test_umask_applies_to_the_unix_socket(tmp_path: Path, umask: str | None, mode: int) -> None:
+    """--uds is connectable by every user (uvicorn's 0666) unless --umask says otherwise, as
+    Gunicorn's umask does for its unix: binds: 007 keeps the socket to its owner and group."""
+    path = tmp_path / "app.sock"
+    args = ["--workers", "1", "--uds", str(path), *(["--umask", umask] if umask else [])]
+    with _supervised(tmp_path, *args, fd=False):
+        wait_for(lambda: "Ready: 1 worker(s) serving." in (tmp_path / "log").read_text(), timeout=10)
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert not path.exists()

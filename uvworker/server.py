@@ -389,12 +389,14 @@ def _sweep(state: ServerState) -> None:
 
 
 def listen(config: Config) -> list[socket.socket]:
-    """The listening sockets the settings name (--fd, else --uds, else --host/--port)."""
+    """The listening sockets the settings name (--fd, else --uds, else --host/--port). A --uds
+    socket is for every user (0666, as uvicorn's), less what --umask masks (as Gunicorn's)."""
     from supervisor.sockets import ListenError
     from supervisor.sockets import listen as open_listener
 
+    mode = 0o666 & ~(config.umask or 0)
     try:
-        return [open_listener(config.host, config.port, config.uds, config.fd, config.backlog)]
+        return [open_listener(config.host, config.port, config.uds, config.fd, config.backlog, uds_mode=mode)]
     except ListenError as err:
         raise ConfigError(str(err)) from err
 
