@@ -119,9 +119,13 @@ class ServerState:
             self.counters.shed += 1
 
     def request_done(self, record: Any) -> None:
-        """One request (or WebSocket session) is over: count it, log it, run the hooks.
+        """One request (or WebSocket session) is over: count it, log it, run the hooks; once
+        (``record.finished`` is set then, and later calls do nothing).
 
         ``record`` has scope, status, response_headers, bytes_sent, start_time, start_clock."""
+        if record.finished:
+            return
+        record.finished = True
         self.active_requests -= 1
         self.requests_served += 1
         if self.access_log is not None:

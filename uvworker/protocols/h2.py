@@ -334,8 +334,7 @@ class H2Stream:
         self.finished = True
         self.deadline = 0.0
         conn = self.conn
-        if self.record is not None and not self.record.finished:
-            self.record.finished = True
+        if self.record is not None:
             conn.state.request_done(self.record)
         if self.ended and not self.body_ended and conn.phase != CLOSED:
             # Answered before the whole request body came: ask the client to stop sending it.

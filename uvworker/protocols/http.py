@@ -312,7 +312,7 @@ class HTTPConnection(Connection):
         if not self.core.no_body:
             cycle.bytes_sent += len(body)
         if not more:
-            self._finish(cycle)
+            self.state.request_done(cycle)  # (_finish, without its call: every response)
             after = self.core.after
             if after == NEXT:
                 self._next_cycle()
@@ -555,9 +555,7 @@ class HTTPConnection(Connection):
             self.drop()
 
     def _finish(self, record: Any) -> None:
-        if not record.finished:
-            record.finished = True
-            self.state.request_done(record)
+        self.state.request_done(record)
 
     def _reset(self) -> None:
         """Close with a reset (RST), which no client takes for the end of a response."""

@@ -263,9 +263,7 @@ class WebSocketConnection(Connection):
         self._cancel_timers()
         self._set_disconnected()
         self._wake()
-        if not self.finished:
-            self.finished = True
-            self.state.request_done(self)
+        self.state.request_done(self)
 
     # -- frames in --------------------------------------------------------------------------
     def _receive(self, data: bytes) -> None:
