@@ -42,6 +42,13 @@ def resolve(user: str | int | None, group: str | int | None) -> Identity:
     return Identity(uid, gid, name)
 
 
+def give(path: str, identity: Identity) -> None:
+    """Hand a file the master made (a unix socket) to the identity, as Gunicorn does, so that
+    its mode (--umask) lets that user and group in."""
+    if identity.uid is not None or identity.gid is not None:
+        os.chown(path, -1 if identity.uid is None else identity.uid, -1 if identity.gid is None else identity.gid)
+
+
 def drop(identity: Identity) -> None:
     """Switch this process to the identity (group first: after setuid we could not change it)."""
     if identity.gid is not None:

@@ -170,3 +170,20 @@ def test_umask_applies_to_the_unix_socket(tmp_path: Path, umask: str | None, mod
         wait_for(lambda: "Ready: 1 worker(s) serving." in (tmp_path / "log").read_text(), timeout=10)
         assert stat.S_IMODE(path.stat().st_mode) == mode
     assert not path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--user needs root")
+def test_user_and_group_own_the_unix_socket(tmp_path: Path) -> None:
+    """With --user/--group the socket belongs to them, as Gunicorn chowns its unix: binds, so
+    that --umask 007 leaves it to the workers' user and the front proxy's group."""
+    import grp
+    import pwd
+
+    path = tmp_path / "app.sock"
+    nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    args = ["--workers", "1", "--uds", str(path), "--umask", "007", "--user", "nobody", "--group", "nogroup"]
+    with _supervised(tmp_path, *args, fd=False):
+        wait_for(lambda: "Ready: 1 worker(s) serving." in (tmp_path / "log").read_text(), timeout=10)
+        info = path.stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (nobody, nogroup, 0o660)
+    assert not path.exists()

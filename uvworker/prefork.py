@@ -152,6 +152,8 @@ def supervise(config: Config) -> int:
     else:
         sockets = listen(config)
         own_uds = bool(config.uds and config.fd is None)
+        if own_uds:
+            _give_socket(config)
     metrics_socket = None
     try:
         metrics_socket = listener(config)
@@ -168,6 +170,18 @@ def supervise(config: Config) -> int:
         if own_uds:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(config.uds)
+
+
+def _give_socket(config: Config) -> None:
+    """The --uds socket belongs to --user/--group (a mistake in them is the master's to report)."""
+    from supervisor import privileges
+    from supervisor.config import SupervisorError
+
+    assert config.uds is not None
+    try:
+        privileges.give(config.uds, privileges.resolve(config.user, config.group))
+    except SupervisorError:
+        pass
 
 
 def serve_worker(config: Config, context: WorkerContext) -> int:

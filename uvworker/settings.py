@@ -418,7 +418,7 @@ SETTINGS: tuple[Setting, ...] = (
     _S("group", None, name_or_id, "Run workers as this group (when started as root).",
        metavar="GROUP", gunicorn="group"),
     _S("umask", None, octal, "File mode mask of the server processes, in octal (e.g. 022); it masks the --uds "
-       "socket's 0666 too (007: for its owner and group only).",
+       "socket's 0666 too, and the socket belongs to --user/--group (007: for them only).",
        metavar="MASK", gunicorn="umask"),
     _S("preload", False, boolean, "Import the application once, in a template process, and fork "
        "every worker from it: workers share its memory and are ready in milliseconds; SIGHUP "
