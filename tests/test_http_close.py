@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import RunningServer, wait_for
 from tests.http_client import Conn, build_request
+from uvworker.protocols.http import LINGER_TIME
 
 
 async def never_called(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -57,6 +58,47 @@ def test_the_answer_to_a_bad_request_survives_pipelined_bytes_behind_it(serve: A
             with socket.create_connection((srv.host, srv.port), timeout=5) as sock:
                 sock.sendall(b"GET / HTTP/1.1\r\n\r\n" + build_request() * 200)  # no Host: 400
                 assert read_all(sock).startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_client_that_said_close_and_pipelined_more_still_reads_its_answer(serve: Any) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    pipelined = build_request() * (512 * 1024 // len(build_request()))  # more than a read
+    with serve(app) as srv:
+        for _ in range(10):
+            with socket.create_connection((srv.host, srv.port), timeout=5) as sock:
+                # Requests after a close are not to be sent (RFC 9112 §9.6). Those the server
+                # holds, and those it has not read yet, make it linger rather than reset our
+                # answer (a reset with input unread).
+                sock.sendall(build_request(headers=[("Connection", "close")]) + pipelined)
+                answer = read_all(sock)
+                assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1") == 1
+
+
+@pytest.mark.parametrize("request_", [
+    build_request(headers=[("Connection", "close")]),
+    build_request("POST", headers=[("Connection", "close")], body=b"x" * 1000),
+    build_request(version="1.0"),
+], ids=["close", "close with a body", "HTTP/1.0"])
+def test_a_client_whose_last_request_is_read_whole_is_not_waited_for(serve: Any, request_: bytes) -> None:
+    """Nothing more is due from it: the server closes at once instead of lingering for its
+    FIN, while the client, silent, keeps its socket open."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        registry = srv.server.state.connections  # type: ignore[union-attr]
+        wait_for(lambda: registry)
+        conn.send(request_)
+        assert conn.read_response().body == b"ok"
+        assert conn.read_until_close() == b""
+        wait_for(lambda: not registry, timeout=LINGER_TIME / 2)
 
 
 def test_after_our_fin_the_client_may_still_send_and_then_close(serve: Any) -> None:

@@ -120,6 +120,7 @@ class H1Core:
     discarding = False
     discarded = 0
     after = NEXT  # what the connection does once the response is complete
+    last_request = False  # the client said this request is its last (Connection: close, HTTP/1.0)
 
     def __init__(
         self, options: H1Options, handler: Handler, defaults: HeadDefaults,
@@ -175,6 +176,12 @@ class H1Core:
         return self.parser.holding_input
 
     @property
+    def client_finished(self) -> bool:
+        """The client said this request is its last and all it sent has been read (the whole
+        body, nothing behind it): no more input is due, so closing at once resets nothing."""
+        return self.last_request and self.body_complete and not self.parser.holding_input
+
+    @property
     def trailing_data(self) -> bytes:
         """Bytes read past an upgrade request: the first bytes of the other protocol."""
         return self.parser.trailing_data
@@ -194,6 +201,8 @@ class H1Core:
 
             apply_proxy_headers(scope, options.forwarded_allow)  # type: ignore[arg-type]
         self.keep_alive = keep_alive and self.keep_alive_allowed
+        if not keep_alive:  # the client's last request: the connection closes after it anyway
+            self.last_request = True
         self.expect_continue = expect
         self.body_complete = False
         self.http10 = http10 = http_version == "1.0"

@@ -16,7 +16,9 @@ Theory of operation. A connection is always in one of these phases:
     UPGRADE        none (the app decides)     websocket.accept → the transport belongs to a
                                               WebSocketConnection; a refusal → close
     LINGER         LINGER_TIME                our FIN is sent; input is read and dropped
-                                              until the client's FIN → CLOSED
+                                              until the client's FIN → CLOSED (skipped when
+                                              the client said its request was its last and
+                                              all it sent has been read: closed at once)
     CLOSED         none                       (final)
 
 The server's sweep enforces the deadline a few times a second (``check_deadline``), and with
@@ -321,6 +323,8 @@ class HTTPConnection(Connection):
                 # (bounded in size, and by the body deadline) so the connection can be reused.
                 self.core.discard_body()
                 self.want_body()
+            elif self.core.client_finished:
+                Connection.close(self)  # no linger: nothing more comes for a reset to answer
             else:
                 self.close()
 
@@ -533,7 +537,9 @@ class HTTPConnection(Connection):
         """Close after what is written, gracefully (RFC 9112 §9.6): our FIN first, then read
         and drop what the client still sends until its FIN, for at most LINGER_TIME and
         LINGER_BYTES. Closing a socket with unread input makes the kernel send a reset, which
-        can destroy our last response (a 400, a 431) before the client has read it."""
+        can destroy our last response (a 400, a 431) before the client has read it. (After a
+        response to a client whose request was its last and is read whole, send_body closes
+        at once: no input is due, and the linger's half-close, read and wake-up are saved.)"""
         if self.phase == CLOSED or self.phase == LINGER:
             return
         transport = self.transport
