@@ -118,7 +118,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Protocol
+from typing import Any, Protocol
 
 import h11
 
@@ -149,7 +149,7 @@ class Limits:
     own, as under Gunicorn).
     """
 
-    __slots__ = ("request_line", "fields", "field_size", "field_line", "head", "chunk_line", "fast", "h11_head")
+    __slots__ = ("request_line", "fields", "field_size", "field_line", "head", "chunk_line", "fast", "tiny", "h11_head")
 
     def __init__(
         self, request_line: int, fields: int, field_size: int, h11_head: int | None = None,
@@ -170,6 +170,7 @@ class Limits:
     def _derive(self) -> None:
         # A head this short cannot break a line limit: the parsers' hot path skips the count.
         self.fast = min(self.request_line, self.field_line, self.head)
+        self.tiny = min(self.fast, 4 * self.fields)  # too short for more field lines than allowed
 
     def for_h11(self) -> Limits:
         """These limits as h11 keeps them: the same, unless --h11-max-incomplete-event-size."""
@@ -529,20 +530,21 @@ class HttptoolsAdapter(_Adapter):
     the request complete before its body.
     """
 
-    def __init__(self, sink: Sink, limits: Limits) -> None:
-        import httptools
+    _httptools: Any = None  # the module (an optional dependency), imported by the first adapter
 
-        self._httptools = httptools
+    def __init__(self, sink: Sink, limits: Limits) -> None:
+        if self._httptools is None:
+            import httptools
+
+            HttptoolsAdapter._httptools = httptools
         super().__init__(sink, limits)
         self._new_parser()
-        self._url = b""
-        self._headers: Headers = []
         self._data = b""  # the read being parsed, which starts with the current request
         self._body = 0  # body bytes llhttp delivered for the current request, in this read
         self._after = False  # llhttp went on into the next request in this read
         self._max_fields = limits.fields
         self._short = limits.fast
-        self._tiny = min(limits.fast, 4 * limits.fields)  # too short for more fields than allowed
+        self._tiny = limits.tiny
         self._request_headers: Headers = []
 
     def detach(self) -> None:
@@ -552,7 +554,7 @@ class HttptoolsAdapter(_Adapter):
     def _new_parser(self) -> None:
         self.parser = self._httptools.HttpRequestParser(self)
         self._url = b""
-        self._headers = []
+        self._headers: Headers = []
 
     # -- driving -------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
