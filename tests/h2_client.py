@@ -41,7 +41,7 @@ class H2Response:
 class H2Client:
     def __init__(
         self, host: str, port: int, *, tls: ssl.SSLContext | None = None, settings: dict[int, int] | None = None,
-        auto_window: bool = True, timeout: float = 5.0,
+        auto_window: bool = True, timeout: float = 5.0, send_preface: bool = True,
     ) -> None:
         sock = socket.create_connection((host, port), timeout=timeout)
         if tls is not None:
@@ -57,7 +57,8 @@ class H2Client:
         self.events: list[Event] = []
         self.goaway: ConnectionTerminated | None = None
         self.closed = False
-        self.flush()
+        if send_preface:  # else the first flush() sends it (connected now, talking later)
+            self.flush()
 
     # -- sending ---------------------------------------------------------------------------------
     def flush(self) -> None:

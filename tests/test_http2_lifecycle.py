@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 
+from hyperframe.frame import PingFrame, SettingsFrame
+
 from tests.conftest import run_server, wait_for
 from tests.h2_client import H2Client, get
 from tests.test_supervisor_cli import KeepAliveLoad, Served, served  # noqa: F401  (fixture)
@@ -46,6 +48,44 @@ def test_retire_finishes_streams_in_flight_then_goaway() -> None:
         busy.read(lambda: busy.goaway is not None)
         assert (busy.goaway.error_code, busy.goaway.last_stream_id) == (0, slow)
         busy.close()
+
+
+async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+
+def test_connection_accepted_before_a_retirement_is_served_then_told_goaway(serve: Any) -> None:
+    """A connection accepted just before the server stops accepting sends its preface, SETTINGS
+    and a request together (as httpx does): the request is answered and GOAWAY is the last
+    frame, after the ACK of the client's SETTINGS. Before, GOAWAY (last stream 0) went first
+    and the ACK after it, which h2 clients take for a protocol error."""
+    with serve(hello) as srv:
+        client = H2Client(srv.host, srv.port, send_preface=False)
+        state = srv.server.state
+        wait_for(lambda: len(state.connections) == 1)
+        state.loop.call_soon_threadsafe(srv.server.hold)
+        wait_for(lambda: not state.accepting_requests)
+        stream = client.request(path="/late")  # the preface, SETTINGS and HEADERS in one write
+        response = client.response(stream)  # h2 raises here on a frame after GOAWAY
+        assert (response.status, response.body) == (200, b"/late")
+        client.read(lambda: client.goaway is not None)
+        assert (client.goaway.error_code, client.goaway.last_stream_id) == (0, stream)
+        client.close()
+
+
+def test_no_frame_follows_goaway_when_the_client_speaks_after_it(serve: Any) -> None:
+    """GOAWAY for a connection that sent only the preface (the header timeout); the client's
+    SETTINGS and PING, sent before it read the GOAWAY, are not answered after it."""
+    with serve(hello, timeout_request_header=0.3) as srv:
+        client = H2Client(srv.host, srv.port, send_preface=False)
+        client.send_raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        client.h2.initiate_connection()
+        client.h2.data_to_send()  # the client's own preface and SETTINGS: sent below, late
+        client.read(lambda: client.goaway is not None)
+        client.send_raw(SettingsFrame(0).serialize() + PingFrame(0, opaque_data=b"12345678").serialize())
+        client.read(lambda: False, timeout=10)  # until the server closes: h2 raises on any frame
+        assert client.closed and client.goaway.last_stream_id == 0
 
 
 def test_hup_with_h2_clients_fails_no_request(served: Callable[..., Served]) -> None:

@@ -409,14 +409,16 @@ class H2Connection(Connection):
         h2.initiate_connection()
         h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.idle_deadline = self.set_deadline(self.config.timeout_request_header)
-        if not self.state.accepting_requests:
-            self.shutdown()
         if data:
             if self.state.counters is not None:  # the HTTP/1.1 connection counted it already
                 self.state.counters.received -= len(data)
             self.data_received(data)
         else:
             self.flush()
+        # Accepted by a retiring server: the requests already read are served (as on HTTP/1.1)
+        # and GOAWAY follows the answers to the client's first frames (the SETTINGS ACK).
+        if not self.state.accepting_requests:
+            self.shutdown()
 
     def data_received(self, data: bytes) -> None:
         counters = self.state.counters
@@ -630,8 +632,11 @@ class H2Connection(Connection):
         if self.phase == CLOSED or self.phase == DISCARD:
             return
         data = self.h2.data_to_send()
-        if data:
+        if data and self.phase != LINGER:
             self.write(data)
+        # In LINGER our GOAWAY was the last frame: what h2 queues now answers the client's
+        # SETTINGS or PING sent before it read the GOAWAY, and a python-h2 client (httpx) takes
+        # any frame after a GOAWAY for a protocol error ('RECV_SETTINGS in state CLOSED').
 
     def flush_soon(self) -> None:
         if not self._flush_pending:
