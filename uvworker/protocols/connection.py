@@ -70,6 +70,9 @@ class ServerState:
         self.config = config  # transports read their timeouts and limits here
         self.loop = loop
         self.app = app
+        # An app offering serve_cycle(cycle) takes an HTTP/1.1 request cycle without an ASGI task: the WSGI
+        # adapter (its app runs on a thread; the loop only writes what the thread answers).
+        self.direct: Callable[[Any], None] | None = getattr(app, "serve_cycle", None)
         self.h1 = h1
         self.defaults = defaults
         self.access_log = access_log

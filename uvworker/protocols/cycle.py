@@ -113,7 +113,7 @@ class RequestCycle:
     streaming = False  # a body piece with more_body is out: no early hint, no pathsend now
     trailers_pending = False  # started with trailers: True; the last trailers are not sent yet
     trailer_fields: Headers = []
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Future[None] | None = None  # the app's task (a WSGI exchange, served without one)
     finished = False  # reported to the server's books
 
     def __init__(self, stream: Stream, scope: dict[str, Any], expect_continue: bool = False) -> None:

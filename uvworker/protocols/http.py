@@ -202,7 +202,10 @@ class HTTPConnection(Connection):
             state.shed(cycle)
             self.send_error(503, "Service Unavailable", cycle)
             return
-        cycle.task = state.start_app(cycle.run_asgi(state.app))
+        if state.direct is not None:
+            state.direct(cycle)
+        else:
+            cycle.task = state.start_app(cycle.run_asgi(state.app))
 
     def on_upgrade(self, scope: dict[str, Any]) -> None:
         from uvworker.protocols.websocket import new_session
