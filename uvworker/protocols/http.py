@@ -125,11 +125,11 @@ class HTTPConnection(Connection):
         cycle = self.cycle
         if cycle is not None:
             cycle.on_disconnect()
-            self._finish(cycle)
+            self.state.request_done(cycle)
             self.cycle = None  # the cycle points back here (and its app may hold it longer)
         if self.upgrade is not None:
             self.upgrade.handshake_lost()
-            self._finish(self.upgrade)
+            self.state.request_done(self.upgrade)
         # Nothing comes after this: break the cycles between the connection's objects, so that
         # it is freed now, not by the collector (row close-64: 30 objects of cyclic garbage).
         self.core.detach()
@@ -255,7 +255,7 @@ class HTTPConnection(Connection):
             if cycle.task is not None:
                 cycle.task.cancel()
             if cycle.response_started and not self.core.head:
-                self._finish(cycle)
+                self.state.request_done(cycle)
                 self.close()  # part of the response is out: cut it rather than desynchronise
                 return
             cycle.response_started = cycle.response_complete = True
@@ -300,7 +300,7 @@ class HTTPConnection(Connection):
             cycle.response_complete = True
             if err.committed:
                 self.writelines(err.data) if type(err.data) is tuple else self.write(err.data)
-                self._finish(cycle)
+                self.state.request_done(cycle)
                 self.close()
             else:
                 cycle.status = 500
@@ -317,7 +317,7 @@ class HTTPConnection(Connection):
         if not self.core.no_body:
             cycle.bytes_sent += len(body)
         if not more:
-            self.state.request_done(cycle)  # (_finish, without its call: every response)
+            self.state.request_done(cycle)
             after = self.core.after
             if after == NEXT:
                 self._next_cycle()
@@ -340,7 +340,7 @@ class HTTPConnection(Connection):
         try:
             data = self.core.trailers(headers, accepts_trailers(cycle.scope["headers"]))
         except RuntimeError:  # a field that cannot be sent: the response is cut
-            self._finish(cycle)
+            self.state.request_done(cycle)
             self.close()
             raise
         if data:
@@ -369,7 +369,7 @@ class HTTPConnection(Connection):
             else:
                 sent = await self._write_file(cycle, fd, size)
             if sent < size or self.phase != CYCLE:  # the client has gone or stalled, or the file shrank
-                self._finish(cycle)
+                self.state.request_done(cycle)
                 self.close()
                 return
             if suffix:
@@ -445,7 +445,7 @@ class HTTPConnection(Connection):
             cycle.status = 500
             self.send_error(500, "Internal Server Error", cycle)
         else:
-            self._finish(cycle)
+            self.state.request_done(cycle)
             self.close()
 
     def send_error(self, status: int, reason: str, record: Any = None, extra: bytes = b"") -> None:
@@ -453,7 +453,7 @@ class HTTPConnection(Connection):
         self.write(self.core.error(status, reason, extra))
         if record is not None:
             record.bytes_sent = len(reason.encode())
-            self._finish(record)
+            self.state.request_done(record)
         self.close()
 
     # -- HTTP/2 ----------------------------------------------------------------------------------
@@ -563,9 +563,6 @@ class HTTPConnection(Connection):
         if self._lingered > LINGER_BYTES:
             self.drop()
 
-    def _finish(self, record: Any) -> None:
-        self.state.request_done(record)
-
     def _reset(self) -> None:
         """Close with a reset (RST), which no client takes for the end of a response."""
         sock = self.transport.get_extra_info("socket")
@@ -634,7 +631,7 @@ class HTTPConnection(Connection):
             self.send_error(504, "Gateway Timeout", cycle)
         else:
             cycle.response_complete = True
-            self._finish(cycle)
+            self.state.request_done(cycle)
             if self.core.remaining is None and not self.core.chunked:
                 self._reset()  # close-delimited (HTTP/1.0): a FIN would read as the body's end
             else:
