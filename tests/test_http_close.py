@@ -13,17 +13,14 @@ them was a fifth of the server's CPU time).
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import socket
 import threading
-import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import RunningServer, wait_for
+from tests.conftest import wait_for
+from tests.freed import assert_freed, collector_off, open_connection_objects
 from tests.http_client import Conn, build_request
 from uvworker.protocols.http import LINGER_TIME
 
@@ -116,27 +113,6 @@ def test_after_our_fin_the_client_may_still_send_and_then_close(serve: Any) -> N
         assert conn.sock.recv(100) == b""
 
 
-@contextlib.contextmanager
-def collector_off() -> Iterator[None]:
-    """No cyclic collection meanwhile: whatever is freed is freed by reference counting."""
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def open_connection_objects(srv: RunningServer) -> list[weakref.ref[Any]]:
-    """Weak references to the server's one open connection, its core and its parser."""
-    conns = wait_for(lambda: list(srv.server.state.connections))  # type: ignore[union-attr]
-    assert len(conns) == 1
-    conn = conns[0]
-    return [weakref.ref(obj) for obj in (conn, conn.core, conn.parser)]
-
-
 @pytest.mark.parametrize("ending", ["client says close", "app says close", "client leaves", "client leaves mid-body"])
 def test_a_closed_connection_is_freed_at_once(serve: Any, ending: str) -> None:
     reading = threading.Event()
@@ -166,4 +142,4 @@ def test_a_closed_connection_is_freed_at_once(serve: Any, ending: str) -> None:
                 assert conn.read_response().body == b"ok"
             if "close" in ending:
                 assert conn.read_until_close() == b""
-        wait_for(lambda: all(ref() is None for ref in objects))
+        assert_freed(objects)

@@ -517,6 +517,7 @@ class HTTPConnection(Connection):
         if self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
+        self.core.detach()  # nothing comes here any more: freed now, as after connection_lost
         return early
 
     # -- lifecycle ------------------------------------------------------------------------

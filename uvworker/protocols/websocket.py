@@ -165,6 +165,8 @@ class WebSocketConnection(Connection):
             # --reset-contextvars: a fresh, empty context
             context = Context() if self.config.reset_contextvars else None
             self.task = self.loop.create_task(self._run_asgi(), context=context)
+            return
+        wsproto.release(self.protocol)  # refused before the app: no frame comes
 
     def _check_handshake(self, http: HTTPSide) -> bool:
         raw = self.scope["headers"]
@@ -264,6 +266,7 @@ class WebSocketConnection(Connection):
         self._set_disconnected()
         self._wake()
         self.state.request_done(self)
+        wsproto.release(self.protocol)
 
     # -- frames in --------------------------------------------------------------------------
     def _receive(self, data: bytes) -> None:
@@ -385,6 +388,9 @@ class WebSocketConnection(Connection):
                 self._app_failed()
             elif self.phase == OPEN and not self._app_closed:
                 self._close(1000, "")
+        finally:
+            if self.phase == HANDSHAKE:  # never opened (refused, denied, lost): no frame comes
+                wsproto.release(self.protocol)
 
     def _app_failed(self, quietly: bool = False) -> None:
         if self._denial is not None:

@@ -37,7 +37,7 @@ except ImportError:  # --ws auto without websockets: upgrade requests are served
 
 __all__ = [
     "AVAILABLE", "BINARY", "CLOSE", "CONT", "OPEN", "PONG", "TEXT", "Frame", "HandshakeError",
-    "PayloadReader", "check_handshake", "new_protocol",
+    "PayloadReader", "check_handshake", "new_protocol", "release",
 ]
 
 
@@ -145,6 +145,15 @@ def new_protocol(max_size: int, per_message_deflate: bool) -> Any:
     """A server protocol object in the OPEN state (the handshake is checked separately)."""
     extensions = enable_server_permessage_deflate(None) if per_message_deflate else None
     return Protocol(extensions=extensions, max_size=max_size, state=OPEN)
+
+
+def release(protocol: Any) -> None:
+    """The connection is over: break the protocol object's reference cycles, so that it is
+    freed by reference counting. Its frame parser is a suspended generator whose frame holds
+    the protocol until it has read EOF (which a connection reset, or closed by us first, never
+    feeds it), and the error it stopped on, if any, holds that frame in its traceback."""
+    protocol.parser.close()
+    protocol.parser_exc = None
 
 
 def check_handshake(protocol: Any, headers: list[tuple[bytes, bytes]]) -> tuple[str, str | None]:

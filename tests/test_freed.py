@@ -1,0 +1,99 @@
+"""Whatever kind of connection it was and however it ended, nothing of it is left for the
+cyclic collector: its objects go by reference counting, as soon as the transport and the
+app let go (``tests/freed.py``; HTTP/1.1's own endings are in ``test_http_close.py``).
+
+Each test runs with the collector off, takes weak references to the server's objects while
+they live (the connection, its core and parser, a WebSocket session and its protocol
+object, an HTTP/2 connection and its h2 state, streams and request cycles, the app's task),
+ends the connection, and waits for all of them to be gone.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.freed import assert_freed, collector_off, open_connection_objects, weak
+from tests.test_websocket import RawWS, frame, handshake
+
+Scope = dict[str, Any]
+
+
+def _only(items: Any) -> Any:
+    items = list(items)
+    assert len(items) == 1, items
+    return items[0]
+
+
+# -- WebSocket -------------------------------------------------------------------------------
+sessions: list[Any] = []  # weak references to each session and its protocol object
+
+
+async def ws_app(scope: Scope, receive: Any, send: Any) -> None:
+    path = scope["path"]
+    sessions.extend(weak(receive.__self__, receive.__self__.protocol))
+    assert (await receive())["type"] == "websocket.connect"
+    if path == "/reject":
+        await send({"type": "websocket.close"})
+        return
+    if path == "/deny":
+        await send({"type": "websocket.http.response.start", "status": 404, "headers": []})
+        await send({"type": "websocket.http.response.body", "body": b"no"})
+        return
+    await send({"type": "websocket.accept"})
+    if path == "/close":
+        await send({"type": "websocket.close", "code": 4000})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if path != "/close":
+            await send({"type": "websocket.send", "text": message["text"]})
+
+
+WS_ENDINGS = [
+    "client closes", "app closes", "ping timeout", "client vanishes", "app rejects", "app denies", "server refuses",
+]
+
+
+@pytest.mark.parametrize("ending", WS_ENDINGS)
+def test_a_websocket_connection_is_freed_at_once(serve: Any, ending: str) -> None:
+    settings = {"ws_ping_interval": 0.2, "ws_ping_timeout": 0.2} if ending == "ping timeout" else {}
+    path = {"app closes": "/close", "app rejects": "/reject", "app denies": "/deny"}.get(ending, "/")
+    sessions.clear()
+    with serve(ws_app, **settings) as srv, collector_off():
+        registry = srv.server.state.connections  # type: ignore[union-attr]
+        with RawWS(srv) as ws:
+            objects = open_connection_objects(srv)  # the HTTP/1.1 connection of the handshake
+            ws.send(handshake(path, version="12" if ending == "server refuses" else "13"))
+            status, _, _ = ws.read_head()
+            if status != 101:
+                assert status == {"app rejects": 403, "app denies": 404, "server refuses": 426}[ending]
+                assert ws.at_eof()
+            else:
+                assert status == 101
+                session = wait_for(lambda: next((c for c in registry if c.websocket), None))
+                objects += weak(session.task)
+                del session
+                if ending != "app closes":
+                    ws.send(frame(1, b"hi"))
+                    assert ws.read_frame() == (1, b"hi")
+                if ending == "client closes":
+                    ws.send(frame(8, struct.pack("!H", 1000)))
+                    assert ws.read_close()[0] == 1000
+                elif ending == "app closes":
+                    assert ws.read_close()[0] == 4000
+                    ws.send(frame(8, struct.pack("!H", 4000)))
+                elif ending == "ping timeout":
+                    assert ws.read_frame()[0] == 9  # a ping, never answered
+                    assert ws.read_close()[0] == 1011
+                if ending == "client vanishes":  # a reset, without a close frame or a FIN
+                    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    assert ws.at_eof()
+        wait_for(lambda: not registry)
+        assert_freed(objects + sessions)
