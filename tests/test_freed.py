@@ -11,6 +11,7 @@ ends the connection, and waits for all of them to be gone.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from typing import Any
 
@@ -18,6 +19,8 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.freed import assert_freed, collector_off, open_connection_objects, weak
+from tests.h2_client import H2Client, get
+from tests.test_tls import make_cert
 from tests.test_websocket import RawWS, frame, handshake
 
 Scope = dict[str, Any]
@@ -97,3 +100,64 @@ def test_a_websocket_connection_is_freed_at_once(serve: Any, ending: str) -> Non
                     assert ws.at_eof()
         wait_for(lambda: not registry)
         assert_freed(objects + sessions)
+
+
+# -- HTTP/2 ----------------------------------------------------------------------------------------
+streams: list[Any] = []  # weak references to each request's cycle and its HTTP/2 stream
+
+
+async def h2_app(scope: Scope, receive: Any, send: Any) -> None:
+    cycle = receive.__self__
+    streams.extend(weak(cycle, cycle.stream, cycle.task))
+    del cycle
+    if scope["path"] == "/wait":  # until the client resets the stream or leaves
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+H2_ENDINGS = ["client closes", "client's GOAWAY", "client resets a stream", "lost mid-stream", "over TLS"]
+
+
+@pytest.mark.parametrize("ending", H2_ENDINGS)
+def test_an_http2_connection_is_freed_at_once(serve: Any, ending: str, tmp_path: Any) -> None:
+    settings: dict[str, Any] = {}
+    tls = None
+    if ending == "over TLS":  # h2 chosen by ALPN
+        cert, key = make_cert(tmp_path)
+        settings = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+        tls = ssl.create_default_context(cafile=str(cert))
+        tls.set_alpn_protocols(["h2"])
+    streams.clear()
+    with serve(h2_app, **settings) as srv, collector_off():
+        registry = srv.server.state.connections  # type: ignore[union-attr]
+        with H2Client(srv.host, srv.port, tls=tls, send_preface=False) as client:
+            objects = [] if tls else open_connection_objects(srv)  # h2c: the HTTP/1.1 connection that sniffs it
+            assert get(client).body == b"ok"
+            conn = _only(registry)
+            objects += weak(conn, conn.h2)
+            del conn
+            if ending in ("client resets a stream", "lost mid-stream"):
+                waiting = client.request(path="/wait")
+                wait_for(lambda: len(streams) == 6)  # its app runs
+                if ending == "client resets a stream":
+                    client.h2.reset_stream(waiting, 8)  # CANCEL
+                    client.flush()
+                    assert get(client).body == b"ok"
+            if ending == "client's GOAWAY":
+                client.h2.close_connection()
+                client.flush()
+                assert client.wait_closed()
+            client.sock.close()
+            wait_for(lambda: not registry)
+            assert_freed(objects + streams)  # with the client's own objects still alive
+
+
+def test_a_finished_http2_stream_is_freed_on_an_open_connection(serve: Any) -> None:
+    streams.clear()
+    with serve(h2_app) as srv, collector_off(), H2Client(srv.host, srv.port) as client:
+        assert get(client).body == b"ok"
+        assert_freed(list(streams))
+        assert get(client).body == b"ok"  # the connection goes on

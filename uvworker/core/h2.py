@@ -225,6 +225,11 @@ class H2State(H2Connection):
         event.additional_data = frame.additional_data or None
         return [], [event]
 
+    def detach(self) -> None:
+        """The connection is gone: drop h2's table of this object's own bound methods (one
+        for each frame type), a reference cycle that only the cyclic collector would free."""
+        del self._frame_dispatch_table
+
 
 class FieldBlockError(ProtocolError):
     """A field block HPACK cannot decode: a connection error of type COMPRESSION_ERROR (RFC

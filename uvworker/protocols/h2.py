@@ -379,12 +379,6 @@ class H2Connection(Connection):
             SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             SettingCodes.MAX_HEADER_LIST_SIZE: options.limits.head,
         })
-        self._dispatch = {
-            RequestReceived: self._on_request, DataReceived: self._on_data, StreamEnded: self._on_end,
-            StreamReset: self._on_reset, WindowUpdated: self._on_window, PingReceived: self._on_overhead,
-            RemoteSettingsChanged: self._on_settings, PriorityUpdated: self._on_priority,
-            UnknownFrameReceived: self._on_overhead, ConnectionTerminated: self._on_goaway,
-        }
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -435,14 +429,14 @@ class H2Connection(Connection):
             logger.debug("HTTP/2 connection error: %s", exc)
             self._end()
             return
-        dispatch = self._dispatch
+        dispatch = _DISPATCH
         # Streams the client reset in this same read: no app is started for them, and h2 would
         # refuse frames we send on them (rapid reset sends HEADERS and RST_STREAM together).
         self._reset_ids = {e.stream_id for e in events if type(e) is StreamReset} if len(events) > 1 else ()
         for event in events:
             handler = dispatch.get(type(event))
             if handler is not None:
-                handler(event)
+                handler(self, event)
             if self.phase == CLOSED or self.phase == DISCARD:
                 return
         self.flush()
@@ -450,6 +444,7 @@ class H2Connection(Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._lose_streams()
+        self.h2.detach()  # nothing is received any more
 
     def _lose_streams(self) -> None:
         """The client is gone: every stream's app learns it; what it sends is dropped."""
@@ -603,8 +598,7 @@ class H2Connection(Connection):
     def _app_done(self, stream: H2Stream) -> None:
         self.running -= 1
         if stream.finished:
-            self.streams.pop(stream.id, None)
-            self._maybe_idle()
+            self._forget(stream)
 
     def stream_done(self, stream: H2Stream) -> None:
         """A stream's response is over. Its app may still run; it is forgotten once it ends."""
@@ -612,8 +606,14 @@ class H2Connection(Connection):
         self.budget.earn(1.0)
         task = stream.cycle.task if stream.cycle is not None else None
         if task is None or task.done():
-            self.streams.pop(stream.id, None)
-            self._maybe_idle()
+            self._forget(stream)
+
+    def _forget(self, stream: H2Stream) -> None:
+        """The stream's response and app are both done: nothing refers to it any more, and
+        it lets go of its cycle (which points back at it) to be freed at once."""
+        self.streams.pop(stream.id, None)
+        stream.cycle = stream.record = None
+        self._maybe_idle()
 
     def _maybe_idle(self) -> None:
         if self.streams or self.phase == CLOSED:
@@ -786,3 +786,14 @@ class H2Connection(Connection):
             if stream.cycle is not None and stream.cycle.task is not None and not stream.cycle.task.done():
                 return stream.cycle.task
         return None
+
+
+# What each h2 event is handed to: functions, not one connection's bound methods (a reference
+# cycle per connection).
+_DISPATCH: dict[type, Any] = {
+    RequestReceived: H2Connection._on_request, DataReceived: H2Connection._on_data,
+    StreamEnded: H2Connection._on_end, StreamReset: H2Connection._on_reset, WindowUpdated: H2Connection._on_window,
+    PingReceived: H2Connection._on_overhead, RemoteSettingsChanged: H2Connection._on_settings,
+    PriorityUpdated: H2Connection._on_priority, UnknownFrameReceived: H2Connection._on_overhead,
+    ConnectionTerminated: H2Connection._on_goaway,
+}

@@ -464,6 +464,7 @@ class HTTPConnection(Connection):
         if data[:1] != b"P":
             return data
         if data[: len(H2_PREFACE)] == H2_PREFACE:
+            self.core.detach()  # nothing comes here any more: freed now, as after connection_lost
             self._switch_to_h2(data)
             return b""
         if H2_PREFACE.startswith(data):  # a part of it: wait for the rest
