@@ -10,6 +10,8 @@ ends the connection, and waits for all of them to be gone.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 import ssl
 import struct
@@ -20,6 +22,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.freed import assert_freed, collector_off, open_connection_objects, weak
 from tests.h2_client import H2Client, get
+from tests.http_client import Conn, build_request
 from tests.test_tls import make_cert
 from tests.test_websocket import RawWS, frame, handshake
 
@@ -161,3 +164,54 @@ def test_a_finished_http2_stream_is_freed_on_an_open_connection(serve: Any) -> N
         assert get(client).body == b"ok"
         assert_freed(list(streams))
         assert get(client).body == b"ok"  # the connection goes on
+
+
+# -- HTTP/1.1 requests on unusual paths ----------------------------------------------------------
+cycles: list[Any] = []  # weak references to each request's cycle and app task
+
+
+async def h1_app(scope: Scope, receive: Any, send: Any) -> None:
+    cycles.extend(weak(receive.__self__, receive.__self__.task))
+    path = scope["path"]
+    if path == "/error":
+        raise RuntimeError("the app fails")
+    if path == "/slow":  # until --timeout-request cancels it
+        await asyncio.sleep(30)
+    if path == "/body":
+        while (await receive()).get("more_body"):
+            pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    if path == "/stream":
+        for piece in (b"o", b"k"):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": b"" if path == "/stream" else b"ok"})
+
+
+@pytest.fixture
+def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No error log records: pytest keeps them for its report, and with them the traceback of
+    an app's error (its frames hold the request)."""
+    monkeypatch.setattr(logging.getLogger("uvworker.error"), "disabled", True)
+
+
+CLOSE = [("Connection", "close")]
+H1_PATHS = {
+    "streamed response": (build_request(target="/stream", headers=CLOSE), 200),
+    "body read": (build_request("POST", "/body", headers=CLOSE, body=b"x" * 200_000), 200),
+    "app raises": (build_request(target="/error", headers=CLOSE), 500),
+    "request timeout": (build_request(target="/slow", headers=CLOSE), 504),
+    "refused mid-body": (build_request("POST", "/body", headers=[("Transfer-Encoding", "chunked")]) + b"2\r\nok\r\nzz\r\n", 400),
+}
+
+
+@pytest.mark.parametrize("case", list(H1_PATHS))
+def test_an_http11_request_is_freed_at_once(serve: Any, case: str, quiet: None) -> None:
+    request, status = H1_PATHS[case]
+    cycles.clear()
+    with serve(h1_app, timeout_request=0.3) as srv, collector_off():
+        with Conn.open(srv.host, srv.port) as conn:
+            objects = open_connection_objects(srv)
+            conn.send(request)
+            assert conn.read_response().status == status
+            assert conn.read_until_close() == b""
+        assert_freed(objects + cycles)

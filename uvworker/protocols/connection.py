@@ -16,6 +16,7 @@ task to wait for at shutdown).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -39,6 +40,22 @@ CLOSED = 0  # the phase every protocol ends in
 # The name of every request's app task. Given, because asyncio formats a unique "Task-N" for
 # each unnamed task (about 1.5k instructions of a hello-world request's 98k, callgrind).
 REQUEST_TASK = "uvworker.request"
+
+
+def cancel_app(task: asyncio.Future[None], msg: Any = None) -> None:
+    """Cancel a request's (or WebSocket session's) app task; once it has ended, its
+    CancelledError is taken back out of it. A cancelled task keeps the error it ended with,
+    whose traceback holds the app's frames, which hold the request cycle, which holds the
+    task: a reference cycle for every cancelled request, which only the collector would free."""
+    task.cancel(msg)
+    task.add_done_callback(drop_cancellation)
+
+
+def drop_cancellation(task: asyncio.Future[None]) -> None:
+    """A done callback for a task that may have been cancelled (see cancel_app)."""
+    if task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()  # hands the error over (and lets go of it), to be dropped here
 
 
 def input_waiting(transport: asyncio.BaseTransport) -> bool:
@@ -150,7 +167,7 @@ class ServerState:
         )
         task = record.task
         if task is not None and not task.done():
-            task.cancel(REQUEST_TIMEOUT)
+            cancel_app(task, REQUEST_TIMEOUT)
             self.abandoned.add(task)
             task.add_done_callback(self.abandoned.discard)
 
@@ -252,7 +269,7 @@ class Connection(asyncio.Protocol):
     def abort(self) -> None:
         """Shutdown's last resort: cancel the app and drop the connection."""
         if self.task is not None:
-            self.task.cancel()
+            cancel_app(self.task)
         self.drop()
 
     def shutdown(self, close_idle: bool = False) -> None:

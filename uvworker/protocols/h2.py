@@ -58,7 +58,7 @@ from uvworker.core.h2 import (
 )
 from uvworker.core.tls import tls_extension
 from uvworker.errors import HTTPError
-from uvworker.protocols.connection import CLOSED, Connection, ServerState, address
+from uvworker.protocols.connection import CLOSED, Connection, ServerState, address, cancel_app
 from uvworker.protocols.cycle import RequestCycle
 
 if TYPE_CHECKING:
@@ -762,7 +762,7 @@ class H2Connection(Connection):
     def abort(self) -> None:
         for stream in self.streams.values():
             if stream.cycle is not None and stream.cycle.task is not None:
-                stream.cycle.task.cancel()
+                cancel_app(stream.cycle.task)
         self.drop()
 
     def in_flight(self) -> tuple[Any, ...]:

@@ -57,7 +57,7 @@ from uvworker.core.h1 import DISCARD, NEXT, BodyLengthError, H1Core
 from uvworker.core.request import accepts_trailers
 from uvworker.core.tls import tls_extension
 from uvworker.errors import HTTPError
-from uvworker.protocols.connection import CLOSED, Connection, ServerState, address, input_waiting
+from uvworker.protocols.connection import CLOSED, Connection, ServerState, address, cancel_app, input_waiting
 from uvworker.protocols.cycle import RequestCycle
 
 if TYPE_CHECKING:
@@ -253,7 +253,7 @@ class HTTPConnection(Connection):
         if cycle is not None and not cycle.response_complete:
             cycle.on_disconnect()  # the app sees its request end badly
             if cycle.task is not None:
-                cycle.task.cancel()
+                cancel_app(cycle.task)
             if cycle.response_started and not self.core.head:
                 self.state.request_done(cycle)
                 self.close()  # part of the response is out: cut it rather than desynchronise

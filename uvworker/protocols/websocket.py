@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uvworker.core.response import header_line, is_token
 from uvworker.errors import ClientDisconnected
 from uvworker.protocols import wsproto
-from uvworker.protocols.connection import CLOSED, Connection, ServerState
+from uvworker.protocols.connection import CLOSED, Connection, ServerState, cancel_app
 
 if TYPE_CHECKING:
     from uvworker.protocols.cycle import RequestCycle
@@ -551,7 +551,7 @@ class WebSocketConnection(Connection):
 
     def abort(self) -> None:
         if self.task is not None:
-            self.task.cancel()
+            cancel_app(self.task)
         self._cancel_timers()
         if self.phase == OPEN:
             self.drop()
