@@ -15,6 +15,7 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from tests.h2_client import H2Client, get
 from tests.http_client import Conn, build_request
 from tests.test_tls import make_cert
 from tests.test_websocket import RawWS, frame, handshake
+from uvworker.interfaces.wsgi import WSGIAdapter
 
 Scope = dict[str, Any]
 
@@ -215,3 +217,46 @@ def test_an_http11_request_is_freed_at_once(serve: Any, case: str, quiet: None) 
             assert conn.read_response().status == status
             assert conn.read_until_close() == b""
         assert_freed(objects + cycles)
+
+
+def wsgi_app(environ: dict[str, Any], start_response: Any) -> Any:
+    path = environ["PATH_INFO"]
+    if path == "/error":
+        raise RuntimeError("the app fails")
+    if path == "/body":
+        environ["wsgi.input"].read()
+    start_response("200 OK", [])
+    if path == "/stream":
+        return (piece for piece in (b"o", b"k"))
+    if path == "/slow":  # streams, then takes longer than --timeout-request
+
+        def pieces() -> Any:
+            yield b"o"
+            time.sleep(0.6)
+            yield b"k"
+
+        return pieces()
+    return [b"ok"]
+
+
+WSGI_PATHS = {
+    "whole response": (build_request(headers=CLOSE), 200),  # no task: Completions.drain writes it
+    "body read": (build_request("POST", "/body", headers=CLOSE, body=b"x" * 200_000), 200),
+    "streamed response": (build_request(target="/stream", headers=CLOSE), 200),
+    "app raises": (build_request(target="/error", headers=CLOSE), 500),
+    "request timeout": (build_request(target="/slow", headers=CLOSE), 200),  # cut after its first piece
+}
+
+
+@pytest.mark.parametrize("case", list(WSGI_PATHS))
+def test_a_wsgi_request_is_freed_at_once(serve: Any, case: str, quiet: None) -> None:
+    request, status = WSGI_PATHS[case]
+    with serve(WSGIAdapter(wsgi_app), timeout_request=0.3) as srv, collector_off():
+        with Conn.open(srv.host, srv.port) as conn:
+            objects = open_connection_objects(srv)
+            conn.send(request)
+            assert conn.sock.recv(12) == b"HTTP/1.1 %d" % status
+            assert conn.read_until_close()
+        state = srv.server.state  # type: ignore[union-attr]
+        wait_for(lambda: not state.abandoned, timeout=5)  # the thread set aside by the timeout is done
+        assert_freed(objects)

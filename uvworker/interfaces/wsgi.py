@@ -68,6 +68,7 @@ from urllib.parse import unquote_to_bytes
 from uvworker import __version__
 from uvworker.core.request import PERCENT
 from uvworker.errors import REQUEST_TIMEOUT, ClientDisconnected
+from uvworker.protocols.connection import drop_cancellation
 
 if TYPE_CHECKING:
     from uvworker.protocols.cycle import RequestCycle
@@ -185,6 +186,7 @@ class WorkerPool:
                     self.threads -= 1
                 return
             job()
+            job = None  # the request's exchange is freed now, not when the next job comes
             if self.threads > self.max_threads:  # a thread set aside has rejoined: shrink back
                 with self.lock:
                     if self.threads > self.max_threads:
@@ -514,6 +516,7 @@ class Exchange:
                 wrapped.__cause__ = error
                 error = wrapped
         self._push((FINISH, error))
+        error = wrapped = None  # the error's traceback holds this frame: no cycle through it
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
         if exc_info is not None:
@@ -734,6 +737,7 @@ class Exchange:
         if not self.detached:  # cancelled before its first step: the pump never ran
             self._detach()
         self._resolve()
+        drop_cancellation(task)  # cancelled by the request's end: no cycle through its error
 
     def _resolve(self) -> None:
         future = self.future
@@ -797,6 +801,7 @@ class Exchange:
                         raise op[1]
                     return
         except BaseException as exc:
+            op = None  # it may hold the error, whose traceback holds this frame: no cycle
             self._detach()
             if isinstance(exc, asyncio.CancelledError) and exc.args == (REQUEST_TIMEOUT,):
                 if self.running and not self.finished:
