@@ -26,6 +26,7 @@ from tests.h2_client import H2Client, get
 from tests.http_client import Conn, build_request
 from tests.test_tls import make_cert
 from tests.test_websocket import RawWS, frame, handshake
+from uvworker.gunicorn_objects import gunicorn_request, wsgi_environ
 from uvworker.interfaces.wsgi import WSGIAdapter
 
 Scope = dict[str, Any]
@@ -259,4 +260,21 @@ def test_a_wsgi_request_is_freed_at_once(serve: Any, case: str, quiet: None) -> 
             assert conn.read_until_close()
         state = srv.server.state  # type: ignore[union-attr]
         wait_for(lambda: not state.abandoned, timeout=5)  # the thread set aside by the timeout is done
+        assert_freed(objects)
+
+
+# -- Gunicorn's per-request objects (pre_request, post_request, logger classes) -----------------
+def test_gunicorn_request_objects_are_freed_at_once() -> None:
+    scope = {
+        "type": "http", "http_version": "1.1", "method": "GET", "scheme": "http", "path": "/a", "raw_path": b"/a",
+        "query_string": b"x=1", "root_path": "", "headers": [(b"host", b"example")], "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    with collector_off():
+        request = gunicorn_request(scope)
+        assert gunicorn_request(scope) is request  # one per request: what pre_request sets, post_request reads
+        environ = wsgi_environ(scope)
+        assert environ["asgi.scope"] is scope and request.uri == "/a?x=1"
+        objects = weak(request)
+        del request, environ, scope
         assert_freed(objects)

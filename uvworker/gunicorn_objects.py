@@ -34,7 +34,7 @@ class GunicornRequest:
     """The parts of Gunicorn's ``Request`` that hooks read, from an ASGI scope."""
 
     def __init__(self, scope: dict[str, Any]) -> None:
-        self.scope = scope
+        # Not the scope itself: the scope holds this object (gunicorn_request), a reference cycle.
         self.method: str = scope.get("method", "GET")
         self.path: str = scope.get("raw_path", b"").decode("latin-1") or scope.get("path", "/")
         self.query: str = scope.get("query_string", b"").decode("latin-1")
