@@ -116,6 +116,8 @@ def groups(tree: Path, against: tuple[str, Path] | None = None) -> dict[str, Gro
             lambda server, plan: loads.websocket_echo(server, 32, duration=plan.ws_duration, warmup=plan.warmup)),
         Row("ws-64k", "WebSocket echo, 64 KiB messages", "msg/s",
             lambda server, plan: loads.websocket_echo(server, 65536, duration=plan.ws_duration, warmup=plan.warmup)),
+        Row("ws-connect", "WebSocket session per connection (handshake, 1 echo, close), 32 clients", "sessions/s",
+            lambda server, plan: loads.websocket_churn(server, 32, duration=plan.ws_duration, warmup=plan.warmup)),
     ]
     rows_h11 = [
         Row("hello-64-h11", "hello world, keep-alive, 64 conn, h11", "req/s", hello(64)),

@@ -167,6 +167,40 @@ async def measure(
     return count / elapsed, count / max(cpu, 0.01)
 
 
+async def churn(port: int, pid: int, connections: int, warmup: float, duration: float) -> tuple[float, float]:
+    """(sessions/s, sessions per server CPU-second): ``connections`` clients, each opening one
+    WebSocket session after another on a new connection (handshake, one 32-byte echo, the close
+    handshake, the server's FIN), as clients that reconnect for every exchange do."""
+    frame, echo = masked_frame(32), echo_length(32)
+    close = bytes([0x88, 0x82]) + b"\0\0\0\0" + (1000).to_bytes(2, "big")  # masked with a zero key
+    done = [0]
+    stop = asyncio.get_running_loop().time() + warmup + duration
+
+    async def client() -> None:
+        while asyncio.get_running_loop().time() < stop:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            key = base64.b64encode(os.urandom(16))
+            writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise RuntimeError(f"handshake refused: {head[:60]!r}")
+            writer.write(frame)
+            await reader.readexactly(echo)
+            writer.write(close)
+            await reader.read()  # the server's close frame, then its FIN
+            writer.close()
+            done[0] += 1
+
+    tasks = [asyncio.create_task(client()) for _ in range(connections)]
+    await asyncio.sleep(warmup)
+    start_count, start, start_cpu = done[0], time.perf_counter(), cpu_seconds(pid)
+    await asyncio.sleep(duration)
+    count, elapsed, cpu = done[0] - start_count, time.perf_counter() - start, cpu_seconds(pid) - start_cpu
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    return count / elapsed, count / max(cpu, 0.01)
+
+
 # -- servers ------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as sock:

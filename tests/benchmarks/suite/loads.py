@@ -4,7 +4,8 @@
   warm-up run on fresh connections; the server's CPU time over the measured run gives CPU
   microseconds per request, a figure that other load on a shared machine disturbs much less
   than requests/s.
-* WebSocket echo: ``ws_echo.measure`` (a bare asyncio client in this process, see ws_echo.py).
+* WebSocket echo: ``ws_echo.measure`` (a bare asyncio client in this process, see ws_echo.py);
+  a session per connection: ``ws_echo.churn`` (asyncio streams).
 * Idle connections: this process opens N keep-alive connections, makes one request on each,
   holds them all and reads the server's RSS.
 * Upload: ``wsgi_upload.run_case`` (one 1 GiB POST from a blocking socket while a thread
@@ -128,6 +129,13 @@ def websocket_echo(server: RunningServer, size: int, *, duration: float, warmup:
     with asyncio.Runner(loop_factory=client_loop()) as runner:
         rate, per_cpu = runner.run(ws_echo.measure(server.address[1], server.pid, size, connections, window,
                                                    warmup, duration))
+    return Sample(value=rate, cpu_us=1e6 / per_cpu)
+
+
+def websocket_churn(server: RunningServer, connections: int, *, duration: float, warmup: float) -> Sample:
+    """WebSocket sessions/s, a new connection for each (ws_echo.churn)."""
+    with asyncio.Runner(loop_factory=client_loop()) as runner:
+        rate, per_cpu = runner.run(ws_echo.churn(server.address[1], server.pid, connections, warmup, duration))
     return Sample(value=rate, cpu_us=1e6 / per_cpu)
 
 
