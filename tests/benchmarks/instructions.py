@@ -20,6 +20,12 @@ connections than at 1 is per-connection work (instructions) or footprint (``--ca
 cachegrind's simulated L1 data and last-level misses per request, the last level modelled
 as a 2 MiB private L2 like the suite's machines').
 
+``--functions N`` prints the N C functions (the interpreter's, uvloop's, llhttp's, the Python
+callbacks they enter) with the most instructions per request, inclusive and self, from the
+same two runs (``callgrind_annotate`` on each, the difference divided by the extra requests):
+Python functions do not show by name, but where they are entered from C does (a parser
+callback, a task step, a loop callback).
+
 ``--close`` opens a connection for every request, as row close-64 does: each round makes N
 connections (``connection_made``), reads each one's request (``Connection: close``), runs the
 apps, then delivers every client's FIN (``eof_received``) and the transports' end
@@ -211,8 +217,9 @@ def _end(conn: asyncio.Protocol, transport: ClosingTransport) -> None:
         transport.close()
 
 
-def measure(args: argparse.Namespace, requests: int) -> dict[str, int]:
-    """valgrind's event totals for one drive of ``requests`` requests."""
+def measure(args: argparse.Namespace, requests: int) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    """valgrind's event totals for one drive of ``requests`` requests, and with --functions
+    each function's (inclusive, self) instructions."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "valgrind.out")
         tool = ["--tool=cachegrind", "--cache-sim=yes", "--D1=49152,12,64", "--LL=2097152,16,64",
@@ -225,10 +232,30 @@ def measure(args: argparse.Namespace, requests: int) -> dict[str, int]:
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         with open(out) as handle:
             text = handle.read()
+        functions = annotate(out) if args.functions else {}
     events = re.search(r"^events: (.+)$", text, re.M)
     totals = re.search(r"^(?:summary|totals): (.+)$", text, re.M)
     assert events is not None and totals is not None
-    return dict(zip(events.group(1).split(), map(int, totals.group(1).split())))
+    return dict(zip(events.group(1).split(), map(int, totals.group(1).split()))), functions
+
+
+def annotate(out: str) -> dict[str, tuple[int, int]]:
+    """{function: (inclusive, self)} from callgrind_annotate (recursion levels merged)."""
+    found: dict[str, list[int]] = {}
+    for inclusive, column in ((True, 0), (False, 1)):
+        text = subprocess.run(
+            ["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}", "--threshold=100", out],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        for match in re.finditer(r"^\s*([\d,]+) \([^)]*\)\s+(\S.*?)(?: \[.*\])?$", text, re.M):
+            name = match.group(2)
+            if name == "PROGRAM TOTALS":
+                continue
+            name = re.sub(r"'\d+$", "", name.rsplit("/", 1)[-1])  # file:function, one entry for every depth
+            entry = found.setdefault(name, [0, 0])
+            value = int(match.group(1).replace(",", ""))
+            entry[column] = max(entry[column], value) if inclusive else entry[column] + value
+    return {name: (entry[0], entry[1]) for name, entry in found.items()}
 
 
 def main() -> None:
@@ -241,6 +268,8 @@ def main() -> None:
     parser.add_argument("--uvloop", action="store_true", help="on uvloop, as the server runs (default: asyncio's loop)")
     parser.add_argument("--wsgi", action="store_true", help="the WSGI hello world of row wsgi-hello, on its threads")
     parser.add_argument("--close", action="store_true", help="a new connection per request (row close-64)")
+    parser.add_argument("--functions", type=int, default=0, metavar="N",
+                        help="also the N functions with the most instructions per request (inclusive, self)")
     parser.add_argument("--drive", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -258,8 +287,8 @@ def main() -> None:
     n = args.connections
     warm = -(-1000 // n) * n if n < 500 else 2 * n  # whole rounds
     served = max(1, args.requests // n) * n
-    base = measure(args, warm)
-    more = measure(args, warm + served)
+    base, base_functions = measure(args, warm)
+    more, more_functions = measure(args, warm + served)
     per = {name: (more[name] - base[name]) / served for name in base}
     label = f"{args.http}{' with metrics' if args.metrics else ''}{' WSGI' if args.wsgi else ''}"
     if args.connections > 1:
@@ -271,6 +300,14 @@ def main() -> None:
               f"{per['DLmr'] + per['DLmw']:,.0f} L2 misses per request")
     else:
         print(f"{label}: {per['Ir']:,.0f} instructions per request")
+    if args.functions:
+        rows = []
+        for name, (inclusive, own) in more_functions.items():
+            before = base_functions.get(name, (0, 0))
+            rows.append(((inclusive - before[0]) / served, (own - before[1]) / served, name))
+        print(f"{'inclusive':>10} {'self':>9}  per request")
+        for inclusive, own, name in sorted(rows, reverse=True)[: args.functions]:
+            print(f"{inclusive:10,.0f} {own:9,.0f}  {name}")
 
 
 if __name__ == "__main__":
