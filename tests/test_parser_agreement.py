@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.agreement import LIMITS, random_cuts, verdict
+from uvworker.core import parsers
 from uvworker.core.parsers import Limits
 from tests.agreement_corpus import CORPUS
 
@@ -38,6 +39,27 @@ def test_corpus_same_reading_whole_and_in_pieces(name: str) -> None:
         for _ in range(6):
             cuts = random_cuts(rng, len(raw))
             assert verdict(parser, raw, cuts, lazy=rng) == reference, (parser, cuts)
+
+
+def _h11_reading(read: object, raw: bytes) -> object:
+    """The request h11 reads, or None: refused or incomplete, our reading decides either way."""
+    try:
+        return read(raw)  # type: ignore[operator]
+    except parsers.h11.ProtocolError:
+        return None
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_h11_reader_reads_as_a_connection_does(name: str) -> None:
+    """The h11 adapter calls h11's head reader on a buffer of its own instead of making a
+    Connection per request: the same request (or refusal) for every corpus case, its prefixes
+    and mutations (public Connection API as the reference)."""
+    assert parsers._h11_request is not parsers._h11_request_public  # the installed h11 has the reader
+    raw, _ = CORPUS[name]
+    rng = random.Random(name)
+    for data in [raw, raw[: len(raw) // 2], *(mutate(rng, raw) for _ in range(20))]:
+        if data:
+            assert _h11_reading(parsers._h11_request, data) == _h11_reading(parsers._h11_request_public, data), data
 
 
 # -- the mutation fuzzer ------------------------------------------------------------------------------

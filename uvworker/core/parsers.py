@@ -718,6 +718,41 @@ _HEAD_BYTES = bytes(b for b in range(256) if b == 9 or 0x20 <= b != 0x7F)
 _CRLFS = b"\r\n" * 4096
 
 
+_H11_VERSIONS = {b"1.1": "1.1", b"1.0": "1.0"}
+_FRAMING_FIELDS = (b"content-length", b"transfer-encoding")
+
+
+def _h11_request_public(data: bytes) -> tuple[bytes, bytes, bytes, Headers] | None:
+    """The request h11 reads from ``data`` at the start of a connection: (method, target,
+    version, headers), or None (it needs more). Raises h11.ProtocolError for input it refuses."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    event = conn.next_event()
+    if type(event) is not h11.Request:
+        return None
+    return event.method, event.target, event.http_version, list(event.headers)
+
+
+try:
+    # The same, from the reader h11's Connection calls for a client in its IDLE state, on a
+    # buffer of its own: a Connection per request and its state machine were 40% of the
+    # parse (h11 keeps no state between requests that we use: we frame bodies ourselves).
+    from h11._readers import READERS as _H11_READERS
+    from h11._receivebuffer import ReceiveBuffer as _H11Buffer
+
+    _read_h11 = _H11_READERS[h11.CLIENT, h11.IDLE]
+
+    def _h11_request(data: bytes) -> tuple[bytes, bytes, bytes, Headers] | None:
+        buf = _H11Buffer()
+        buf += data
+        event = _read_h11(buf)
+        if event is None:
+            return None
+        return event.method, event.target, event.http_version, [(name, value) for _, name, value in event.headers._full_items]
+except (ImportError, KeyError, AttributeError):  # a later h11 moved its internals: the public way
+    _h11_request = _h11_request_public
+
+
 class H11Adapter(_Adapter):
     """h11 parses a head that starts a read; the body is framed here."""
 
@@ -725,30 +760,33 @@ class H11Adapter(_Adapter):
         super().__init__(sink, limits.for_h11())
 
     def _fast(self, data: bytes) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.head)
-        conn.receive_data(data)
         try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError:
-            event = None
-        if type(event) is h11.Request:
-            method, target, headers = event.method, event.target, list(event.headers)
-            version = event.http_version
+            request = _h11_request(data)
+        except h11.ProtocolError:
+            request = None
+        if request is not None:
+            method, target, raw_version, headers = request
+            version = _H11_VERSIONS.get(raw_version)
             end = data.find(b"\r\n\r\n") + 4
             head = data if end == len(data) else data[:end]
             lines = len(headers) + 2
+            limits = self.limits
             if (
                 end >= 4
                 and head.translate(None, _HEAD_BYTES) == _CRLFS[: 2 * lines]
-                and (version == b"1.1" or version == b"1.0")
+                and version is not None
                 and method in KNOWN_METHODS
                 and target[0] == 47
-                and end <= self.limits.fast
-                and lines - 2 <= self.limits.fields
-                and not any(name == b"content-length" or name == b"transfer-encoding" for name, _ in headers)
+                and end <= limits.fast
+                and lines - 2 <= limits.fields
             ):
-                self._deliver(method, target, version.decode(), headers, data[end:])
-                return
+                for name, _ in headers:
+                    if name in _FRAMING_FIELDS:
+                        break  # the body is framed by our reading of the head, below
+                else:
+                    self.sink.on_head(method, target, version, headers)
+                    self._end(data[end:])  # no body
+                    return
         # h11 needs more, refused, was lenient, or rewrote a framing value ("5, 5" → "5",
         # "Chunked" → "chunked"): our reading decides, from the bytes as sent.
         self._read_head(data)
