@@ -280,6 +280,14 @@ class H1Core:
             self.keep_alive = False
         if not self.keep_alive_allowed:
             self.keep_alive = False
+        if self.remaining is not None:
+            # Framed by Content-Length (or bodiless by status): nothing the body does can change
+            # the head now, so it is finished here, in the same join (_frame_head takes it as is).
+            if not self.keep_alive:
+                parts.append(b"connection: close\r\n")
+            elif self.http10:
+                parts.append(b"connection: keep-alive\r\n")
+            parts.append(b"\r\n")
         self.head = b"".join(parts)
 
     def body(self, body: bytes, more: bool) -> bytes | tuple[bytes, ...]:
@@ -358,6 +366,11 @@ class H1Core:
         head, self.head = self.head, b""
         framing = start = suffix = b""
         remaining = self.remaining
+        if remaining is not None:  # start() finished the head
+            if not self.no_body and (size > remaining or (not more and size < remaining)):
+                self.head = head  # nothing goes out: the whole response is replaced by a 500
+                return b"", b""
+            return head, b""
         if self.no_body:
             pass
         elif remaining is None:
@@ -370,9 +383,6 @@ class H1Core:
                     start, suffix = b"%x\r\n" % size, b"\r\n"
             else:
                 self.keep_alive = False  # close-delimited: the end of the body is the close
-        elif size > remaining or (not more and size < remaining):
-            self.head = head  # nothing goes out: the whole response is replaced by a 500
-            return b"", b""
         if not self.keep_alive:
             framing += b"connection: close\r\n"
         elif self.http10:

@@ -39,6 +39,7 @@ from uvworker.errors import ClientDisconnected
 logger = logging.getLogger("uvworker.error")
 
 BODY_HIGH_WATER = 64 * 1024
+_clock = time.perf_counter
 
 # The extension names a protocol lists in scope["extensions"] (each with an empty dict).
 PATHSEND, EARLY_HINT, TRAILERS = "http.response.pathsend", "http.response.early_hint", "http.response.trailers"
@@ -120,9 +121,12 @@ class RequestCycle:
         self.stream = stream
         self.scope = scope
         self.expect_continue = expect_continue
-        self.start_time = time.time()
-        self.start_clock = time.perf_counter()
-        self.trailers_pending = False
+        self.start_clock = _clock()
+
+    @property
+    def start_time(self) -> float:
+        """time.time() when the request began (for the logs: derived, not read per request)."""
+        return time.time() - (_clock() - self.start_clock)
 
     # -- events from the stream ---------------------------------------------------------
     def on_body(self, data: bytes) -> None:

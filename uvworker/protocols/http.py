@@ -497,7 +497,7 @@ class HTTPConnection(Connection):
         cycle = self.cycle = RequestCycle(self, record.scope)
         self.upgrade = None  # the phase stays UPGRADE: later input is dropped, the close follows
         self.core.keep_alive = self.core.keep_alive_allowed = False
-        cycle.start_time, cycle.start_clock, cycle.task = record.start_time, record.start_clock, record.task
+        cycle.start_clock, cycle.task = record.start_clock, record.task
         return cycle
 
     def refuse_handshake(self, record: Any, status: int, reason: str, extra: bytes = b"") -> None:
