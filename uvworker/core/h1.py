@@ -282,7 +282,7 @@ class H1Core:
             self.keep_alive = False
         if self.remaining is not None:
             # Framed by Content-Length (or bodiless by status): nothing the body does can change
-            # the head now, so it is finished here, in the same join (_frame_head takes it as is).
+            # the head now, so it is finished here, in the same join (body() takes it as is).
             if not self.keep_alive:
                 parts.append(b"connection: close\r\n")
             elif self.http10:
@@ -293,8 +293,15 @@ class H1Core:
     def body(self, body: bytes, more: bool) -> bytes | tuple[bytes, ...]:
         """The bytes that carry ``body``: one buffer, or pieces for a large one (by reference)."""
         size = len(body)
-        if self.head:
-            prefix, suffix = self._frame_head(size, more)
+        head = self.head
+        remaining = self.remaining
+        if head:
+            if remaining is None:
+                prefix, suffix = self._frame_head(size, more)
+            elif self.no_body or not (size > remaining or (not more and size < remaining)):
+                prefix, suffix, self.head = head, b"", b""  # as start() finished it
+            else:
+                prefix = suffix = b""  # the wrong length: nothing goes out (a 500, below)
         elif self.chunked and not self.no_body:
             prefix, suffix = (b"%x\r\n" % size, b"\r\n") if size else (b"", b"")
             if not more:
@@ -305,7 +312,6 @@ class H1Core:
             self.after = NEXT if self.keep_alive and self.body_complete else CLOSE if not self.keep_alive else DISCARD
         if self.no_body:
             return prefix
-        remaining = self.remaining
         if remaining is not None:
             self.remaining = remaining - size
             if size > remaining or (not more and size < remaining):
@@ -366,10 +372,7 @@ class H1Core:
         head, self.head = self.head, b""
         framing = start = suffix = b""
         remaining = self.remaining
-        if remaining is not None:  # start() finished the head
-            if not self.no_body and (size > remaining or (not more and size < remaining)):
-                self.head = head  # nothing goes out: the whole response is replaced by a 500
-                return b"", b""
+        if remaining is not None:  # start() finished the head (file() checked the size)
             return head, b""
         if self.no_body:
             pass

@@ -294,8 +294,9 @@ class HTTPConnection(Connection):
             self.transport.resume_reading()
 
     def send_body(self, cycle: RequestCycle, body: bytes, more: bool) -> None:
+        core = self.core
         try:
-            data = self.core.body(body, more)
+            data = core.body(body, more)
         except BodyLengthError as err:
             cycle.response_complete = True
             if err.committed:
@@ -314,19 +315,19 @@ class HTTPConnection(Connection):
                     self.batch.write(data)  # Connection.write, inlined: once a response
         else:
             self.writelines(data)  # type: ignore[arg-type]
-        if not self.core.no_body:
+        if not core.no_body:
             cycle.bytes_sent += len(body)
         if not more:
             self.state.request_done(cycle)
-            after = self.core.after
+            after = core.after
             if after == NEXT:
                 self._next_cycle()
             elif after == DISCARD and self.phase != CLOSED:
                 # The app answered without reading the whole body: read and drop the rest
                 # (bounded in size, and by the body deadline) so the connection can be reused.
-                self.core.discard_body()
+                core.discard_body()
                 self.want_body()
-            elif self.core.client_finished:
+            elif core.client_finished:
                 Connection.close(self)  # no linger: nothing more comes for a reset to answer
             else:
                 self.close()
