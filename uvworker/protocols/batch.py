@@ -10,6 +10,7 @@ A batch that reaches its ``limit`` is written at once, so ``send()`` still meets
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ JOIN_BELOW = 64 * 1024
 
 
 class WriteBatch:
-    __slots__ = ("transport", "loop", "limit", "parts", "size")
+    __slots__ = ("transport", "loop", "limit", "parts", "size", "through")
 
     def __init__(self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop, limit: int) -> None:
         self.transport = transport
@@ -27,6 +28,9 @@ class WriteBatch:
         self.limit = limit
         self.parts: list[bytes] = []
         self.size = 0
+        # Writes ``data`` straight to the transport: what write() does when nothing is batched
+        # (one whole response), for a caller that looked at ``parts`` itself (a call less).
+        self.through: Callable[[bytes], object] = transport.write
 
     def add(self, data: bytes) -> None:
         """Batch ``data``: written when this turn ends, or now if the batch reached its limit."""
@@ -80,6 +84,11 @@ class CountingBatch(WriteBatch):
     ) -> None:
         super().__init__(transport, loop, limit)
         self.counters = counters
+        self.through = self._through
+
+    def _through(self, data: bytes) -> None:
+        self.counters.sent += len(data)
+        self.transport.write(data)
 
     def write(self, data: bytes) -> None:
         if not self.parts:  # else flush() counts it

@@ -311,8 +311,9 @@ class HTTPConnection(Connection):
             if data:
                 if more:
                     self.write_soon(data)
-                elif self.phase != CLOSED:
-                    self.batch.write(data)  # Connection.write, inlined: once a response
+                elif self.phase != CLOSED:  # Connection.write, inlined: once a response
+                    batch = self.batch
+                    batch.write(data) if batch.parts else batch.through(data)
         else:
             self.writelines(data)  # type: ignore[arg-type]
         if not core.no_body:
