@@ -134,6 +134,9 @@ class H1Core:
         self.scheme = scheme
         self.keep_alive = True
         self.keep_alive_allowed = options.keep_alive
+        # Read in every request: the connection's own attributes, faster to read than the
+        # class defaults (looked up the generic way).
+        self.discarding = self.chunked = self.no_body = False
         # Per connection (the transport adds "tls" on a TLS connection), copied for each request.
         self.extensions = EXTENSIONS
         self.extensions_10 = EXTENSIONS_10
