@@ -108,20 +108,6 @@ class H1Options:
 
 
 class H1Core:
-    # Per-response framing state: class-level defaults, set per instance only when they change.
-    head = b""  # the response head, until the first body piece takes it
-    chunked = False
-    remaining: int | None = None  # Content-Length bytes still to come
-    no_body = False
-    http10 = False
-    head_method = False
-    expect_continue = False
-    body_complete = True  # the request body has been read to its end
-    discarding = False
-    discarded = 0
-    after = NEXT  # what the connection does once the response is complete
-    last_request = False  # the client said this request is its last (Connection: close, HTTP/1.0)
-
     def __init__(
         self, options: H1Options, handler: Handler, defaults: HeadDefaults,
         client: tuple[str, int | None] | None, server: tuple[str, int | None] | None, scheme: str,
@@ -134,9 +120,20 @@ class H1Core:
         self.scheme = scheme
         self.keep_alive = True
         self.keep_alive_allowed = options.keep_alive
-        # Read in every request: the connection's own attributes, faster to read than the
-        # class defaults (looked up the generic way).
-        self.discarding = self.chunked = self.no_body = False
+        # The per-response state, all of it set here (see RequestCycle.__init__: a name first
+        # set later, once a burst of connections exists, makes a core's dict a real one).
+        self.head = b""  # the response head, until the first body piece takes it
+        self.chunked = False
+        self.remaining: int | None = None  # Content-Length bytes still to come
+        self.no_body = False
+        self.http10 = False
+        self.head_method = False
+        self.expect_continue = False
+        self.body_complete = True  # the request body has been read to its end
+        self.discarding = False
+        self.discarded = 0
+        self.after = NEXT  # what the connection does once the response is complete
+        self.last_request = False  # the client said this request is its last (Connection: close, HTTP/1.0)
         # Per connection (the transport adds "tls" on a TLS connection), copied for each request.
         self.extensions = EXTENSIONS
         self.extensions_10 = EXTENSIONS_10

@@ -181,12 +181,18 @@ class Connection(asyncio.Protocol):
     websocket = False  # a WebSocket session (for the metrics' count)
 
     def __init__(self, state: ServerState) -> None:
+        # Every attribute a protocol sets, here (see RequestCycle.__init__ for why): uvloop
+        # makes the protocols of a burst of accepted connections before any connection_made.
         self.state = state
         self.config = state.config
         self.loop = state.loop
+        self.phase = CLOSED
+        self.deadline = 0.0
         self.write_paused = False
         self.reading_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self.transport = None  # type: ignore[assignment]  # attach()
+        self.batch: WriteBatch = None  # type: ignore[assignment]  # attach()
 
     def attach(self, transport: asyncio.Transport, batch_limit: int) -> None:
         """Take ``transport`` (new, or handed over by another protocol) and join the registry."""

@@ -40,6 +40,7 @@ logger = logging.getLogger("uvworker.error")
 
 BODY_HIGH_WATER = 64 * 1024
 _clock = time.perf_counter
+_NO_HEADERS: list[tuple[bytes, bytes]] = []  # shared, never changed: a cycle replaces it
 
 # The extension names a protocol lists in scope["extensions"] (each with an empty dict).
 PATHSEND, EARLY_HINT, TRAILERS = "http.response.pathsend", "http.response.early_hint", "http.response.trailers"
@@ -99,35 +100,33 @@ class Stream(Protocol):
 class RequestCycle:
     """The ASGI side of one request."""
 
-    # Class-level defaults: a new cycle stores only what differs per request (hot path).
-    chunks: list[bytes] | tuple[()] = ()
-    buffered = 0
-    more_body = True
-    final_delivered = False
-    disconnected = False
-    waiter: asyncio.Future[None] | None = None
-    response_started = False
-    response_complete = False
-    status = 0
-    response_headers: Headers = []
-    bytes_sent = 0
-    streaming = False  # a body piece with more_body is out: no early hint, no pathsend now
-    trailers_pending = False  # started with trailers: True; the last trailers are not sent yet
-    trailer_fields: Headers = []
-    task: asyncio.Future[None] | None = None  # the app's task (a WSGI exchange, served without one)
-    finished = False  # reported to the server's books
-
+    # Every attribute is set here, none is a class default: CPython 3.11 fixes the attribute
+    # names an instance can keep in its compact values (shared with the other instances) after
+    # the first 30 instances are made. Cycles come in bursts (all the requests of one wake-up
+    # before any app runs), so a name first set later, by send(), made every cycle's dict a
+    # real one, and every attribute access after it slower (row hello-64: 64 cycles, then the
+    # apps). A class default read through an instance is the generic lookup too.
     def __init__(self, stream: Stream, scope: dict[str, Any], expect_continue: bool = False) -> None:
         self.stream = stream
         self.scope = scope
         self.expect_continue = expect_continue
         self.start_clock = _clock()
-        # Read in every request: an instance's own attribute is read faster than the class
-        # default (which 3.11 looks up the generic way), by more than the store costs.
-        self.disconnected = self.trailers_pending = self.response_started = self.response_complete = False
-        self.finished = False
-        self.waiter = None
+        self.chunks: list[bytes] | tuple[()] = ()
+        self.buffered = 0
+        self.more_body = True
+        self.final_delivered = False
+        self.disconnected = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.response_started = False
+        self.response_complete = False
+        self.status = 0
+        self.response_headers: Headers = _NO_HEADERS
         self.bytes_sent = 0
+        self.streaming = False  # a body piece with more_body is out: no early hint, no pathsend now
+        self.trailers_pending = False  # started with trailers: True; the last trailers are not sent yet
+        self.trailer_fields: Headers = _NO_HEADERS
+        self.task: asyncio.Future[None] | None = None  # the app's task (a WSGI exchange, served without one)
+        self.finished = False  # reported to the server's books
 
     @property
     def start_time(self) -> float:
@@ -211,7 +210,8 @@ class RequestCycle:
             if status < 200:
                 raise RuntimeError(f"Status {status} cannot be sent as a response; 1xx are the server's to send")
             headers = message.get("headers", ())
-            self.stream.send_start(status, headers)
+            send_start = self.stream.send_start  # often an attribute (see protocols.http CALLABLE_ATTRIBUTES)
+            send_start(status, headers)
             self.status = status
             self.response_headers = headers if type(headers) is list else list(headers)
             self.response_started = True

@@ -73,12 +73,12 @@ LINGER_BYTES = 1024 * 1024  # ... and how much of it
 SENDFILE_CHUNK = 1024 * 1024  # file bytes one os.sendfile call may send before others get a turn
 FILE_CHUNK = 256 * 1024  # file bytes read and written at a time over TLS
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# CALLABLE_ATTRIBUTES: on the hot path, a callable kept in an instance attribute is loaded into
+# a local and then called: ``obj.attr(...)`` compiles to a method load, which 3.11 cannot
+# specialize for an instance's own attribute and looks up the generic way (~200 instructions).
 
 
 class HTTPConnection(Connection):
-    h2c = False  # a cleartext connection that may open with the HTTP/2 preface
-    _preface = b""
-
     def __init__(self, state: ServerState) -> None:
         super().__init__(state)
         self.phase = WAIT_HEAD
@@ -88,6 +88,12 @@ class HTTPConnection(Connection):
         self._lingered = 0  # bytes dropped after our FIN
         self._early: list[bytes] = []  # bytes after a WebSocket handshake, until accept
         self._file_waiter: asyncio.Future[bool] | None = None  # pathsend waits to write
+        self.is_tls = False
+        self.h2c = False  # a cleartext connection that may open with the HTTP/2 preface
+        self._preface = b""  # the part of the HTTP/2 preface read so far
+        self.core: H1Core = None  # type: ignore[assignment]  # connection_made
+        self.parser: Any = None  # the core's parser adapter
+        self.send_start: Any = None  # the core's start (the cycle's stream.send_start)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -155,8 +161,9 @@ class HTTPConnection(Connection):
                 data = self._sniff_h2c(data)
                 if not data:
                     return
+        feed = self.core.feed  # an attribute, not a method: loaded, then called (see CALLABLE_ATTRIBUTES)
         try:
-            self.core.feed(data)
+            feed(data)
         except HTTPError as exc:
             self.on_refused(exc)
             return
@@ -313,7 +320,11 @@ class HTTPConnection(Connection):
                     self.write_soon(data)
                 elif self.phase != CLOSED:  # Connection.write, inlined: once a response
                     batch = self.batch
-                    batch.write(data) if batch.parts else batch.through(data)
+                    if batch.parts:
+                        batch.write(data)
+                    else:
+                        through = batch.through  # an attribute (see CALLABLE_ATTRIBUTES)
+                        through(data)
         else:
             self.writelines(data)  # type: ignore[arg-type]
         if not core.no_body:
