@@ -6,6 +6,8 @@ client sees.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from tests.http_client import Conn, build_request
 from tests.conftest import wait_for
-from tests.test_gunicorn import WORKERS, run_gunicorn
+from tests.test_gunicorn import REPO, WORKERS, run_gunicorn
 
 
 @pytest.mark.parametrize("worker_class", WORKERS)
@@ -114,3 +116,54 @@ def test_a_slow_lifespan_startup_is_not_a_worker_timeout(tmp_path: Path, worker_
         server.wait_ready(timeout=15)
         assert server.get("/").status_code == 200
         assert "WORKER TIMEOUT" not in server.log
+
+
+WSGI_PID_APP = '''
+import os
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(os.getpid()).encode()]
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", *WORKERS])
+def test_usr2_binary_upgrade_under_python_dash_m_gunicorn(tmp_path: Path, worker_class: str) -> None:
+    """USR2 re-executes the master as ``python .../gunicorn/__main__.py`` when it was started as
+    ``python -m gunicorn``: the gunicorn package directory comes first on sys.path then, and its
+    ``http`` package shadows the standard library's. gthread never imports ``http`` and boots;
+    our worker imports it and failed (ImportError: cannot import name 'HTTPStatus'), so the new
+    master died and the upgrade with it. The new master's worker must answer once the old
+    master is stopped."""
+    # On a socket Gunicorn binds (a Unix socket here): one inherited as fd://N is not handed on.
+    # The app's directory only as Gunicorn adds it (its chdir, first on sys.path): on
+    # PYTHONPATH it would come after the gunicorn directory, whose "app" package would win.
+    with run_gunicorn(tmp_path, worker_class, app=WSGI_PID_APP, wait=False, uds=tmp_path / "s",
+                      env={"PYTHONPATH": str(REPO)}) as server:
+        wait_for(lambda: server.get("/").status_code == 200 if "Booting worker" in server.log else False, timeout=15)
+        old_worker = int(server.get("/").text)
+        server.signal(signal.SIGUSR2)
+        masters = lambda: [int(pid) for pid in re.findall(r"Listening at: \S+ \((\d+)\)", server.log)]  # noqa: E731
+        new_master = wait_for(lambda: len(masters()) == 2 and masters()[1], timeout=15)
+        try:
+            # Once the new master's worker boots, stop the old generation, as an upgrade does.
+            wait_for(lambda: server.log.count("Booting worker") >= 2 or not _alive(new_master), timeout=20)
+            assert _alive(new_master), server.log
+            server.signal(signal.SIGTERM)
+            assert server.wait_exit(10) == 0
+            answered = int(wait_for(lambda: server.get("/").text, timeout=10))
+            assert answered != old_worker
+            assert "ImportError" not in server.log, server.log
+        finally:
+            if _alive(new_master):
+                os.kill(new_master, signal.SIGTERM)
+                wait_for(lambda: not _alive(new_master), timeout=15)

@@ -58,10 +58,32 @@ import traceback
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import gunicorn
 from gunicorn.arbiter import Arbiter
 from gunicorn.sock import ssl_context as gunicorn_ssl_context
 from gunicorn.workers.base import Worker as GunicornWorker
 
+
+def _unshadow_stdlib() -> None:
+    """Take Gunicorn's package directory off sys.path, before anything imports ``http``.
+
+    Started as ``python -m gunicorn``, the master re-executes itself on USR2 (binary upgrade)
+    as ``python .../gunicorn/__main__.py``, and a script's directory comes first on sys.path:
+    Gunicorn's own ``http`` package (and ``app``, ``workers``...) then shadows the standard
+    library's ``http``, which uvworker, its parsers and most apps import. gthread happens not
+    to import it; we must boot there too. No module is meant to be imported from inside a
+    package's directory, so nothing else is lost."""
+    own = os.path.dirname(os.path.abspath(gunicorn.__file__))
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != own]
+    shadow = getattr(sys.modules.get("http"), "__file__", None) or ""
+    if os.path.abspath(shadow).startswith(own + os.sep):
+        for name in [name for name in sys.modules if name == "http" or name.startswith("http.")]:
+            del sys.modules[name]
+
+
+_unshadow_stdlib()
+
+# (imported after the repair above: they import the standard library's http)
 from uvworker.config import Config, offer_alpn
 from uvworker.errors import ConfigError
 from uvworker.gunicorn_hooks import front, hook_set, request_hooks, route_error_log
