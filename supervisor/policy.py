@@ -647,8 +647,8 @@ class Policy:
             else:
                 self._begin_stop(now, halting=False, why="SIGTERM")
         elif signum in (signal.SIGINT, signal.SIGQUIT):
-            if self.phase is Phase.HALTING and signum == signal.SIGINT:
-                self.log.warning("Second SIGINT: killing the workers now.")
+            if self.phase is Phase.HALTING:  # asked twice to stop quickly: do not wait at all
+                self.log.warning("Second %s: killing the workers now.", signal.Signals(signum).name)
                 self._kill_all()
             else:
                 self._begin_stop(now, halting=True, why=signal.Signals(signum).name)

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +38,8 @@ async def app(scope, receive, send):
     except asyncio.CancelledError:
         with open(os.environ["EVENTS"], "a") as events:
             events.write("cancelled\\n")
+        if os.environ.get("STUBBORN"):  # ignores the cancellation too
+            await asyncio.sleep(60)
         raise
 """
 
@@ -74,6 +77,68 @@ def test_a_second_signal_stops_a_lifespan_that_hangs(tmp_path: Path, phase: str,
     assert took < 2, took
     assert events.read_text() == "cancelled\n"
     assert f"Application {phase} cancelled" in text()
+
+
+@contextlib.contextmanager
+def _hanging(tmp_path: Path, *args: str, stubborn: bool = False) -> Iterator[tuple[subprocess.Popen[bytes], Any]]:
+    """``uvworker hanging:app *args`` (lifespan shutdown never answers), in a session of its
+    own, serving; yields it and a function returning its log."""
+    (tmp_path / "hanging.py").write_text(HANGING_LIFESPAN)
+    env = environment({"PYTHONPATH": str(tmp_path), "HANG": "shutdown", "EVENTS": str(tmp_path / "events"),
+                       **({"STUBBORN": "1"} if stubborn else {})})
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "uvworker", "hanging:app", "--port", "0", *args],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    text = lambda: (tmp_path / "log").read_text()  # noqa: E731
+    try:
+        wait_for(lambda: "Listening on" in text(), timeout=15)
+        yield proc, text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session this test started
+            proc.wait()
+
+
+@pytest.mark.parametrize(("args", "sig"), [((), signal.SIGQUIT), (("--workers", "1"), signal.SIGQUIT),
+                                           (("--workers", "1"), signal.SIGINT)], ids=["QUIT", "workers-QUIT", "workers-INT"])
+def test_a_quick_stop_does_not_wait_long_for_a_lifespan_shutdown_that_hangs(
+    tmp_path: Path, args: tuple[str, ...], sig: signal.Signals
+) -> None:
+    """QUIT (and INT to the master of --workers) is the quick stop: lifespan shutdown still runs,
+    but for 2 s at most, then its task is cancelled. Before, one QUIT without --workers waited
+    for the app as long as it hung, and with --workers the master killed the worker only after
+    the graceful timeout and 3 s more (33 s by default)."""
+    with _hanging(tmp_path, *args) as (proc, text):
+        started = time.monotonic()
+        proc.send_signal(sig)
+        code = proc.wait(15)
+        took = time.monotonic() - started
+    print(f"\n{' '.join(args) or 'single process'}: {sig.name} to exit, lifespan shutdown hanging: {took:.2f} s")
+    assert code == 0, text()
+    assert "Waiting for application shutdown." in text()
+    assert "Application shutdown cancelled" in text()
+    assert (tmp_path / "events").read_text() == "cancelled\n"
+    assert took < 6, text()
+
+
+@pytest.mark.parametrize(("first", "second"), [(signal.SIGQUIT, signal.SIGQUIT), (signal.SIGQUIT, signal.SIGINT),
+                                               (signal.SIGINT, signal.SIGQUIT)], ids=["QUIT-QUIT", "QUIT-INT", "INT-QUIT"])
+def test_a_second_quick_stop_signal_kills_the_workers_at_once(
+    tmp_path: Path, first: signal.Signals, second: signal.Signals
+) -> None:
+    """With --workers, a second INT or QUIT while the quick stop waits (here for an app whose
+    lifespan shutdown ignores even the cancellation) kills the workers at once. Before, only
+    INT then INT did; QUIT then anything waited the graceful timeout and 3 s more."""
+    with _hanging(tmp_path, "--workers", "1", stubborn=True) as (proc, text):
+        proc.send_signal(first)
+        wait_for(lambda: "Application shutdown cancelled" in text(), timeout=10)
+        started = time.monotonic()
+        proc.send_signal(second)
+        code = proc.wait(15)
+        took = time.monotonic() - started
+    assert code == 0, text()
+    assert f"Second {second.name}: killing the workers now." in text()
+    assert took < 2, text()
 
 
 def _get(port: int) -> int:

@@ -19,8 +19,9 @@ connection depends on whether anyone else will serve its next request:
     SIGTERM, SIGINT             (gracefully: our FIN first, then the client's)
 
 Quick (SIGQUIT, a second SIGINT, force_exit): close every connection and cancel the apps at
-once, then still run lifespan shutdown. A quick stop signalled while lifespan startup or
-shutdown waits for the app cancels that wait: the way out of an app that never answers.
+once, then still run lifespan shutdown, for QUICK_LIFESPAN_SHUTDOWN at most. A quick stop
+signalled while lifespan startup or shutdown waits for the app cancels that wait at once: the
+way out of an app that never answers.
 
 ``hold()`` is the first half of a retirement without the exit: a worker at its budget whose
 replacement is not ready yet (``supervisor.budget``) stops accepting and answers what its
@@ -60,6 +61,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("uvworker.error")
 
 TICK = 0.1  # how often the main loop looks at should_exit and connection deadlines
+# A quick stop (QUIT, a second INT) still runs lifespan shutdown, for this long at most (or
+# --timeout-graceful-shutdown, if shorter): then the app's lifespan task is cancelled.
+QUICK_LIFESPAN_SHUTDOWN = 2.0
 
 
 class Server:
@@ -170,7 +174,14 @@ class Server:
             self._close_listeners()
             for sock in self._held or ():
                 sock.close()
+            bound = None
+            if self.force_exit:  # quick: the app's shutdown runs, briefly (a later signal: at once)
+                timeout = config.timeout_graceful_shutdown
+                grace = QUICK_LIFESPAN_SHUTDOWN if timeout is None else min(QUICK_LIFESPAN_SHUTDOWN, timeout)
+                bound = state.loop.call_later(grace, lifespan.abandon)
             await lifespan.shutdown()
+            if bound is not None:
+                bound.cancel()
 
     async def _listen(self, sockets: list[socket.socket] | None) -> None:
         config = self.config
