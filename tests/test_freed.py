@@ -16,6 +16,7 @@ import socket
 import ssl
 import struct
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from tests.h2_client import H2Client, get
 from tests.http_client import Conn, build_request
 from tests.test_tls import make_cert
 from tests.test_websocket import RawWS, frame, handshake
-from uvworker.gunicorn_objects import gunicorn_request, wsgi_environ
+from uvworker.gunicorn_objects import gunicorn_request, gunicorn_response, wsgi_environ
 from uvworker.interfaces.wsgi import WSGIAdapter
 
 Scope = dict[str, Any]
@@ -275,6 +276,10 @@ def test_gunicorn_request_objects_are_freed_at_once() -> None:
         assert gunicorn_request(scope) is request  # one per request: what pre_request sets, post_request reads
         environ = wsgi_environ(scope)
         assert environ["asgi.scope"] is scope and request.uri == "/a?x=1"
-        objects = weak(request)
-        del request, environ, scope
+        done = SimpleNamespace(scope=scope, status=200, response_headers=[], bytes_sent=0, response_started=True,
+                               streaming=False)
+        response = gunicorn_response(done)  # type: ignore[arg-type]
+        assert response.req is request and request.body.read() == b""
+        objects = weak(request, request.body, response)
+        del request, environ, scope, done, response
         assert_freed(objects)

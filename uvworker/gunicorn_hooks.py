@@ -29,7 +29,7 @@ from typing import Any
 
 from gunicorn import glogging
 
-from uvworker.gunicorn_objects import FinishedRequest, GunicornResponse, gunicorn_request, wsgi_environ
+from uvworker.gunicorn_objects import PEER_KEY, FinishedRequest, gunicorn_response, wsgi_environ
 from uvworker.logging import AccessLog
 from uvworker.proxy import TrustedHosts, apply_proxy_headers
 
@@ -51,10 +51,11 @@ def front(
     trusted: TrustedHosts,
     proxy_headers: bool,
     secure_scheme_headers: dict[str, str] | None,
-    before: Callable[[dict[str, Any]], None] | None,
+    before: Callable[[dict[str, Any], Any], None] | None,
 ) -> Any:
-    """The app behind Gunicorn's per-request rules (only those that are on). ``before(scope)``
-    runs last, just before the app."""
+    """The app behind Gunicorn's per-request rules (only those that are on). ``before(scope,
+    cycle)`` runs last, just before the app (``cycle``: the request's, which ``receive`` is
+    bound to, or None)."""
     secure = {
         name.lower().encode("latin-1"): value.encode("latin-1")
         for name, value in (secure_scheme_headers or {}).items()
@@ -69,13 +70,14 @@ def front(
         if (proxy_headers or secure) and (client[0] if client else None) in trusted:
             scheme = _secure_scheme(scope["headers"], secure) if secure else None
             if proxy_headers:
+                scope[PEER_KEY] = client  # Gunicorn's req.peer_addr and remote_addr stay the peer
                 apply_proxy_headers(scope, trusted)
             if scheme is _CONTRADICTION:
                 return await _reject(scope, send, "Contradictory scheme headers")
             if scheme is not None:
                 scope["scheme"] = scheme if scope["type"] == "http" else _WS_SCHEMES[scheme]
         if before is not None:
-            before(scope)
+            before(scope, getattr(receive, "__self__", None))
         await app(scope, receive, send)
 
     return in_front
@@ -157,8 +159,8 @@ def _call_access(log: Any) -> Hook:
     def hook(done: FinishedRequest) -> None:
         duration = datetime.timedelta(seconds=time.perf_counter() - done.start_clock)
         try:
-            request, response = gunicorn_request(done.scope), GunicornResponse(done)
-            log.access(response, request, wsgi_environ(done.scope), duration)
+            response = gunicorn_response(done)
+            log.access(response, response.req, wsgi_environ(done.scope), duration)
         except Exception:
             log.exception("Cannot write the access log line.")
 
@@ -168,8 +170,8 @@ def _call_access(log: Any) -> Hook:
 def _call_post_request(worker: Any) -> Hook:
     def hook(done: FinishedRequest) -> None:
         try:
-            request, environ = gunicorn_request(done.scope), wsgi_environ(done.scope)
-            worker.cfg.post_request(worker, request, environ, GunicornResponse(done))
+            response = gunicorn_response(done)
+            worker.cfg.post_request(worker, response.req, wsgi_environ(done.scope), response)
         except Exception:
             worker.log.exception("Exception in post_request hook")
 

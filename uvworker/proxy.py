@@ -206,6 +206,24 @@ class ProxyInfo(NamedTuple):
     server: tuple[str, int] | None
 
 
+# The extension a connection that began with a PROXY header lists in its scopes: the peer that
+# sent the header and what it said, in Gunicorn's words (its req.proxy_protocol_info).
+PROXY_EXTENSION = "uvworker.proxy_protocol"
+
+
+def proxy_extension(peer: tuple[str, int | None] | None, info: ProxyInfo) -> dict[str, Any]:
+    """The PROXY_EXTENSION dict of a connection from ``peer`` whose header said ``info``."""
+    client, server = info.client or ("", 0), info.server or ("", 0)
+    return {
+        "peer": peer,
+        "info": {
+            "proxy_protocol": "TCP6" if ":" in client[0] else "TCP4",
+            "client_addr": client[0], "client_port": client[1],
+            "proxy_addr": server[0], "proxy_port": server[1],
+        },
+    }
+
+
 def parse_proxy_protocol(buf: bytes | bytearray) -> ProxyInfo | None:
     """Parse a PROXY v1 or v2 header at the start of ``buf``: None means more bytes are
     needed (at most 107 for v1, 16 + 65535 for v2); malformed input raises

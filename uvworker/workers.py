@@ -190,11 +190,11 @@ class Worker(GunicornWorker):
         self.config = config
         return config
 
-    def _before_app(self, scope: dict[str, Any]) -> None:
+    def _before_app(self, scope: dict[str, Any], cycle: Any) -> None:
         """Each request, as it reaches the app, in the order of Gunicorn's workers: pre_request
         (if it raises, the request is a 500 and not counted), then ``nr`` and the budget."""
         if self._pre_request is not None:
-            self._pre_request(self, gunicorn_request(scope))
+            self._pre_request(self, gunicorn_request(scope, cycle))
         self.nr += 1
         if self.nr == self.max_requests:
             self.log.info("Autorestarting worker after current request.")

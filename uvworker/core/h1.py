@@ -17,7 +17,9 @@ Rules this module keeps:
   file's size when the app gave no Content-Length; 103 Early Hints for HTTP/1.1
   clients only (an HTTP/1.0 client could take any 1xx for the answer: dropped); trailer
   fields in the last chunk, when the client sent ``TE: trailers`` and the body is chunked
-  (a body framed by Content-Length or by the close has no room for them: dropped).
+  (a body framed by Content-Length or by the close has no room for them: dropped); and on a
+  connection that began with a PROXY header, ``uvworker.proxy_protocol``: what it said, and
+  the peer that sent it.
 * The keep-alive decision is made here, from the request (version, Connection), the response
   (the app's Connection: close, a close-delimited body, a 100-continue the app never took)
   and ``keep_alive_allowed``, which the transport clears when the server retires.
@@ -411,7 +413,9 @@ class H1Core:
         return allow is None or host in allow
 
     def _read_proxy_header(self, data: bytes) -> bytes:
-        from uvworker.proxy import V1_PREFIX, V2_SIGNATURE, ProxyProtocolError, parse_proxy_protocol
+        from uvworker.proxy import (
+            PROXY_EXTENSION, V1_PREFIX, V2_SIGNATURE, ProxyProtocolError, parse_proxy_protocol, proxy_extension,
+        )
 
         buffer = self._proxy_buffer + data  # type: ignore[operator]
         if not (V1_PREFIX.startswith(buffer[:6]) or V2_SIGNATURE.startswith(buffer[:12])):
@@ -432,6 +436,8 @@ class H1Core:
             return b""
         self._proxy_buffer = None
         if info.client is not None:
+            extension = {PROXY_EXTENSION: proxy_extension(self.client, info)}  # the peer, for Gunicorn's hooks
+            self.extensions, self.extensions_10 = {**self.extensions, **extension}, {**self.extensions_10, **extension}
             self.client = info.client
             self.server = info.server or self.server
             self._trust_proxy_headers = self.options.proxy_headers and self._trusted(self.client)

@@ -1,0 +1,246 @@
+"""The ``req`` and ``resp`` Gunicorn's hooks get, compared with what Gunicorn's gthread worker gives.
+
+One hook configuration records every attribute of Gunicorn's Request and Response that hook code
+reads (their type and value) in pre_request and post_request; the same requests go to real
+Gunicorn processes, first with gthread, then with our worker classes (a WSGI app, and the same
+app in ASGI), on TCP and on a Unix socket; the records must be the same.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import wait_for
+from tests.http_client import Conn, build_request
+from tests.test_gunicorn import run_gunicorn
+
+DUMP_HOOKS = '''
+import json, os
+
+REQUEST = ("method", "uri", "path", "query", "fragment", "version", "headers", "trailers", "scheme",
+           "peer_addr", "remote_addr", "req_number", "proxy_protocol_info", "must_close")
+RESPONSE = ("status", "status_code", "headers", "sent", "response_length", "chunked", "headers_sent",
+            "must_close", "upgrade")
+
+
+def _show(value):
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int):
+        value = (value[0], "port")  # a peer address: its port differs from run to run
+    return [type(value).__name__, value]
+
+
+def _record(line):
+    with open(os.environ["EVENTS"], "a") as events:
+        events.write(json.dumps(line) + "\\n")
+
+
+def pre_request(worker, req):
+    line = {"hook": "pre", **{name: _show(getattr(req, name, "MISSING")) for name in REQUEST}}
+    line["should_close()"] = req.should_close()
+    line["body.read"] = callable(getattr(req.body, "read", None))
+    _record(line)
+
+
+def post_request(worker, req, environ, resp):
+    line = {"hook": "post", **{name: _show(getattr(req, name, "MISSING")) for name in REQUEST}}
+    line.update({"resp." + name: _show(getattr(resp, name, "MISSING")) for name in RESPONSE})
+    line["should_close()"] = req.should_close()
+    line["resp.should_close()"] = resp.should_close()
+    line["body"] = [repr(req.body.read()), repr(req.body.readline()), repr(list(req.body))]
+    _record(line)
+'''
+
+WSGI_APP = '''
+def app(environ, start_response):
+    body = environ["wsgi.input"].read()
+    path = environ["PATH_INFO"]
+    if path == "/stream":  # no length, two pieces
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (piece for piece in (b"one", b"two"))
+    if path == "/empty":
+        start_response("204 No Content", [])
+        return [b""]
+    data = b"hello " + body
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+    return [data]
+'''
+
+ASGI_APP = '''
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"Content-Type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"one", "more_body": True})
+        await send({"type": "http.response.body", "body": b"two"})
+        return
+    if scope["path"] == "/empty":
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    data = b"hello " + body
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"Content-Type", b"text/plain"), (b"Content-Length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+'''
+
+FORWARDED = [("X-Forwarded-For", "10.1.2.3"), ("X-Forwarded-Proto", "https")]
+
+
+def _connect(server: Any) -> Conn:
+    if server.uds is None:
+        return Conn.open("127.0.0.1", server.port)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(str(server.uds))
+    return Conn(sock)
+
+
+def _exchange(server: Any) -> list[dict[str, Any]]:
+    """The same requests each time; the hooks' records, in order."""
+    with _connect(server) as conn:  # four requests on one connection: req_number 1 to 4
+        for method, target, headers, body in [
+            ("GET", "/a?x=1", [], b""),
+            ("POST", "/p", [("Content-Type", "text/plain")], b"abc"),
+            ("GET", "/stream", [], b""),
+            ("GET", "/empty", [("Connection", "close")], b""),
+        ]:
+            conn.send(build_request(method, target, headers=headers, body=body))
+            assert conn.read_response(method).status in (200, 204)
+    with _connect(server) as conn:
+        conn.send(build_request("GET", "/old", version="1.0"))
+        assert conn.read_response().status == 200
+    with _connect(server) as conn:
+        conn.send(build_request("GET", "/forwarded", headers=FORWARDED))
+        assert conn.read_response().status == 200
+    wait_for(lambda: len(server.events('{"hook": "post"')) == 6)
+    return [json.loads(line) for line in server.events()]
+
+
+def _records(tmp_path: Path, worker_class: str, app: str, transport: str) -> list[dict[str, Any]]:
+    directory = tmp_path / f"{worker_class}-{len(app)}"
+    directory.mkdir()
+    uds = directory / "s" if transport == "unix" else None
+    with run_gunicorn(directory, worker_class, DUMP_HOOKS, app=app, uds=uds, wait=False) as server:
+        wait_for(lambda: "Booting worker" in server.log, timeout=10)
+        records = _exchange(server)
+        assert "A Gunicorn hook read req.body" not in server.log  # read in post_request only
+        return records
+
+
+def _assert_same(expected: list[dict[str, Any]], got: list[dict[str, Any]], label: str) -> None:
+    for want, line in zip(expected, got, strict=True):
+        differ = {key: (want.get(key), line.get(key)) for key in want.keys() | line.keys() if want.get(key) != line.get(key)}
+        assert not differ, f"{label}, {want['hook']} {want['uri'][1]}: {differ}"
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_hooks_get_the_request_and_response_gthread_gives(tmp_path: Path, transport: str) -> None:
+    expected = _records(tmp_path, "gthread", WSGI_APP, transport)
+    assert [line["hook"] for line in expected] == ["pre", "post"] * 6
+    for worker_class, app in [("uvworker.Worker", WSGI_APP), ("uvworker.H11Worker", WSGI_APP),
+                              ("uvworker.Worker", ASGI_APP)]:
+        got = _records(tmp_path, worker_class, app, transport)
+        _assert_same(expected, got, f"{worker_class} ({'ASGI' if app is ASGI_APP else 'WSGI'})")
+
+
+def _h2_records(tmp_path: Path, worker_class: str, app: str) -> list[dict[str, Any]]:
+    from tests.h2_client import H2Client
+
+    directory = tmp_path / f"h2-{worker_class}-{len(app)}"
+    directory.mkdir()
+    conf = DUMP_HOOKS + '\nhttp_protocols = "h2,h1"\nhttp2_cleartext = "prior-knowledge"\n'
+    with run_gunicorn(directory, worker_class, conf, app=app, wait=False) as server:
+        wait_for(lambda: "Booting worker" in server.log, timeout=10)
+        client = H2Client("127.0.0.1", server.port)
+        try:
+            for method, path, body in [("GET", "/a?x=1", None), ("POST", "/p", b"abc"), ("GET", "/stream", None)]:
+                headers = [("content-type", "text/plain")] + ([("content-length", str(len(body)))] if body else [])
+                stream = client.request(method, path, headers=headers, body=body)
+                assert client.response(stream).status == 200
+        finally:
+            client.sock.close()
+        wait_for(lambda: len(server.events('{"hook": "post"')) == 3)
+        return [json.loads(line) for line in server.events()]
+
+
+def test_hooks_get_the_request_and_response_gthread_gives_over_h2c(tmp_path: Path) -> None:
+    """The same over cleartext HTTP/2 (prior knowledge): version (2, 0), req_number the stream id.
+    One value differs on purpose: Gunicorn's resp.should_close() applies HTTP/1's rule and says
+    True for a body streamed without a length, but an HTTP/2 connection stays open (False here)."""
+    expected = _h2_records(tmp_path, "gthread", WSGI_APP)
+    for line in expected:
+        if line["uri"] == ["str", "/stream"] and line["hook"] == "post":
+            assert line["resp.should_close()"] is True
+            line["resp.should_close()"] = False
+    assert [line["req_number"] for line in expected] == [["int", n] for n in (1, 1, 3, 3, 5, 5)]
+    for worker_class, app in [("uvworker.Worker", WSGI_APP), ("uvworker.Worker", ASGI_APP)]:
+        got = _h2_records(tmp_path, worker_class, app)
+        _assert_same(expected, got, f"{worker_class} ({'ASGI' if app is ASGI_APP else 'WSGI'})")
+
+
+def test_proxy_protocol_info_and_the_peer_behind_a_proxy_protocol_header(tmp_path: Path) -> None:
+    """A connection that begins with a PROXY header (v1 and v2): req.remote_addr stays the peer
+    that sent it, proxy_protocol_info says what it said, as under gthread. (Gunicorn parses the
+    header for the connection's first request only, and leaves proxy_protocol_info None on the
+    next ones; here every request of the connection has it: they are not compared.)"""
+    from tests.test_proxy import V2_TCP6
+
+    v1 = b"PROXY TCP4 10.9.8.7 127.0.0.1 5555 80\r\n"
+    records = {}
+    for worker_class in ("gthread", "uvworker.Worker", "uvworker.H11Worker"):
+        directory = tmp_path / worker_class
+        directory.mkdir()
+        conf = DUMP_HOOKS + '\nproxy_protocol = "auto"\n'
+        with run_gunicorn(directory, worker_class, conf, app=WSGI_APP, wait=False) as server:
+            wait_for(lambda: "Booting worker" in server.log, timeout=10)
+            for header in (v1, V2_TCP6):
+                with Conn.open("127.0.0.1", server.port) as conn:
+                    conn.send(header + build_request("GET", "/proxied", headers=[("Connection", "close")]))
+                    assert conn.read_response().status == 200
+            wait_for(lambda: len(server.events('{"hook": "post"')) == 2)
+            records[worker_class] = [json.loads(line) for line in server.events()]
+    expected = records.pop("gthread")
+    assert expected[1]["proxy_protocol_info"][1]["client_addr"] == "10.9.8.7"
+    assert expected[3]["proxy_protocol_info"][1]["client_addr"] == "2001:db8::1"
+    for worker_class, got in records.items():
+        _assert_same(expected, got, worker_class)
+
+
+@pytest.mark.parametrize("app", ["wsgi", "asgi"])
+def test_a_hook_reading_req_body_does_not_take_the_app_s_body(tmp_path: Path, app: str) -> None:
+    """Under Gunicorn a pre_request that reads req.body takes it from the app. Here the body
+    streams to the app, which alone reads it: req.body reads as empty, and the first read of a
+    request that has a body logs one warning (a read in post_request, after the app, does not:
+    Gunicorn gives the rest the app left, most often nothing, there too)."""
+    conf = '''
+import os
+
+def pre_request(worker, req):
+    with open(os.environ["EVENTS"], "a") as events:
+        events.write(f"pre {req.path} {req.body.read()!r} {req.body.readline()!r}\\n")
+
+def post_request(worker, req, environ, resp):
+    with open(os.environ["EVENTS"], "a") as events:
+        events.write(f"post {req.path} {req.body.read()!r}\\n")
+'''
+    with run_gunicorn(tmp_path, "uvworker.Worker", conf, app=WSGI_APP if app == "wsgi" else ASGI_APP) as server:
+        for body in (b"abc", b"defg"):
+            assert httpx.post(server.url + "/p", content=body, timeout=5).text == "hello " + body.decode()
+        assert server.get("/g").text == "hello "
+        wait_for(lambda: len(server.events("post")) == 3)
+        assert server.events("pre") == ["pre /p b'' b''", "pre /p b'' b''", "pre /g b'' b''"]
+        assert server.events("post") == ["post /p b''", "post /p b''", "post /g b''"]
+        assert server.log.count("A Gunicorn hook read req.body") == 1, server.log
