@@ -30,7 +30,7 @@ from tests.conftest import wait_for
 from tests.http_client import Conn, build_request
 from uvworker.config import ConfigError
 from uvworker.settings import SETTINGS
-from uvworker.gunicorn_settings import settings_from_gunicorn
+from uvworker.gunicorn_settings import UNSUPPORTED, settings_from_gunicorn
 
 REPO = Path(__file__).resolve().parent.parent
 WORKERS = ["uvworker.Worker", "uvworker.H11Worker"]
@@ -247,6 +247,70 @@ def test_every_gunicorn_slot_names_a_gunicorn_setting() -> None:
     known = GunicornConfig().settings
     slots = [s.gunicorn for s in SETTINGS if s.gunicorn]
     assert slots and all(slot in known for slot in slots), [s for s in slots if s not in known]
+
+
+# Every Gunicorn setting is honoured or refused: mapped by a row of the settings table, handed on
+# by the worker, applied by Gunicorn itself, or refused when set (gunicorn_settings.UNSUPPORTED).
+HANDED_ON = {  # by the worker class: hooks, loggers, TLS, proxy rules (uvworker.workers, gunicorn_hooks)
+    "secure_scheme_headers", "pre_request", "post_request", "worker_int", "worker_abort", "ssl_context",
+    "accesslog", "errorlog", "logger_class", "logconfig", "logconfig_dict", "logconfig_json", "syslog",
+    "syslog_addr", "syslog_prefix", "syslog_facility", "disable_redirect_access_to_syslog", "statsd_host",
+    "statsd_prefix", "dogstatsd_tags",
+}
+GUNICORN_APPLIES = {  # the arbiter, the base worker (init_process, notify), the application loader
+    "config", "wsgi_app", "bind", "worker_class", "reload_engine", "reload_extra_files", "spew",
+    "check_config", "print_config", "reuse_port", "chdir", "daemon", "raw_env", "worker_tmp_dir", "initgroups",
+    "capture_output", "enable_stdio_inheritance", "enable_backlog_metric", "proc_name", "default_proc_name",
+    "pythonpath", "paste", "raw_paste_global_conf", "on_starting", "on_reload", "when_ready", "pre_fork",
+    "post_fork", "post_worker_init", "pre_exec", "child_exit", "worker_exit", "nworkers_changed", "on_exit",
+    "dirty_apps", "dirty_workers", "dirty_timeout", "dirty_threads", "dirty_graceful_timeout",
+    "on_dirty_starting", "dirty_post_fork", "dirty_worker_init", "dirty_worker_exit", "control_socket",
+    "control_socket_mode", "control_socket_disable",
+    # Gunicorn itself does nothing with these (or ignores them: ssl_version is deprecated)
+    "tmp_upload_dir", "ssl_version", "suppress_ragged_eofs",
+    # asyncio's TLS handshakes on connect; sendfile: wsgi.file_wrapper never uses sendfile() here
+    "do_handshake_on_connect", "sendfile",
+    "uwsgi_allow_ips",  # for protocol = "uwsgi" only, which is refused
+}
+# A value other than the default for each refused setting.
+UNSUPPORTED_VALUES = {
+    "protocol": "uwsgi", "http_parser": "python", "header_map": "dangerous", "forwarder_headers": "REMOTE_USER",
+    "permit_obsolete_folding": True, "strip_header_spaces": True, "permit_unconventional_http_method": True,
+    "permit_unconventional_http_version": True, "casefold_http_method": True,
+    "http2_initial_window_size": 1 << 20, "http2_max_frame_size": 1 << 15, "http2_max_header_list_size": 1 << 17,
+    "asgi_disconnect_grace_period": 10, "http2_cleartext": "upgrade",
+}
+
+
+def test_every_gunicorn_setting_is_honoured_or_refused() -> None:
+    """A Gunicorn upgrade that adds a setting fails here until it is sorted into a group."""
+    known = set(GunicornConfig().settings)
+    mapped = {s.gunicorn for s in SETTINGS if s.gunicorn}
+    groups = [mapped, HANDED_ON, GUNICORN_APPLIES, set(UNSUPPORTED)]
+    assert sum(len(group) for group in groups) == len(set().union(*groups)), "a setting in two groups"
+    assert set().union(*groups) == known, (known - set().union(*groups), set().union(*groups) - known)
+    assert set(UNSUPPORTED_VALUES) == set(UNSUPPORTED)
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_an_unsupported_gunicorn_setting_that_is_set_is_refused(name: str) -> None:
+    cfg = GunicornConfig()
+    settings_from_gunicorn(cfg, {})  # at its default: accepted
+    cfg.set(name, UNSUPPORTED_VALUES[name])
+    with pytest.raises(ConfigError, match=rf"^Gunicorn setting {name}=.* is not supported by uvworker: .+\.$"):
+        settings_from_gunicorn(cfg, {})
+
+
+def test_http2_cleartext_prior_knowledge_is_what_uvworker_does() -> None:
+    cfg = GunicornConfig()
+    cfg.set("http2_cleartext", "prior-knowledge")
+    settings_from_gunicorn(cfg, {})
+
+
+def test_websocket_max_message_size_maps_to_ws_max_size() -> None:
+    cfg = GunicornConfig()
+    cfg.set("websocket_max_message_size", 4096)
+    assert settings_from_gunicorn(cfg, {})["ws_max_size"] == 4096
 
 
 def test_gunicorn_defaults_map_to_uvworker_settings() -> None:
@@ -607,6 +671,14 @@ def test_invalid_uvworker_setting_stops_gunicorn_with_one_line(tmp_path: Path) -
     with run_gunicorn(tmp_path, env={"UVWORKER_LIFESPAN": "sometimes"}, wait=False) as server:
         assert server.wait_exit() != 0
         assert "Error: uvworker: UVWORKER_LIFESPAN: 'sometimes' is not one of auto, on, off" in server.log
+        assert "Traceback" not in server.log
+
+
+def test_an_unsupported_gunicorn_setting_stops_gunicorn_with_one_line(tmp_path: Path) -> None:
+    with run_gunicorn(tmp_path, conf="permit_obsolete_folding = True\n", wait=False) as server:
+        assert server.wait_exit() != 0
+        assert ("Error: uvworker: Gunicorn setting permit_obsolete_folding=True is not supported by uvworker: "
+                "uvworker's HTTP/1.1 parsers have no such leniency.") in server.log
         assert "Traceback" not in server.log
 
 

@@ -48,12 +48,54 @@ _ADAPT: dict[str, Callable[[Any], Any]] = {
 }
 
 
+# Gunicorn settings this worker cannot honour: a value other than Gunicorn's default stops
+# Gunicorn at start with the reason, rather than being ignored. Every other Gunicorn setting is
+# mapped by the settings table, handed on by the worker (hooks, loggers, TLS, proxy rules) or
+# applied by Gunicorn itself; tests/test_gunicorn.py sorts all of them into these groups.
+UNSUPPORTED: dict[str, str] = {
+    "protocol": "uvworker speaks HTTP only (with nginx: proxy_pass, not uwsgi_pass)",
+    "http_parser": "Gunicorn's parsers are not used: uvworker.Worker parses with httptools when installed, "
+                   "uvworker.H11Worker with h11",
+    "header_map": "header names with '_' are always left out of the WSGI environ (Gunicorn's 'drop')",
+    "forwarder_headers": "no request header sets a WSGI environ key here (a mounted app's prefix is root_path)",
+    "permit_obsolete_folding": "uvworker's HTTP/1.1 parsers have no such leniency",
+    "strip_header_spaces": "uvworker's HTTP/1.1 parsers have no such leniency",
+    "permit_unconventional_http_method": "uvworker's HTTP/1.1 parsers have no such leniency",
+    "permit_unconventional_http_version": "uvworker's HTTP/1.1 parsers have no such leniency",
+    "casefold_http_method": "methods reach the app as the client sent them",
+    "http2_initial_window_size": "uvworker sizes its HTTP/2 flow-control windows itself",
+    "http2_max_frame_size": "uvworker's HTTP/2 frame size is h2's default",
+    "http2_max_header_list_size": "HTTP/2 request heads are bounded by limit_request_fields and "
+                                  "limit_request_field_size",
+    "asgi_disconnect_grace_period": "an ASGI app is told of a disconnect (http.disconnect) and never "
+                                    "cancelled for it",
+    "http2_cleartext": "cleartext HTTP/2 is by prior knowledge only, when HTTP/2 is on (no Upgrade: h2c)",
+}
+# Values other than the default that are honoured all the same.
+_ACCEPTED: dict[str, tuple[Any, ...]] = {"http2_cleartext": ("prior-knowledge",)}
+
+
+def refused(cfg: Any) -> str | None:
+    """The line that stops Gunicorn for the first UNSUPPORTED setting set to another value
+    than its default, or None."""
+    for name, reason in UNSUPPORTED.items():
+        source = cfg.settings.get(name)
+        if source is None or _at_default(source) or source.get() in _ACCEPTED.get(name, ()):
+            continue
+        return f"Gunicorn setting {name}={source.get()!r} is not supported by uvworker: {reason}."
+    return None
+
+
 def settings_from_gunicorn(cfg: Any, environ: Mapping[str, str]) -> dict[str, Any]:
     """uvworker settings for a Gunicorn config: every table row with a ``gunicorn`` slot takes
     Gunicorn's value, unless Gunicorn has it at its default and ``UVWORKER_<NAME>`` is set.
 
-    Raises ConfigError naming the Gunicorn setting or variable for a value that does not fit.
+    Raises ConfigError naming the Gunicorn setting or variable for a value that does not fit,
+    or for an UNSUPPORTED setting that is set.
     """
+    line = refused(cfg)
+    if line is not None:
+        raise ConfigError(line)
     try:
         chosen = from_environ(environ)
     except ValueError as err:

@@ -371,7 +371,7 @@ SETTINGS: tuple[Setting, ...] = (
        "uvicorn's websockets-sansio is websockets (its sans-I/O protocol is the one used).",
        choices=("auto", "websockets", "none")),
     _S("ws_max_size", 16 * 1024 * 1024, integer(1), "Largest WebSocket message in bytes; a larger "
-       "one closes the connection with code 1009.", metavar="BYTES"),
+       "one closes the connection with code 1009.", metavar="BYTES", gunicorn="websocket_max_message_size"),
     _S("ws_max_queue", 32, integer(1), "Received WebSocket messages that may wait for the "
        "application; when this many wait, the server stops reading from that client.", metavar="N"),
     _S("ws_ping_interval", 20.0, help="Send a WebSocket ping this often; 0 disables.", **_SECONDS),
