@@ -244,3 +244,45 @@ def post_request(worker, req, environ, resp):
         assert server.events("pre") == ["pre /p b'' b''", "pre /p b'' b''", "pre /g b'' b''"]
         assert server.events("post") == ["post /p b''", "post /p b''", "post /g b''"]
         assert server.log.count("A Gunicorn hook read req.body") == 1, server.log
+
+
+MOUNT_WSGI = '''
+def app(environ, start_response):
+    data = f"{environ['SCRIPT_NAME']}|{environ['PATH_INFO']}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+    return [data]
+'''
+
+MOUNT_ASGI = '''
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    root = scope["root_path"]
+    data = f"{root}|{scope['path'][len(root):]}".encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": data})
+'''
+
+
+def test_script_name_from_the_environment_and_a_trusted_proxy_s_header(tmp_path: Path) -> None:
+    """Gunicorn's SCRIPT_NAME, the app's mount point: from the environment (``SCRIPT_NAME=/app
+    gunicorn ...``, a common recipe), or from a trusted proxy's SCRIPT_NAME header (Gunicorn's
+    forwarder_headers). The path keeps it (the proxy does not strip it); WSGI apps get it as
+    SCRIPT_NAME and the rest as PATH_INFO, ASGI apps as root_path; a path outside it is a 500.
+    Before, both were ignored: '|/app/x'."""
+    answers = {}
+    for worker_class, app in [("gthread", MOUNT_WSGI), ("uvworker.Worker", MOUNT_WSGI),
+                              ("uvworker.H11Worker", MOUNT_WSGI), ("uvworker.Worker", MOUNT_ASGI)]:
+        directory = tmp_path / f"{worker_class}-{len(app)}"
+        directory.mkdir()
+        with run_gunicorn(directory, worker_class, app=app, env={"SCRIPT_NAME": "/app"}, wait=False) as server:
+            wait_for(lambda: "Booting worker" in server.log, timeout=10)
+            got = []
+            for path, headers in [("/app/x", {}), ("/app", {}), ("/other", {}), ("/pre/y", {"SCRIPT_NAME": "/pre"})]:
+                response = server.get(path, headers=headers)
+                got.append((response.status_code, response.text if response.status_code == 200 else ""))
+            answers[(worker_class, app)] = got
+    expected = answers.pop(("gthread", MOUNT_WSGI))
+    assert expected == [(200, "/app|/x"), (200, "/app|"), (500, ""), (200, "/pre|/y")]
+    for (worker_class, app), got in answers.items():
+        assert got == expected, (worker_class, "ASGI" if app is MOUNT_ASGI else "WSGI")

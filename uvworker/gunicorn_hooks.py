@@ -14,9 +14,11 @@
 
 Rules kept: proxy and secure-scheme headers are read only from peers in forwarded_allow_ips,
 in front of the app, where the peer address is still the socket's; secure-scheme headers
-that contradict each other get a 400, as in Gunicorn. Gunicorn's own ``Logger`` gets its
-access line from ``uvworker.logging.AccessLog`` (its format parsed once: no Gunicorn objects
-per request); any other ``logger_class`` gets Gunicorn's objects (uvworker.gunicorn_objects).
+that contradict each other get a 400, as in Gunicorn. Gunicorn's SCRIPT_NAME (environment, or
+a trusted proxy's header) is the app's mount point: the scope's root_path. Gunicorn's own
+``Logger`` gets its access line from ``uvworker.logging.AccessLog`` (its format parsed once: no
+Gunicorn objects per request); any other ``logger_class`` gets Gunicorn's objects
+(uvworker.gunicorn_objects).
 """
 
 from __future__ import annotations
@@ -52,23 +54,32 @@ def front(
     proxy_headers: bool,
     secure_scheme_headers: dict[str, str] | None,
     before: Callable[[dict[str, Any], Any], None] | None,
+    script_name: str = "",
+    script_name_header: bool = False,
 ) -> Any:
     """The app behind Gunicorn's per-request rules (only those that are on). ``before(scope,
     cycle)`` runs last, just before the app (``cycle``: the request's, which ``receive`` is
-    bound to, or None)."""
+    bound to, or None). ``script_name``: Gunicorn's SCRIPT_NAME from the environment, the
+    app's mount point; with ``script_name_header`` (SCRIPT_NAME in forwarder_headers) a
+    trusted proxy's SCRIPT_NAME header gives it instead. The request path must start with
+    it (else a 500, as in Gunicorn); it becomes the scope's root_path (WSGI: SCRIPT_NAME, and
+    PATH_INFO the rest of the path)."""
     secure = {
         name.lower().encode("latin-1"): value.encode("latin-1")
         for name, value in (secure_scheme_headers or {}).items()
     }
-    if not (proxy_headers or secure or before):
+    if script_name_header:
+        secure[_SCRIPT_NAME] = _SCRIPT_NAME  # read in the same pass as the scheme headers
+    if not (proxy_headers or secure or before or script_name):
         return app
 
     async def in_front(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             return await app(scope, receive, send)
         client = scope.get("client")
+        mount = script_name
         if (proxy_headers or secure) and (client[0] if client else None) in trusted:
-            scheme = _secure_scheme(scope["headers"], secure) if secure else None
+            scheme, forwarded_mount = _trusted_fields(scope["headers"], secure) if secure else (None, None)
             if proxy_headers:
                 scope[PEER_KEY] = client  # Gunicorn's req.peer_addr and remote_addr stay the peer
                 apply_proxy_headers(scope, trusted)
@@ -76,6 +87,13 @@ def front(
                 return await _reject(scope, send, "Contradictory scheme headers")
             if scheme is not None:
                 scope["scheme"] = scheme if scope["type"] == "http" else _WS_SCHEMES[scheme]
+            if forwarded_mount is not None:
+                mount = forwarded_mount
+        if mount:
+            if not (scope.get("raw_path") or scope["path"].encode()).startswith(mount.encode("latin-1")):
+                return await _reject(scope, send, f"Request path {scope['path']!r} does not start with "
+                                                  f"SCRIPT_NAME {mount!r}", 500)
+            scope["root_path"] = mount
         if before is not None:
             before(scope, getattr(receive, "__self__", None))
         await app(scope, receive, send)
@@ -85,28 +103,33 @@ def front(
 
 _CONTRADICTION = "contradiction"
 _WS_SCHEMES = {"https": "wss", "http": "ws"}
+_SCRIPT_NAME = b"script_name"
 
 
-def _secure_scheme(headers: list[tuple[bytes, bytes]], secure: dict[bytes, bytes]) -> str | None:
-    """"https" or "http" as the secure-scheme headers present say; None when none is present;
-    _CONTRADICTION when they disagree (Gunicorn answers 400)."""
-    scheme = None
+def _trusted_fields(headers: list[tuple[bytes, bytes]], secure: dict[bytes, bytes]) -> tuple[str | None, str | None]:
+    """From a trusted peer's headers, in one pass: "https" or "http" as the secure-scheme
+    headers present say (None when none is present; _CONTRADICTION when they disagree:
+    Gunicorn answers 400), and the SCRIPT_NAME header's value (when ``secure`` lists it)."""
+    scheme = mount = None
     for name, value in headers:
         expected = secure.get(name)
         if expected is not None:
+            if expected is _SCRIPT_NAME:
+                mount = value.decode("latin-1").strip()
+                continue
             this = "https" if value.strip() == expected else "http"
             if scheme is not None and this != scheme:
-                return _CONTRADICTION
+                return _CONTRADICTION, mount
             scheme = this
-    return scheme
+    return scheme, mount
 
 
-async def _reject(scope: dict[str, Any], send: Any, reason: str) -> None:
+async def _reject(scope: dict[str, Any], send: Any, reason: str, status: int = 400) -> None:
     if scope["type"] != "http":
         await send({"type": "websocket.close", "code": 1008})
         return
     body = reason.encode()
-    await send({"type": "http.response.start", "status": 400, "headers": [
+    await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
 

@@ -57,7 +57,8 @@ UNSUPPORTED: dict[str, str] = {
     "http_parser": "Gunicorn's parsers are not used: uvworker.Worker parses with httptools when installed, "
                    "uvworker.H11Worker with h11",
     "header_map": "header names with '_' are always left out of the WSGI environ (Gunicorn's 'drop')",
-    "forwarder_headers": "no request header sets a WSGI environ key here (a mounted app's prefix is root_path)",
+    "forwarder_headers": "of the headers a trusted proxy may send with '_' in their names, only SCRIPT_NAME is "
+                         "read (Gunicorn's default, SCRIPT_NAME,PATH_INFO)",
     "permit_obsolete_folding": "uvworker's HTTP/1.1 parsers have no such leniency",
     "strip_header_spaces": "uvworker's HTTP/1.1 parsers have no such leniency",
     "permit_unconventional_http_method": "uvworker's HTTP/1.1 parsers have no such leniency",
