@@ -252,7 +252,7 @@ def test_every_gunicorn_slot_names_a_gunicorn_setting() -> None:
 # Every Gunicorn setting is honoured or refused: mapped by a row of the settings table, handed on
 # by the worker, applied by Gunicorn itself, or refused when set (gunicorn_settings.UNSUPPORTED).
 HANDED_ON = {  # by the worker class: hooks, loggers, TLS, proxy rules (uvworker.workers, gunicorn_hooks)
-    "secure_scheme_headers", "pre_request", "post_request", "worker_int", "worker_abort", "ssl_context",
+    "secure_scheme_headers", "root_path", "pre_request", "post_request", "worker_int", "worker_abort", "ssl_context",
     "accesslog", "errorlog", "logger_class", "logconfig", "logconfig_dict", "logconfig_json", "syslog",
     "syslog_addr", "syslog_prefix", "syslog_facility", "disable_redirect_access_to_syslog", "statsd_host",
     "statsd_prefix", "dogstatsd_tags",

@@ -286,3 +286,27 @@ def test_script_name_from_the_environment_and_a_trusted_proxy_s_header(tmp_path:
     assert expected == [(200, "/app|/x"), (200, "/app|"), (500, ""), (200, "/pre|/y")]
     for (worker_class, app), got in answers.items():
         assert got == expected, (worker_class, "ASGI" if app is MOUNT_ASGI else "WSGI")
+
+
+def test_root_path_as_gunicorn_s_asgi_worker_gives_it(tmp_path: Path) -> None:
+    """Gunicorn's root_path setting: the scope's root_path, the path as it came (Gunicorn's asgi
+    worker). Before, it was uvworker's --root-path, which prefixes the path (uvicorn's meaning):
+    /api/x became /api/api/x."""
+    app = '''
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    data = f"{scope['root_path']}|{scope['path']}|{scope['raw_path'].decode()}".encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": data})
+'''
+    answers = {}
+    for worker_class in ("asgi", "uvworker.Worker", "uvworker.H11Worker"):
+        directory = tmp_path / worker_class
+        directory.mkdir()
+        with run_gunicorn(directory, worker_class, 'root_path = "/api"\n', app=app, wait=False) as server:
+            wait_for(lambda: "Booting worker" in server.log, timeout=10)
+            answers[worker_class] = [server.get(path).text for path in ("/api/x", "/x")]
+    assert answers.pop("asgi") == ["/api|/api/x|/api/x", "/api|/x|/x"]
+    assert answers == {"uvworker.Worker": ["/api|/api/x|/api/x", "/api|/x|/x"],
+                       "uvworker.H11Worker": ["/api|/api/x|/api/x", "/api|/x|/x"]}

@@ -56,6 +56,7 @@ def front(
     before: Callable[[dict[str, Any], Any], None] | None,
     script_name: str = "",
     script_name_header: bool = False,
+    root_path: str = "",
 ) -> Any:
     """The app behind Gunicorn's per-request rules (only those that are on). ``before(scope,
     cycle)`` runs last, just before the app (``cycle``: the request's, which ``receive`` is
@@ -63,21 +64,23 @@ def front(
     app's mount point; with ``script_name_header`` (SCRIPT_NAME in forwarder_headers) a
     trusted proxy's SCRIPT_NAME header gives it instead. The request path must start with
     it (else a 500, as in Gunicorn); it becomes the scope's root_path (WSGI: SCRIPT_NAME, and
-    PATH_INFO the rest of the path)."""
+    PATH_INFO the rest of the path). Without one, Gunicorn's ``root_path`` setting is the
+    root_path, the path left as it came (as Gunicorn's ASGI worker does), and unchecked."""
     secure = {
         name.lower().encode("latin-1"): value.encode("latin-1")
         for name, value in (secure_scheme_headers or {}).items()
     }
     if script_name_header:
         secure[_SCRIPT_NAME] = _SCRIPT_NAME  # read in the same pass as the scheme headers
-    if not (proxy_headers or secure or before or script_name):
+    if not (proxy_headers or secure or before or script_name or root_path):
         return app
+    default_mount = (script_name, True) if script_name else (root_path, False)  # (mount, checked)
 
     async def in_front(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             return await app(scope, receive, send)
         client = scope.get("client")
-        mount = script_name
+        mount, strict = default_mount
         if (proxy_headers or secure) and (client[0] if client else None) in trusted:
             scheme, forwarded_mount = _trusted_fields(scope["headers"], secure) if secure else (None, None)
             if proxy_headers:
@@ -88,9 +91,9 @@ def front(
             if scheme is not None:
                 scope["scheme"] = scheme if scope["type"] == "http" else _WS_SCHEMES[scheme]
             if forwarded_mount is not None:
-                mount = forwarded_mount
+                mount, strict = forwarded_mount, True
         if mount:
-            if not (scope.get("raw_path") or scope["path"].encode()).startswith(mount.encode("latin-1")):
+            if strict and not (scope.get("raw_path") or scope["path"].encode()).startswith(mount.encode("latin-1")):
                 return await _reject(scope, send, f"Request path {scope['path']!r} does not start with "
                                                   f"SCRIPT_NAME {mount!r}", 500)
             scope["root_path"] = mount

@@ -270,8 +270,7 @@ SETTINGS: tuple[Setting, ...] = (
     _S("lifespan", "auto", word, "ASGI lifespan events: on requires the app to support them, "
        "auto uses them when it does, off skips them.", choices=("auto", "on", "off"),
        gunicorn="asgi_lifespan"),
-    _S("root_path", "", text, "ASGI root_path, for an app mounted below a URL prefix.", metavar="PATH",
-       gunicorn="root_path"),
+    _S("root_path", "", text, "ASGI root_path, for an app mounted below a URL prefix.", metavar="PATH"),
     _S("reset_contextvars", False, boolean, "Run each request's application task (HTTP and "
        "WebSocket) in a fresh, empty contextvars.Context: it sees no context variable set at "
        "import, in the lifespan or by instrumentation.", kind="flag"),

@@ -21,7 +21,8 @@ Where each part of Gunicorn's configuration goes:
                                       the worker retires, the arbiter starts another
     forwarded_allow_ips,              applied per request in front of the app, where the peer
       secure_scheme_headers,          address is still known (gunicorn_hooks.front); SCRIPT_NAME
-      forwarder_headers               (environment, trusted header) sets the root path
+      forwarder_headers, root_path    (environment, trusted header) sets the root path, or else
+                                      Gunicorn's root_path (the path unchanged, as in its ASGI worker)
     pre_request / post_request        in front of the app / a ``ServerState`` request hook
     accesslog, access_log_format,     Gunicorn's logger, fed by request hooks
       logger_class                      (gunicorn_hooks.request_hooks)
@@ -188,6 +189,7 @@ class Worker(GunicornWorker):
             config.loaded_app, trusted=config.forwarded_allow, proxy_headers=proxy_headers,
             secure_scheme_headers=cfg.secure_scheme_headers, before=before,
             script_name=os.environ.get("SCRIPT_NAME", ""), script_name_header="SCRIPT_NAME" in cfg.forwarder_headers,
+            root_path=cfg.root_path if "root_path" in cfg.settings else "",
         )
         self.config = config
         return config
