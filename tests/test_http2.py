@@ -303,6 +303,38 @@ def test_wsgi_access_log_proxy_headers_lifespan_state_and_load_shedding(caplog: 
         wait_for(lambda: any('"GET /hold HTTP/2" 200' in r.getMessage() for r in caplog.records))
 
 
+def test_wsgi_reads_a_body_sent_without_content_length() -> None:
+    """HTTP/2 frames a request body by DATA frames, so a head needs no content-length: the WSGI
+    app still reads the whole body (it used to read b'' for every such request)."""
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d %s" % (len(body), body[:5])]
+
+    with run_server(wsgi, interface="wsgi") as srv:
+        client = H2Client(srv.host, srv.port)
+        posted = client.response(client.request("POST", "/p", body=b"hello" * 2000))
+        split = client.request("POST", "/s", end=False)
+        client.send_body(split, b"ab", end=False)
+        client.send_body(split, b"cd", end=True)
+        empty = client.request("POST", "/e", end=False)
+        client.send_body(empty, b"", end=True)
+        assert posted.status == 200 and posted.body == b"10000 hello"
+        assert client.response(split).body == b"4 abcd"
+        assert client.response(empty).body == b"0 "
+        assert get(client, "/g").body == b"0 "  # HEADERS with END_STREAM: nothing to read
+        client.close()
+
+        def chunks() -> Any:
+            yield b"xy"
+            yield b"z"
+
+        with httpx.Client(http1=False, http2=True, timeout=5) as hx:
+            r = hx.post(srv.url + "/x", content=chunks())  # a stream of unknown length: no content-length
+            assert r.http_version == "HTTP/2" and r.text == "3 xyz"
+
+
 def test_stateless_encoder_round_trips_and_signals_table_size() -> None:
     """Our HPACK encoder (no dynamic table, blocks cached) decodes to the same headers with
     hpack's decoder, and a peer's new SETTINGS_HEADER_TABLE_SIZE starts the next block with a

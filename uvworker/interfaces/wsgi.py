@@ -390,7 +390,13 @@ def build_environ(scope: dict[str, Any], base: Environ) -> tuple[Environ, bool]:
             environ["SERVER_NAME"], environ["SERVER_PORT"] = name, port
         else:
             environ["SERVER_NAME"], environ["SERVER_PORT"] = host, _DEFAULT_PORTS.get(scheme, "80")
-    no_body = "HTTP_TRANSFER_ENCODING" not in environ and not environ.get("CONTENT_LENGTH", "").strip("0")
+    length = environ.get("CONTENT_LENGTH")
+    if length is None:
+        # HTTP/1.x frames a body only by those two fields; HTTP/2 frames it by DATA frames, which
+        # need no content-length, so there a head without one may still have a body to read.
+        no_body = "HTTP_TRANSFER_ENCODING" not in environ and version in _SERVER_PROTOCOLS
+    else:
+        no_body = not length.strip("0") and "HTTP_TRANSFER_ENCODING" not in environ
     return environ, no_body
 
 
