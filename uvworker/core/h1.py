@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from uvworker.core.parsers import Headers, Limits, make_parser
-from uvworker.core.request import build_scope, check_head, check_version
+from uvworker.core.request import check_head, check_version, fill_scope, scope_base
 from uvworker.core.response import (
     HEADER_LINES, RESP_CONNECTION, RESP_ENCODING, RESP_LENGTH, STATUS_LINES, HeadDefaults, error_response,
     header_line,
@@ -143,6 +143,16 @@ class H1Core:
         self._proxy_buffer: bytes | None = b"" if options.proxy_protocol else None
         self.feed = self.parser.feed if self._proxy_buffer is None else self._feed_after_proxy_header
         self._trust_proxy_headers = options.proxy_headers and self._trusted(client)
+        self._scope_base = scope_base(server, client, scheme, options.root_path)
+        # The last head whose checks passed (a copy: the app may change its scope's list), and
+        # what check_head said of it: a client sends the same head again and again on one
+        # connection, and a comparison costs a tenth of the checks.
+        self._checked_version = ""
+        self._checked_headers: Headers = []
+        self._checked: tuple[bool, bool, bytes | None, bool] = (True, False, None, False)
+        # The same for the last response's fields and what _header_lines made of them.
+        self._sent_headers: list[Any] | None = None
+        self._sent_lines: tuple[bytes, int | None, bool, bool] = (b"", None, False, False)
 
     # -- bytes in -----------------------------------------------------------------------------
     feed: Any  # (data: bytes) -> None; raises HTTPError for input that is refused
@@ -192,11 +202,14 @@ class H1Core:
     def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers) -> None:
         if http_version != "1.1" and http_version != "1.0":
             http_version = check_version(http_version)
-        keep_alive, expect, upgrade, proxied = check_head(http_version, headers)
+        if http_version == self._checked_version and headers == self._checked_headers:
+            keep_alive, expect, upgrade, proxied = self._checked
+        else:  # check_head is a function of these two alone
+            keep_alive, expect, upgrade, proxied = self._checked = check_head(http_version, headers)
+            self._checked_version, self._checked_headers = http_version, headers.copy()
         options = self.options
-        scope = build_scope(
-            method, target, http_version, headers, self.server, self.client, self.scheme,
-            options.root_path, options.lifespan_state,
+        scope = fill_scope(
+            self._scope_base, method, target, http_version, headers, options.root_path, options.lifespan_state,
         )
         if proxied and self._trust_proxy_headers:
             from uvworker.proxy import apply_proxy_headers
@@ -245,32 +258,17 @@ class H1Core:
 
     def start(self, status: int, headers: Any) -> None:
         """Check and encode the response head; it goes out with the first body piece."""
-        parts = [STATUS_LINES[status], b""]  # [1]: the server's default lines
-        override_defaults = False
-        lines = HEADER_LINES
-        for pair in headers:
-            try:
-                line, kind, length = lines[pair]
-            except (KeyError, TypeError):  # new, or not a hashable (name, value) tuple
-                line, kind = header_line(*pair)
-                length = int(pair[1]) if kind == RESP_LENGTH else 0
-                if type(pair) is tuple:
-                    if len(lines) >= 4096:
-                        lines.clear()
-                    lines[pair] = line, kind, length
-            if kind:
-                if kind == RESP_LENGTH:
-                    self.remaining = length
-                elif kind == RESP_CONNECTION:
-                    if pair[1].lower().find(b"close") >= 0:
-                        self.keep_alive = False
-                    continue  # written by us, once
-                elif kind == RESP_ENCODING:
-                    continue  # framing is ours to choose
-                else:
-                    override_defaults = True
-            parts.append(line)
-        parts[1] = self.defaults.without(headers) if override_defaults else self.defaults.encoded
+        if headers == self._sent_headers:  # the same fields as the last response (often the same list)
+            lines, length, close, override_defaults = self._sent_lines
+        else:
+            lines, length, close, override_defaults = self._header_lines(headers)
+        if length is not None:
+            self.remaining = length
+        if close:
+            self.keep_alive = False
+        parts = [
+            STATUS_LINES[status], self.defaults.without(headers) if override_defaults else self.defaults.encoded, lines,
+        ]
         if status in NO_BODY_STATUSES:
             self.no_body = True
             self.remaining = 0
@@ -291,6 +289,45 @@ class H1Core:
                 parts.append(b"connection: keep-alive\r\n")
             parts.append(b"\r\n")
         self.head = b"".join(parts)
+
+    def _header_lines(self, headers: Any) -> tuple[bytes, int | None, bool, bool]:
+        """The app's response fields, checked: (their lines, the Content-Length or None, whether
+        Connection says close, whether one replaces a default). Kept for the next response on
+        this connection (``start``) when every pair is a hashable tuple, which no app can
+        change once sent, in a list, which is copied."""
+        lines = HEADER_LINES
+        parts = []
+        length = None
+        close = override_defaults = False
+        cacheable = type(headers) is list
+        for pair in headers:
+            try:
+                line, kind, value = lines[pair]
+            except (KeyError, TypeError):  # new, or not a hashable (name, value) tuple
+                line, kind = header_line(*pair)
+                value = int(pair[1]) if kind == RESP_LENGTH else 0
+                if type(pair) is tuple:
+                    if len(lines) >= 4096:
+                        lines.clear()
+                    lines[pair] = line, kind, value
+                else:
+                    cacheable = False
+            if kind:
+                if kind == RESP_LENGTH:
+                    length = value
+                elif kind == RESP_CONNECTION:
+                    if pair[1].lower().find(b"close") >= 0:
+                        close = True
+                    continue  # written by us, once
+                elif kind == RESP_ENCODING:
+                    continue  # framing is ours to choose
+                else:
+                    override_defaults = True
+            parts.append(line)
+        result = b"".join(parts), length, close, override_defaults
+        if cacheable:
+            self._sent_headers, self._sent_lines = headers.copy(), result
+        return result
 
     def body(self, body: bytes, more: bool) -> bytes | tuple[bytes, ...]:
         """The bytes that carry ``body``: one buffer, or pieces for a large one (by reference)."""
@@ -440,5 +477,6 @@ class H1Core:
             self.extensions, self.extensions_10 = {**self.extensions, **extension}, {**self.extensions_10, **extension}
             self.client = info.client
             self.server = info.server or self.server
+            self._scope_base = scope_base(self.server, self.client, self.scheme, self.options.root_path)
             self._trust_proxy_headers = self.options.proxy_headers and self._trusted(self.client)
         return buffer[info.consumed :]

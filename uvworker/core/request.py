@@ -287,6 +287,27 @@ def build_scope(
     server: Any, client: Any, scheme: str, root_path: str, state: dict[str, Any],
 ) -> dict[str, Any]:
     """The ASGI ``http`` scope of a checked head; ``state`` is copied (lifespan state)."""
+    base = scope_base(server, client, scheme, root_path)
+    return fill_scope(base, method, target, http_version, headers, root_path, state)
+
+
+def scope_base(server: Any, client: Any, scheme: str, root_path: str) -> dict[str, Any]:
+    """What the scope of every request on one connection shares, every key in the scope's
+    order: a connection keeps one and ``fill_scope`` copies it. A copy and the per-request
+    stores cost less than building the whole dict (~1.5k instructions of ~5k, callgrind)."""
+    return {
+        "type": "http", "asgi": None, "http_version": "1.1", "server": server, "client": client,
+        "scheme": scheme, "method": "", "root_path": root_path, "path": "", "raw_path": b"",
+        "query_string": b"", "headers": None, "state": None,
+    }
+
+
+def fill_scope(
+    base: dict[str, Any], method: bytes, target: bytes, http_version: str, headers: Headers, root_path: str,
+    state: dict[str, Any],
+) -> dict[str, Any]:
+    """A request's scope: a copy of its connection's ``scope_base`` (made with the same
+    ``root_path``) with the request's own values."""
     if target[0] == 47 and HASH not in target:  # origin-form, no fragment: split here (hot path)
         raw_path, _, query = target.partition(b"?")
     else:
@@ -294,18 +315,18 @@ def build_scope(
             headers = absolute_form_host(target, headers)
         raw_path, query = split_target(target)
     path = raw_path.decode("ascii") if PERCENT not in raw_path and raw_path.isascii() else decode_path(raw_path)
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": http_version,
-        "server": server,
-        "client": client,
-        "scheme": scheme,
-        "method": _METHODS.get(method) or method.decode("ascii"),
-        "root_path": root_path,
-        "path": root_path + path if root_path else path,
-        "raw_path": root_path.encode() + raw_path if root_path else raw_path,
-        "query_string": query,
-        "headers": headers,
-        "state": state.copy(),
-    }
+    scope = base.copy()
+    scope["asgi"] = {"version": "3.0", "spec_version": "2.4"}
+    if http_version != "1.1":
+        scope["http_version"] = http_version
+    scope["method"] = _METHODS.get(method) or method.decode("ascii")
+    if root_path:
+        scope["path"] = root_path + path
+        scope["raw_path"] = root_path.encode() + raw_path
+    else:
+        scope["path"] = path
+        scope["raw_path"] = raw_path
+    scope["query_string"] = query
+    scope["headers"] = headers
+    scope["state"] = state.copy()
+    return scope

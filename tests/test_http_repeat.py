@@ -1,0 +1,110 @@
+"""A connection keeps what it made of the last request head's fields (check_head's verdict) and
+of the last response's fields (their encoded lines): a client sends the same fields request
+after request, an app the same headers response after response. Kept values are used only
+for fields equal to those they were made from, whatever the app did to the lists since.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.http_client import Conn, build_request
+
+def test_scope_headers_changed_by_the_app_are_checked_again(serve: Any) -> None:
+    """The app adds a second Host to its scope's list; a next request whose head has exactly
+    those fields is refused (two Host fields), not taken for the head checked before."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope["headers"].append((b"host", b"other"))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request())
+        assert conn.read_response().status == 200
+        conn.send(build_request(headers=[("host", "testserver"), ("host", "other")]))
+        resp = conn.read_response()
+        assert resp.status == 400 and b"Duplicate Host" in resp.body
+
+
+def test_same_fields_another_version(serve: Any) -> None:
+    """The same fields in an HTTP/1.0 request after an HTTP/1.1 one: keep-alive is the 1.0
+    rule's (the connection closes after it), not the verdict on the 1.1 head."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for _ in range(2):
+            conn.send(build_request())
+            resp = conn.read_response()
+            assert resp.status == 200 and resp.get("connection") is None
+        conn.send(build_request(version="1.0"))
+        head = conn.read_head()
+        assert head.status == 200 and head.has_token("connection", "close")
+        assert conn.read_until_close() == b"ok"
+
+
+def _changing_list_app(headers: list[Any], bodies: list[bytes], change: Any) -> Any:
+    """Sends ``headers`` (the same list every time) and the next of ``bodies``, then
+    ``change(headers)``."""
+    pending = iter(bodies)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": next(pending)})
+        change(headers)
+
+    return app
+
+
+def test_header_list_changed_between_responses(serve: Any) -> None:
+    """An app that keeps one list of pairs and replaces a pair in it: each response is framed
+    by the list as it is when sent."""
+    headers: list[Any] = [(b"content-type", b"text/plain"), (b"content-length", b"5")]
+
+    def change(headers: list[Any]) -> None:
+        headers[1] = (b"content-length", b"2")
+
+    app = _changing_list_app(headers, [b"hello", b"hi", b"hi"], change)
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for body in (b"hello", b"hi", b"hi"):
+            conn.send(build_request())
+            resp = conn.read_response()
+            assert resp.status == 200 and resp.body == body and resp.get_all("content-length") == [str(len(body))]
+        conn.assert_open()
+
+
+def test_header_pair_changed_in_place_between_responses(serve: Any) -> None:
+    """The same with pairs that are lists, changed in place."""
+    headers: list[Any] = [[b"content-length", b"5"], [b"x-n", b"0"]]
+
+    def change(headers: list[Any]) -> None:
+        headers[0][1] = b"2"
+        headers[1][1] = b"%d" % (int(headers[1][1]) + 1)
+
+    app = _changing_list_app(headers, [b"hello", b"hi", b"hi"], change)
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for n, body in enumerate((b"hello", b"hi", b"hi")):
+            conn.send(build_request())
+            resp = conn.read_response()
+            assert resp.status == 200 and resp.body == body and resp.get_all("x-n") == [str(n)]
+        conn.assert_open()
+
+
+def test_same_list_replacing_a_default_header(serve: Any) -> None:
+    """The app's own Server header, in the same list on every response: each response has it
+    once, and the server's default never."""
+    headers = [(b"server", b"mine"), (b"content-length", b"2")]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for _ in range(3):
+            conn.send(build_request())
+            resp = conn.read_response()
+            assert resp.status == 200 and resp.get_all("server") == ["mine"] and resp.body == b"ok"
+        conn.assert_open()
