@@ -24,7 +24,8 @@ DUMP_HOOKS = '''
 import json, os
 
 REQUEST = ("method", "uri", "path", "query", "fragment", "version", "headers", "trailers", "scheme",
-           "peer_addr", "remote_addr", "req_number", "proxy_protocol_info", "must_close")
+           "peer_addr", "remote_addr", "req_number", "proxy_protocol_info", "must_close", "limit_request_line",
+           "limit_request_fields", "limit_request_field_size", "max_buffer_headers")
 RESPONSE = ("status", "status_code", "headers", "sent", "response_length", "chunked", "headers_sent",
             "must_close", "upgrade")
 
@@ -44,6 +45,8 @@ def pre_request(worker, req):
     line = {"hook": "pre", **{name: _show(getattr(req, name, "MISSING")) for name in REQUEST}}
     line["should_close()"] = req.should_close()
     line["body.read"] = callable(getattr(req.body, "read", None))
+    line["cfg"] = getattr(req, "cfg", None) is worker.cfg
+    line["force_close"] = callable(getattr(req, "force_close", None))
     _record(line)
 
 
@@ -156,6 +159,10 @@ def test_hooks_get_the_request_and_response_gthread_gives(tmp_path: Path, transp
         _assert_same(expected, got, f"{worker_class} ({'ASGI' if app is ASGI_APP else 'WSGI'})")
 
 
+H1_LIMITS = ("limit_request_line", "limit_request_fields", "limit_request_field_size", "max_buffer_headers")
+DEFAULT_LIMITS = dict(zip(H1_LIMITS, (4094, 100, 8190, 819204), strict=True))
+
+
 def _h2_records(tmp_path: Path, worker_class: str, app: str) -> list[dict[str, Any]]:
     from tests.h2_client import H2Client
 
@@ -179,12 +186,16 @@ def _h2_records(tmp_path: Path, worker_class: str, app: str) -> list[dict[str, A
 def test_hooks_get_the_request_and_response_gthread_gives_over_h2c(tmp_path: Path) -> None:
     """The same over cleartext HTTP/2 (prior knowledge): version (2, 0), req_number the stream id.
     One value differs on purpose: Gunicorn's resp.should_close() applies HTTP/1's rule and says
-    True for a body streamed without a length, but an HTTP/2 connection stays open (False here)."""
+    True for a body streamed without a length, but an HTTP/2 connection stays open (False here).
+    Gunicorn's HTTP/2 request has no limit_request_* attributes; ours has them, as over HTTP/1.1."""
     expected = _h2_records(tmp_path, "gthread", WSGI_APP)
     for line in expected:
         if line["uri"] == ["str", "/stream"] and line["hook"] == "post":
             assert line["resp.should_close()"] is True
             line["resp.should_close()"] = False
+        for name in H1_LIMITS:
+            assert line[name] == ["str", "MISSING"]
+            line[name] = ["int", DEFAULT_LIMITS[name]]
     assert [line["req_number"] for line in expected] == [["int", n] for n in (1, 1, 3, 3, 5, 5)]
     for worker_class, app in [("uvworker.Worker", WSGI_APP), ("uvworker.Worker", ASGI_APP)]:
         got = _h2_records(tmp_path, worker_class, app)
@@ -310,3 +321,56 @@ async def app(scope, receive, send):
     assert answers.pop("asgi") == ["/api|/api/x|/api/x", "/api|/x|/x"]
     assert answers == {"uvworker.Worker": ["/api|/api/x|/api/x", "/api|/x|/x"],
                        "uvworker.H11Worker": ["/api|/api/x|/api/x", "/api|/x|/x"]}
+
+
+CLOSING_HOOKS = """
+import os
+
+def pre_request(worker, req):
+    with open(os.environ["EVENTS"], "a") as events:
+        limits = (req.limit_request_line, req.limit_request_fields, req.limit_request_field_size,
+                  req.max_buffer_headers)
+        events.write(f"{req.path} {limits} {req.cfg is worker.cfg}\\n")
+    if req.path == "/force":
+        req.force_close()
+    elif req.path == "/must":
+        req.must_close = True
+
+limit_request_line = 0
+limit_request_fields = 0
+limit_request_field_size = 200
+"""
+
+
+@pytest.mark.parametrize("target", ["/force", "/must"])
+def test_a_pre_request_hook_closing_the_connection(tmp_path: Path, target: str) -> None:
+    """A pre_request hook calling req.force_close() (or setting req.must_close) closes the
+    connection after the response, which says Connection: close, as under gthread; for a GET
+    and for a POST. Before, force_close was missing (AttributeError: a 500) and must_close did
+    nothing: the connection stayed open. A request the hook leaves alone is kept alive. The
+    hook also reads req.cfg and Gunicorn's limits (clamped as Gunicorn clamps them; before,
+    AttributeError)."""
+    answers = {}
+    for worker_class in ("gthread", "uvworker.Worker", "uvworker.H11Worker"):
+        directory = tmp_path / worker_class
+        directory.mkdir()
+        with run_gunicorn(directory, worker_class, CLOSING_HOOKS, app=WSGI_APP, wait=False) as server:
+            wait_for(lambda: "Booting worker" in server.log, timeout=10)
+            got = []
+            for method, body in [("GET", b""), ("POST", b"abc")]:
+                for path in (target, "/other"):
+                    with Conn.open("127.0.0.1", server.port) as conn:
+                        conn.send(build_request(method, path, body=body))
+                        response = conn.read_response(method)
+                        if path == target:
+                            assert conn.read_until_close() == b""
+                        else:
+                            conn.assert_open(0.2)
+                        got.append((response.status, response.has_token("connection", "close"), response.body))
+            wait_for(lambda: len(server.events()) == 4)
+            answers[worker_class] = (got, server.events())
+    expected = answers.pop("gthread")
+    assert expected == ([(200, True, b"hello "), (200, False, b"hello "), (200, True, b"hello abc"),
+                         (200, False, b"hello abc")],
+                        [f"{path} (0, 32768, 200, 6619140) True" for path in (target, "/other") * 2])
+    assert answers == {"uvworker.Worker": expected, "uvworker.H11Worker": expected}

@@ -147,7 +147,7 @@ def request_hooks(worker: Any) -> list[Hook]:
     if logger_class.access is not glogging.Logger.access or logger_class.atoms is not glogging.Logger.atoms:
         # Gunicorn's workers call access() for every request, access log or not: a logger
         # class may do more there (Gunicorn's statsd logger counts and times requests).
-        hooks.append(_call_access(log))
+        hooks.append(_call_access(log, cfg))
     elif _access_log_enabled(log, cfg):
         hooks.append(_render_access(log, AccessLog(cfg.access_log_format)))
     if hook_set(cfg, "post_request"):
@@ -179,13 +179,13 @@ def _render_access(log: Any, access_format: AccessLog) -> Hook:
     return hook
 
 
-def _call_access(log: Any) -> Hook:
+def _call_access(log: Any, cfg: Any) -> Hook:
     """Another logger_class (statsd, ...): its access() with Gunicorn's own objects."""
 
     def hook(done: FinishedRequest) -> None:
         duration = datetime.timedelta(seconds=time.perf_counter() - done.start_clock)
         try:
-            response = gunicorn_response(done)
+            response = gunicorn_response(done, cfg)
             log.access(response, response.req, wsgi_environ(done.scope), duration)
         except Exception:
             log.exception("Cannot write the access log line.")
@@ -196,7 +196,7 @@ def _call_access(log: Any) -> Hook:
 def _call_post_request(worker: Any) -> Hook:
     def hook(done: FinishedRequest) -> None:
         try:
-            response = gunicorn_response(done)
+            response = gunicorn_response(done, worker.cfg)
             worker.cfg.post_request(worker, response.req, wsgi_environ(done.scope), response)
         except Exception:
             worker.log.exception("Exception in post_request hook")

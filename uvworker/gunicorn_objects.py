@@ -58,7 +58,7 @@ class GunicornRequest:
     must_close = False
     fragment = ""
 
-    def __init__(self, scope: dict[str, Any], owner: Any = None) -> None:
+    def __init__(self, scope: dict[str, Any], owner: Any = None, cfg: Any = None) -> None:
         # Not the scope itself: the scope holds this object (gunicorn_request), a reference cycle.
         self.method: str = scope.get("method", "GET")
         self.path: str = scope.get("raw_path", b"").decode("latin-1") or scope.get("path", "/")
@@ -80,6 +80,14 @@ class GunicornRequest:
         self.peer_addr = self.remote_addr = peer if peer else ""  # a Unix socket's peer: ''
         self.proxy_protocol_info = proxy["info"] if proxy else None
         self.req_number = _request_number(owner)
+        self.cfg = cfg
+        (self.limit_request_line, self.limit_request_fields, self.limit_request_field_size,
+         self.max_buffer_headers) = _limits(cfg)
+
+    def force_close(self) -> None:
+        """Close the connection after this response (from pre_request: it says Connection:
+        close; an HTTP/2 connection stays open, as under Gunicorn)."""
+        self.must_close = True
 
     def should_close(self) -> bool:
         """Gunicorn's answer: whether this request asks for the connection to close."""
@@ -95,6 +103,24 @@ class GunicornRequest:
                 break
         return self.version <= (1, 0)
 
+
+def _limits(cfg: Any) -> tuple[int, int, int, int]:
+    """Gunicorn's Request limits from its settings, clamped as it clamps them (Message and
+    Request.__init__): limit_request_line (0: unlimited), limit_request_fields,
+    limit_request_field_size, max_buffer_headers."""
+    if cfg is None:
+        return _DEFAULT_LIMITS
+    line = cfg.limit_request_line
+    line = _MAX_REQUEST_LINE if line < 0 or line >= _MAX_REQUEST_LINE else line
+    fields = cfg.limit_request_fields
+    fields = _MAX_HEADERS if fields <= 0 or fields > _MAX_HEADERS else fields
+    field_size = cfg.limit_request_field_size
+    field_size = _MAX_FIELD_SIZE if field_size <= 0 else field_size
+    return line, fields, field_size, fields * (field_size + 2) + 4
+
+
+_MAX_REQUEST_LINE, _MAX_HEADERS, _MAX_FIELD_SIZE = 8190, 32768, 8190  # gunicorn.http.message's
+_DEFAULT_LIMITS = (4094, 100, 8190, 100 * (8190 + 2) + 4)  # from Gunicorn's default settings
 
 _HTTP_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 
@@ -152,13 +178,14 @@ def _request_number(owner: Any) -> int:
     return number
 
 
-def gunicorn_request(scope: dict[str, Any], owner: Any = None) -> GunicornRequest:
+def gunicorn_request(scope: dict[str, Any], owner: Any = None, cfg: Any = None) -> GunicornRequest:
     """The request's one ``GunicornRequest``, kept in its scope: Gunicorn gives pre_request,
     post_request and the logger class the same object, so what a hook sets on it (a start
-    time, a trace id) the next one reads. ``owner``: the request's cycle."""
+    time, a trace id) the next one reads. ``owner``: the request's cycle; ``cfg``: Gunicorn's
+    settings (``req.cfg``)."""
     request = scope.get(_REQUEST_KEY)
     if request is None:
-        request = scope[_REQUEST_KEY] = GunicornRequest(scope, owner)
+        request = scope[_REQUEST_KEY] = GunicornRequest(scope, owner, cfg)
     return request
 
 
@@ -203,11 +230,11 @@ _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "prox
                          "trailers", "transfer-encoding", "upgrade"))
 
 
-def gunicorn_response(done: FinishedRequest) -> GunicornResponse:
+def gunicorn_response(done: FinishedRequest, cfg: Any = None) -> GunicornResponse:
     """The finished request's ``GunicornResponse``, made once for the logger and post_request."""
     response = done.scope.get(_RESPONSE_KEY)
     if response is None:
-        request = gunicorn_request(done.scope, done)
+        request = gunicorn_request(done.scope, done, cfg)
         request.body.answered = True
         response = done.scope[_RESPONSE_KEY] = GunicornResponse(done, request)
     return response

@@ -93,6 +93,7 @@ from uvworker.gunicorn_objects import GunicornRequest, gunicorn_request
 from uvworker.gunicorn_settings import settings_from_gunicorn
 from uvworker.inflight import HEARTBEAT_INTERVAL, Watchdog, hung_report, watchdog_delay
 from uvworker.logging import AccessLog
+from uvworker.protocols.http import HTTPConnection
 from uvworker.server import Server
 from uvworker.settings import BY_NAME
 from uvworker.warm_imports import warm_imports
@@ -198,7 +199,11 @@ class Worker(GunicornWorker):
         """Each request, as it reaches the app, in the order of Gunicorn's workers: pre_request
         (if it raises, the request is a 500 and not counted), then ``nr`` and the budget."""
         if self._pre_request is not None:
-            self._pre_request(self, gunicorn_request(scope, cycle))
+            request = gunicorn_request(scope, cycle, self.cfg)
+            self._pre_request(self, request)
+            if request.must_close and isinstance(getattr(cycle, "stream", None), HTTPConnection):
+                # req.force_close(): Gunicorn answers with Connection: close, then closes.
+                cycle.stream.core.keep_alive = False
         self.nr += 1
         if self.nr == self.max_requests:
             self.log.info("Autorestarting worker after current request.")
