@@ -257,6 +257,22 @@ def test_single_process_signals_hup_ignored_usr1_reopens_logs(tmp_path: Path) ->
         assert proc.poll() is None
 
 
+def test_single_process_scaling_signals_are_ignored(tmp_path: Path) -> None:
+    """Without --workers, SIGTTIN and SIGTTOU (a supervisor's scaling signals, sent by habit or
+    to a whole group) are logged and ignored. Before, their default action stopped the process:
+    every request hung until a SIGCONT."""
+    with serve_fd("examples.hello:app") as (proc, url):
+        assert httpx.get(url + "/", timeout=10).status_code == 200  # serving: its handlers are in place
+        for sig in (signal.SIGTTIN, signal.SIGTTOU):
+            proc.send_signal(sig)
+            assert httpx.get(url + "/", timeout=5).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+    assert "SIGTTIN ignored: changing the number of workers needs --workers." in err
+    assert "SIGTTOU ignored" in err
+
+
 def test_the_error_line_is_written_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers share stderr with the supervisor: the line and its newline go in one write, or
     another process's line lands in between ("...: boom2026-12-02 ... [ERROR] Worker 2 ...")."""

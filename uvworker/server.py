@@ -329,8 +329,12 @@ class Server:
             loop.add_signal_handler(sig, self.handle_signal, sig)
         loop.add_signal_handler(signal.SIGUSR1, reopen_files)
         loop.add_signal_handler(signal.SIGUSR2, memtrace.log_report)
-        # Without a supervisor there is nothing to reload onto: say so instead of dying.
+        # Without a supervisor there is nothing to reload onto or scale: say so instead of
+        # dying (HUP), or being stopped until a SIGCONT (TTIN, TTOU: their default action).
         loop.add_signal_handler(signal.SIGHUP, logger.warning, "SIGHUP ignored: reloading needs --workers.")
+        for sig in (signal.SIGTTIN, signal.SIGTTOU):
+            loop.add_signal_handler(sig, logger.warning, f"{sig.name} ignored: changing the number of workers "
+                                                         "needs --workers.")
 
     def handle_signal(self, sig: int) -> None:
         """TERM: graceful. INT: graceful, a second one quick. QUIT: quick. The whole server
