@@ -374,3 +374,61 @@ def test_a_pre_request_hook_closing_the_connection(tmp_path: Path, target: str) 
                          (200, False, b"hello abc")],
                         [f"{path} (0, 32768, 200, 6619140) True" for path in (target, "/other") * 2])
     assert answers == {"uvworker.Worker": expected, "uvworker.H11Worker": expected}
+
+
+ENVIRON_WSGI = '''
+def app(environ, start_response):
+    environ["REMOTE_USER"] = "alice"  # what an authentication middleware does
+    environ["myapp.route"] = "/items/<id>"
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"ok"]
+'''
+
+ENVIRON_ASGI = '''
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+'''
+
+ENVIRON_CONF = '''
+import os
+
+accesslog = "-"
+access_log_format = ("ENVIRON user=%({remote_user}e)s route=%({myapp.route}e)s real=%({HTTP_X_REAL_IP}e)s "
+                     "scheme=%({wsgi.url_scheme}e)s raw=%({raw_uri}e)s path=%({PATH_INFO}e)s home=%({HOME}e)s")
+
+def post_request(worker, req, environ, resp):
+    with open(os.environ["EVENTS"], "a") as events:
+        events.write(f"{environ.get('REMOTE_USER')} {environ.get('myapp.route')} {environ['PATH_INFO']}\\n")
+'''
+
+
+def test_the_environ_access_log_atoms_and_post_request_read(tmp_path: Path) -> None:
+    """'{name}e' atoms in Gunicorn's access_log_format, and post_request's environ, are the
+    request's WSGI environ, as under gthread: the keys a WSGI app set (a middleware's
+    REMOTE_USER, a route) and the CGI ones (HTTP_*, wsgi.url_scheme, RAW_URI), names in any
+    case; not the process environment (HOME: '-'). Before, the atoms read os.environ
+    (user=- ... home=/root) and post_request got an environ rebuilt from the request, without
+    the app's keys. An ASGI app has no environ of its own: the request's keys only."""
+    lines = {}
+    for worker_class, app in [("gthread", ENVIRON_WSGI), ("uvworker.Worker", ENVIRON_WSGI),
+                              ("uvworker.H11Worker", ENVIRON_WSGI), ("uvworker.Worker", ENVIRON_ASGI),
+                              ("uvworker.H11Worker", ENVIRON_ASGI)]:
+        label = f"{worker_class} ({'ASGI' if app is ENVIRON_ASGI else 'WSGI'})"
+        directory = tmp_path / f"{worker_class}-{len(app)}"
+        directory.mkdir()
+        with run_gunicorn(directory, worker_class, ENVIRON_CONF, app=app, wait=False,
+                          env={"HOME": "/home/nobody"}) as server:
+            wait_for(lambda: "Booting worker" in server.log, timeout=10)
+            assert server.get("/items/7?x=1", headers={"X-Real-IP": "10.0.0.9"}).text == "ok"
+            wait_for(lambda: "ENVIRON " in server.log and server.events())
+            lines[label] = [line[line.index("ENVIRON "):] for line in server.log.splitlines() if "ENVIRON " in line]
+            lines[label].extend(server.events())
+    wsgi = ["ENVIRON user=alice route=/items/<id> real=10.0.0.9 scheme=http raw=/items/7?x=1 path=/items/7 home=-",
+            "alice /items/<id> /items/7"]
+    asgi = ["ENVIRON user=- route=- real=10.0.0.9 scheme=http raw=/items/7?x=1 path=/items/7 home=-",
+            "None None /items/7"]
+    assert lines == {"gthread (WSGI)": wsgi, "uvworker.Worker (WSGI)": wsgi, "uvworker.H11Worker (WSGI)": wsgi,
+                     "uvworker.Worker (ASGI)": asgi, "uvworker.H11Worker (ASGI)": asgi}

@@ -35,7 +35,7 @@ from uvworker.gunicorn_objects import PEER_KEY, FinishedRequest, gunicorn_respon
 from uvworker.logging import AccessLog
 from uvworker.proxy import TrustedHosts, apply_proxy_headers
 
-__all__ = ["front", "hook_set", "request_hooks", "route_error_log"]
+__all__ = ["access_log", "front", "hook_set", "needs_app_environ", "request_hooks", "route_error_log"]
 
 Hook = Callable[[FinishedRequest], None]
 
@@ -149,10 +149,27 @@ def request_hooks(worker: Any) -> list[Hook]:
         # class may do more there (Gunicorn's statsd logger counts and times requests).
         hooks.append(_call_access(log, cfg))
     elif _access_log_enabled(log, cfg):
-        hooks.append(_render_access(log, AccessLog(cfg.access_log_format)))
+        hooks.append(_render_access(log, access_log(cfg)))
     if hook_set(cfg, "post_request"):
         hooks.append(_call_post_request(worker))
     return hooks
+
+
+def access_log(cfg: Any) -> AccessLog:
+    """Gunicorn's access_log_format, rendered as Gunicorn renders it: '{name}e' atoms read the
+    request's WSGI environ (raises ValueError for a format that cannot be rendered)."""
+    return AccessLog(cfg.access_log_format, environ=wsgi_environ)
+
+
+def needs_app_environ(worker: Any) -> bool:
+    """Whether the request hooks read the environ (so a WSGI app's should be kept for them)."""
+    log, cfg = worker.log, worker.cfg
+    logger_class = type(log)
+    if logger_class.access is not glogging.Logger.access or logger_class.atoms is not glogging.Logger.atoms:
+        return True
+    if _access_log_enabled(log, cfg) and access_log(cfg).environ is not None:
+        return True
+    return hook_set(cfg, "post_request")
 
 
 def _access_log_enabled(log: Any, cfg: Any) -> bool:

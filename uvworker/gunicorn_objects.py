@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from weakref import WeakKeyDictionary
 
 from uvworker import __version__
-from uvworker.interfaces.wsgi import build_environ
+from uvworker.interfaces.wsgi import ENVIRON_KEY, build_environ
 from uvworker.proxy import PROXY_EXTENSION
 
 __all__ = [
@@ -244,15 +244,19 @@ _RESPONSE_KEY = "uvworker.gunicorn_response"
 
 
 def wsgi_environ(scope: dict[str, Any]) -> dict[str, Any]:
-    """The environ Gunicorn's hooks and logger classes get for an ASGI request: the one a WSGI
-    app gets (``build_environ``: same keys, and the same header rules — names with "_"
-    dropped, repeated fields joined with ",", cookies with "; "), plus Gunicorn's RAW_URI and
-    the scope itself under "asgi.scope"."""
-    environ, _ = build_environ(scope, _BASE_ENVIRON)
-    query = scope.get("query_string", b"")
-    path = scope.get("raw_path") or scope["path"].encode("utf-8")
-    environ["RAW_URI"] = (path + b"?" + query if query else path).decode("latin-1")
-    environ["asgi.scope"] = scope
+    """The environ Gunicorn's hooks, logger classes and '{name}e' access-log atoms get: a
+    WSGI app's own (kept by its adapter, with the keys the app set, as under Gunicorn), else
+    the one a WSGI app would get (``build_environ``: same keys, and the same header rules —
+    names with "_" dropped, repeated fields joined with ",", cookies with "; ") and the scope
+    itself under "asgi.scope"; with Gunicorn's RAW_URI."""
+    environ = scope.get(ENVIRON_KEY)
+    if environ is None:
+        environ, _ = build_environ(scope, _BASE_ENVIRON)
+        environ["asgi.scope"] = scope
+    if "RAW_URI" not in environ:
+        query = scope.get("query_string", b"")
+        path = scope.get("raw_path") or scope["path"].encode("utf-8")
+        environ["RAW_URI"] = (path + b"?" + query if query else path).decode("latin-1")
     return environ
 
 

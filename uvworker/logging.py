@@ -14,6 +14,7 @@ Access-log atoms (Gunicorn's):
     f referer          a user agent       T seconds           D microseconds
     M milliseconds     L decimal seconds  p <pid>
     {name}i request header   {name}o response header   {name}e environment variable
+(under Gunicorn, as Gunicorn reads it: the request's WSGI environ key, in any case)
 Unknown atoms and missing headers read as '-'. The access log is on the hot path, so an
 AccessLog parses its format once, and per request computes only the atoms that format uses —
 and nothing at all while the access logger is disabled.
@@ -259,6 +260,7 @@ class _Exchange(NamedTuple):
     body_bytes: int
     start_time: float
     duration: float
+    environ: dict[str, Any] | None = None  # the request's environ, keys lowercased ({name}e)
 
 
 def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes, default: Any = "-") -> Any:
@@ -333,7 +335,7 @@ _FORMAT_KEY = re.compile(r"%\(([^)]*)\)")
 _NAMED_ATOM = re.compile(r"\{([^}]+)\}([ioe])")
 
 
-def _atom_getter(key: str) -> Callable[[_Exchange], Any]:
+def _atom_getter(key: str, environ: bool = False) -> Callable[[_Exchange], Any]:
     if key in _ATOMS:
         return _ATOMS[key]
     match = _NAMED_ATOM.fullmatch(key)
@@ -341,6 +343,9 @@ def _atom_getter(key: str) -> Callable[[_Exchange], Any]:
         return lambda x: "-"
     name, kind = match.groups()
     if kind == "e":
+        if environ:
+            key = name.lower()
+            return lambda x: x.environ.get(key, "-")  # type: ignore[union-attr]
         return lambda x: os.environ.get(name, "-")
     lower = name.lower().encode("latin-1")
     if kind == "i":
@@ -410,13 +415,19 @@ class AccessLog:
     per line, or None for ``DEFAULT_ACCESS_FORMAT``. A format that cannot be rendered raises
     ValueError. In text formats double quotes inside values are escaped, so a quoted field
     stays one field whatever the client sends.
+
+    ``environ(scope)``, if given, is the request's environ that '{name}e' atoms read (as
+    Gunicorn's do: the WSGI environ, keys in any case), instead of the process environment.
+    It is called once per line, and only for a format that has such an atom.
     """
 
-    def __init__(self, fmt: str | None = None) -> None:
+    def __init__(self, fmt: str | None = None, environ: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.fmt = fmt or DEFAULT_ACCESS_FORMAT
         self._json = self.fmt == "json"
         keys = dict.fromkeys(_FORMAT_KEY.findall(self.fmt))
-        self._plan = [(key, _atom_getter(key)) for key in keys]
+        self._plan = [(key, _atom_getter(key, environ is not None)) for key in keys]
+        uses_environ = any(match and match.group(2) == "e" for match in map(_NAMED_ATOM.fullmatch, keys))
+        self.environ = environ if uses_environ and not self._json else None
         # --use-colors: the status in its class's colour, where the format prints it as text.
         if _access_colours and not self._json and self.fmt.count("%(s)s") == self.fmt.count("%(s)"):
             self._plan = [(key, _status_in_colour if key == "s" else get) for key, get in self._plan]
@@ -435,7 +446,9 @@ class AccessLog:
         duration: float,
     ) -> str:
         """The access-log line for one exchange (arguments as for ``log``)."""
-        x = _Exchange(scope, status, response_headers, body_bytes, start_time, duration)
+        environ = self.environ
+        lowered = {key.lower(): value for key, value in environ(scope).items()} if environ is not None else None
+        x = _Exchange(scope, status, response_headers, body_bytes, start_time, duration, lowered)
         if self._json:
             return _json_line(x)
         values = {}

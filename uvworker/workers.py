@@ -88,11 +88,11 @@ _unshadow_stdlib()
 # (imported after the repair above: they import the standard library's http)
 from uvworker.config import Config, offer_alpn
 from uvworker.errors import ConfigError
-from uvworker.gunicorn_hooks import front, hook_set, request_hooks, route_error_log
+from uvworker.gunicorn_hooks import access_log, front, hook_set, needs_app_environ, request_hooks, route_error_log
 from uvworker.gunicorn_objects import GunicornRequest, gunicorn_request
 from uvworker.gunicorn_settings import settings_from_gunicorn
 from uvworker.inflight import HEARTBEAT_INTERVAL, Watchdog, hung_report, watchdog_delay
-from uvworker.logging import AccessLog
+from uvworker.interfaces.wsgi import WSGIAdapter
 from uvworker.protocols.http import HTTPConnection
 from uvworker.server import Server
 from uvworker.settings import BY_NAME
@@ -122,7 +122,7 @@ class Worker(GunicornWorker):
         """Run by the arbiter before it forks: stop Gunicorn at once on settings we cannot use."""
         try:
             config = Config(None, **(settings_from_gunicorn(cfg, os.environ) | cls.uvworker_settings))
-            AccessLog(cfg.access_log_format)
+            access_log(cfg)
         except (ConfigError, ValueError, TypeError) as err:
             raise RuntimeError(f"uvworker: {err}") from None
         warm_imports(config)  # in the arbiter, before workers fork and switch user
@@ -179,6 +179,8 @@ class Worker(GunicornWorker):
             config.ssl_context = gunicorn_ssl_context(cfg)  # honours the ssl_context hook
             offer_alpn(config.ssl_context, config.serve_h2)
         route_error_log(self.log, config.log_level)
+        if isinstance(config.loaded_app, WSGIAdapter) and needs_app_environ(self):
+            config.loaded_app.keep_environ = True  # as Gunicorn's: the environ the app saw, its keys
         budget = self.max_requests < sys.maxsize
         # Gunicorn's default pre_request only logs at debug level: skip it unless it would.
         debug = getattr(self.log, "loglevel", logging.INFO) <= logging.DEBUG

@@ -502,9 +502,12 @@ class Exchange:
         self.running = True
         if not self.disconnected:
             result: Any = None
+            environ: Environ | None = None
             try:
                 environ, no_body = build_environ(self.scope, self.adapter.base_environ)
                 environ["wsgi.input"] = _NO_BODY if no_body else InputStream(self, False)
+                if self.adapter.keep_environ:  # the one the app sees: with the keys it sets
+                    self.scope[ENVIRON_KEY] = environ
                 result = self.adapter.app(environ, self.start_response)
                 self._respond(result)
             except BaseException as exc:
@@ -516,6 +519,10 @@ class Exchange:
                         close()
                     except BaseException as exc:
                         error = error or exc
+                if environ is not None and self.adapter.keep_environ:
+                    # The same without wsgi.input, which refers back to this exchange and its
+                    # scope: no reference cycle outlives the request.
+                    self.scope[ENVIRON_KEY] = {k: v for k, v in environ.items() if k != "wsgi.input"}
             if error is not None and not isinstance(error, Exception):
                 # SystemExit, KeyboardInterrupt from an app must not stop the server's thread.
                 wrapped = RuntimeError(f"The WSGI application raised {error!r}")
@@ -921,8 +928,14 @@ def _remaining_file_size(filelike: Any) -> int | None:
         return None
 
 
+# The scope key under which an adapter with ``keep_environ`` leaves the request's environ.
+ENVIRON_KEY = "uvworker.wsgi_environ"
+
+
 class WSGIAdapter:
     """An ASGI 3 application serving the WSGI application ``app``."""
+
+    keep_environ = False  # leave each request's environ in its scope (ENVIRON_KEY), once the app is done
 
     def __init__(self, app: WSGIApp, threads: int = DEFAULT_THREADS, queue_size: int = DEFAULT_QUEUE,
                  multiprocess: bool = True) -> None:
