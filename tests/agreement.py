@@ -71,11 +71,25 @@ class _Sink:
         request.complete = True
 
 
-def verdict(parser: str, data: bytes, cuts: list[int] | None = None, limits: Limits = LIMITS, lazy: random.Random | None = None) -> Verdict:
+def verdict(
+    parser: str, data: bytes, cuts: list[int] | None = None, limits: Limits = LIMITS, lazy: random.Random | None = None,
+    warm: bytes = b"",
+) -> Verdict | None:
     """Feed ``data`` cut at the offsets ``cuts``; ``lazy`` sometimes delays ``next_cycle`` until
-    after the next read (the connection stops reading then, but a read may already be in)."""
+    after the next read (the connection stops reading then, but a read may already be in).
+    ``warm``: a read the adapter takes first, as a connection's previous request (not in the
+    verdict); None if it is not one whole request."""
     result = Verdict()
     adapter = make_parser(parser, _Sink(result), limits)
+    if warm:
+        try:
+            adapter.feed(warm)
+        except HTTPError:
+            return None
+        if not adapter.held or adapter.holding_input:
+            return None
+        adapter.next_cycle()
+        result.requests.clear()
     bounds = [0, *sorted(set(cuts or ())), len(data)]
     pieces = [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
     try:

@@ -62,6 +62,90 @@ def test_h11_reader_reads_as_a_connection_does(name: str) -> None:
             assert _h11_reading(parsers._h11_request, data) == _h11_reading(parsers._h11_request_public, data), data
 
 
+def fields_of(data: bytes) -> bytes:
+    """A read that asks for the parser's last reading of ``data``'s field block: the same
+    fields after another request line (b"" if ``data`` has no whole head)."""
+    line, end = data.find(b"\r\n"), data.find(b"\r\n\r\n")
+    return b"GET /warm HTTP/1.1\r\n" + data[line + 2 : end + 4] if 0 <= line <= end else b""
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_corpus_after_the_same_fields(name: str) -> None:
+    """A head whose field block the parser read last (a bodiless request before it on the
+    connection) is read without the parser: the same reading or refusal as a fresh adapter's,
+    for every corpus case and 20 mutations of it, whole and in pieces."""
+    raw, _ = CORPUS[name]
+    rng = random.Random(name)
+    for data in [raw, *(mutate(rng, raw) for _ in range(20))]:
+        warm = fields_of(data)
+        for parser in PARSERS:
+            got = verdict(parser, data, warm=warm)
+            if got is not None:
+                assert got == verdict(parser, data), (parser, data)
+                cuts = random_cuts(rng, len(data))
+                assert verdict(parser, data, cuts, lazy=rng, warm=warm) == verdict(parser, data, cuts), (parser, data, cuts)
+
+
+REPEATED = b"Host: a\r\nAccept:  */* \r\n\r\n"
+
+
+@pytest.mark.parametrize("line", [
+    b"GET /2 HTTP/1.1\r\n", b"GET /2 HTTP/1.0\r\n", b"GET /2 HTTP/1.2\r\n", b"GET /2 HTTP/2.0\r\n",
+    b"GET /2 HTTP/1.1XY", b"GET /2 HTTP/1.1\n", b"GET /2 HTTP/1.1\r", b"\r\nGET /2 HTTP/1.1\r\n",
+    b"GET /2  HTTP/1.1\r\n", b"GET /2 HTTP/1.1 \r\n", b"get /2 HTTP/1.1\r\n", b"PROPFOO /2 HTTP/1.1\r\n",
+    b"CONNECT a:80 HTTP/1.1\r\n", b"GET http://b/2 HTTP/1.1\r\n", b"OPTIONS * HTTP/1.1\r\n", b"GET * HTTP/1.1\r\n",
+    b"GET /\x7f HTTP/1.1\r\n", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n", b"GET / HTTP/1.1\r\n" + REPEATED + b"GET /2 HTTP/1.1\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\n", b"GET /2 HTTP/1.1\r\nX: y\r\n",
+])
+def test_near_repeats(line: bytes) -> None:
+    """Reads that end with the field block the parser read last but are not one request line
+    and those fields: the same reading or refusal as a fresh adapter's."""
+    for parser in PARSERS:
+        assert verdict(parser, line + REPEATED, warm=b"GET /1 HTTP/1.1\r\n" + REPEATED) == verdict(parser, line + REPEATED), parser
+
+
+def test_repeated_fields_skip_the_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same field block again after another request line: the parser is not called, and
+    each request gets a list of its own (a sink that changes one does not change the next)."""
+    seen: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+
+    class Sink:
+        def on_head(self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]]) -> None:
+            seen.append((target, list(headers)))
+            headers.append((b"x-added", b"1"))
+
+        def on_end(self) -> None:
+            pass
+
+    fields = REPEATED
+    for parser in PARSERS:
+        seen.clear()
+        adapter = parsers.make_parser(parser, Sink(), LIMITS)  # type: ignore[arg-type]
+        adapter.feed(b"GET /1 HTTP/1.1\r\n" + fields)
+        adapter.next_cycle()
+        monkeypatch.setattr(parsers, "_h11_request", None)  # h11 is not called
+        if parser == "httptools":
+            monkeypatch.setattr(adapter, "parser", None)  # nor llhttp
+        for target in (b"/2", b"/3?q", b"/1"):
+            adapter.feed(b"GET " + target + b" HTTP/1.1\r\n" + fields)
+            adapter.next_cycle()
+        monkeypatch.undo()
+        assert seen == [(t, [(b"host", b"a"), (b"accept", b"*/*")]) for t in (b"/1", b"/2", b"/3?q", b"/1")], parser
+
+
+def test_request_lines_kept_bounded() -> None:
+    """check_request_line keeps the answers for lines it read (a bounded number), never a refusal."""
+    from uvworker.core import request
+
+    for n in range(3000):
+        assert request.check_request_line(b"GET /%d HTTP/1.1" % n) == (b"GET", b"/%d" % n, "1.1")
+        assert len(request._read_lines) <= 1024
+    for _ in range(2):
+        with pytest.raises(parsers.HTTPError):
+            request.check_request_line(b"GET /  HTTP/1.1")
+    assert b"GET /  HTTP/1.1" not in request._read_lines
+
+
 # -- the mutation fuzzer ------------------------------------------------------------------------------
 SEEDS = [raw for raw, _ in CORPUS.values() if raw]
 # Pieces that sit on the table's boundaries: line ends, separators, framing words, edge bytes.
@@ -109,9 +193,11 @@ def test_mutated_requests_read_the_same_by_both_parsers() -> None:
         # Now and then small limits, so that mutations cross their boundaries.
         limits = LIMITS if rng.random() < 0.7 else Limits(rng.randint(14, 60), rng.randint(1, 4), rng.randint(6, 40))
         reference = verdict("httptools", data, limits=limits)
+        warm = fields_of(data)  # and after a request with the same fields, read without the parser
         for parser in PARSERS:
             cuts = random_cuts(rng, len(data))
-            for got in (verdict(parser, data, limits=limits), verdict(parser, data, cuts, limits, lazy=rng)):
+            repeated = verdict(parser, data, limits=limits, warm=warm)
+            for got in (verdict(parser, data, limits=limits), verdict(parser, data, cuts, limits, lazy=rng), repeated or reference):
                 assert got == reference, (
                     f"UVWORKER_FUZZ_SEED={seed}: {parser} read {data!r} (cut at {cuts}) differently:\n"
                     f"  {got}\n  httptools whole: {reference}"

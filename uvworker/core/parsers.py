@@ -109,6 +109,12 @@ above and either refuses with the first fault or delivers the head itself. Bodie
 here, not by the parsers: Content-Length by counting, chunked by :class:`ChunkedBody` (one
 decoder for both), except that llhttp delivers the Content-Length body of a head it parsed.
 
+Repeats: a read that is one whole bodiless head whose field block (all after the request line)
+is byte for byte the one the parser read last on this connection, as a client sends it request
+after request, is not given to the parser again: its fields are those the parser read then,
+its request line is read by ``check_request_line`` (HeadReader's reading). Any doubt (another
+request line form, a refusal, a limit within reach) leaves the read to the parser.
+
 Pipelining: once a request is complete, further input is *held* (``held``) until the
 connection calls :meth:`next_cycle` after its response; ``holding_input`` tells it to stop
 reading; ``trailing_data`` is what was read past an upgrade request.
@@ -399,6 +405,10 @@ class _Adapter:
         self._reader: HeadReader | None = None
         self._remaining = 0  # Content-Length bytes still to come
         self._chunks: ChunkedBody | None = None
+        # The field block (the head after its request line) of the last read that was one
+        # whole bodiless head, as the parser took it, and the fields it read from it (kept).
+        self._fields = b""  # none yet
+        self._fields_read: Headers = []
 
     def feed(self, data: bytes) -> None:
         if self._state == _IDLE:
@@ -417,6 +427,34 @@ class _Adapter:
     def detach(self) -> None:
         """The connection is gone: let go of the sink, which holds this adapter (H1Core.detach)."""
         del self.sink
+
+    def _repeat(self, data: bytes) -> bool:
+        """A read that is one whole head whose field block is the one the parser last read,
+        bodiless (what a client sends request after request): delivered without the parser,
+        the fields as it read them and the request line read as HeadReader reads it. Returns
+        False, having done nothing, for anything else (the parser reads it, as always)."""
+        fields = self._fields
+        if not fields or not data.endswith(fields) or len(data) > self.limits.fast:
+            return False
+        line = len(data) - len(fields) - 2  # where the request line's CRLF must be, the first
+        if data.find(b"\r\n") != line:
+            return False
+        try:
+            method, target, version = check_request_line(data[:line])
+        except HTTPError:
+            return False  # the parser says how to refuse it
+        if target[0] != 47:
+            return False
+        self.sink.on_head(method, target, version, self._fields_read.copy())
+        self._end(b"")
+        return True
+
+    def _keep_fields(self, data: bytes, headers: Headers) -> None:
+        """The parser read ``data``, one whole bodiless head, into ``headers`` (a list no one
+        else has): see _repeat."""
+        if len(data) <= self.limits.fast:
+            self._fields = data[data.find(b"\r\n") + 2 :]
+            self._fields_read = headers
 
     @property
     def trailing_data(self) -> bytes:
@@ -561,6 +599,8 @@ class HttptoolsAdapter(_Adapter):
         if self._state != _IDLE:
             self._drive(data)
             return
+        if self._repeat(data):
+            return
         self._data = data  # the hot path: a read that starts a request, given to llhttp whole
         try:
             self.parser.feed_data(data)
@@ -576,6 +616,7 @@ class HttptoolsAdapter(_Adapter):
                 # request (and method letters until a SP), would have failed on "x\r\n\r\n".
                 self._buf = b""
                 self.held = True
+                self._keep_fields(data, self._request_headers)
                 self.sink.on_end()
         elif state == _PARSER_BODY:  # the body goes on in later reads
             length, chunked = body_framing(self._request_headers)
@@ -685,8 +726,8 @@ class HttptoolsAdapter(_Adapter):
         ):
             raise _Reread
         self._state = _PARSER_BODY
-        self._request_headers = headers
-        self.sink.on_head(method, url, version, headers)
+        self._request_headers = headers  # ours: the sink's list may change (the app has it)
+        self.sink.on_head(method, url, version, headers.copy())
 
     def _oversize(self, data: bytes, headers: Headers) -> bool:
         """Whether the head may break a limit (then HeadReader counts it exactly)."""
@@ -760,6 +801,8 @@ class H11Adapter(_Adapter):
         super().__init__(sink, limits.for_h11())
 
     def _fast(self, data: bytes) -> None:
+        if self._repeat(data):
+            return
         try:
             request = _h11_request(data)
         except h11.ProtocolError:
@@ -784,6 +827,8 @@ class H11Adapter(_Adapter):
                     if name in _FRAMING_FIELDS:
                         break  # the body is framed by our reading of the head, below
                 else:
+                    if end == len(data):
+                        self._keep_fields(data, headers.copy())  # the sink's list may change
                     self.sink.on_head(method, target, version, headers)
                     self._end(data[end:])  # no body
                     return

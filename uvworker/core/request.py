@@ -67,8 +67,22 @@ def check_request_line(line: bytes) -> tuple[bytes, bytes, str]:
 
     Checked in this order: the three parts (400), the version (400; another major version
     505), the method (not a token 400; CONNECT or a token llhttp does not know 501), the
-    target (400).
+    target (400). A line read before is not checked again (its answer is kept, bounded).
     """
+    known = _read_lines.get(line)
+    if known is not None:
+        return known
+    read = _read_request_line(line)
+    if len(_read_lines) >= 1024:
+        _read_lines.clear()
+    _read_lines[line] = read
+    return read
+
+
+_read_lines: dict[bytes, tuple[bytes, bytes, str]] = {}  # most requests repeat a few request lines
+
+
+def _read_request_line(line: bytes) -> tuple[bytes, bytes, str]:
     parts = line.split(b" ")
     if len(parts) != 3 or not (parts[0] and parts[1] and parts[2]):
         raise HTTPError(400, "Invalid request line")
