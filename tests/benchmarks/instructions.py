@@ -4,6 +4,7 @@
     python -m tests.benchmarks.instructions --connections 1024 [--cache] [--uvloop]
     python -m tests.benchmarks.instructions --wsgi --uvloop      # row wsgi-hello's app, on threads
     python -m tests.benchmarks.instructions --close --uvloop     # row close-64: a connection per request
+    python -m tests.benchmarks.instructions --wsgi --gunicorn    # behind the Gunicorn worker's rules
 
 Drives keep-alive HTTPConnections over fake transports on a plain asyncio loop, so the count
 is the Python side of uvworker (parser, cycle, framing, books) and nothing the kernel does.
@@ -31,6 +32,10 @@ connections (``connection_made``), reads each one's request (``Connection: close
 apps, then delivers every client's FIN (``eof_received``) and the transports' end
 (``connection_lost``, a loop callback as uvloop calls it), so the count is everything a
 connection's life costs on the Python side.
+
+``--gunicorn`` puts the app behind the rules the Gunicorn worker applies by default
+(``gunicorn_hooks.front``: proxy and secure-scheme headers, read from the trusted 127.0.0.1
+peer) and a ``before`` that counts requests, as a max_requests budget does.
 """
 
 from __future__ import annotations
@@ -137,7 +142,8 @@ class RoundTransport(Transport):
         self.write(b"")
 
 
-async def drive(http: str, requests: int, metrics: bool, connections: int = 1, wsgi: bool = False) -> None:
+async def drive(http: str, requests: int, metrics: bool, connections: int = 1, wsgi: bool = False,
+                gunicorn: bool = False) -> None:
     from tests.benchmarks.suite.apps import app
     from tests.benchmarks.wsgi_hello import app as wsgi_app
     from uvworker.collector import tune_collector
@@ -153,6 +159,14 @@ async def drive(http: str, requests: int, metrics: bool, connections: int = 1, w
         settings["metrics_bind"] = "127.0.0.1:0"
     config = Config(app, **settings)
     config.load()
+    if gunicorn:
+        from uvworker.gunicorn_hooks import front
+
+        counted = []
+        config.loaded_app = front(
+            config.loaded_app, trusted=config.forwarded_allow, proxy_headers=True, before=lambda scope, cycle: counted.append(1),
+            secure_scheme_headers={"X-FORWARDED-PROTOCOL": "ssl", "X-FORWARDED-PROTO": "https", "X-FORWARDED-SSL": "on"},
+        )
     loop = asyncio.get_running_loop()
     state = make_state(config, loop, {})
     round_ = Round() if wsgi else None
@@ -164,7 +178,10 @@ async def drive(http: str, requests: int, metrics: bool, connections: int = 1, w
     if connections == 1:  # the reference count: one read, one response (comparable over history)
         conn = conns[0]
         for n in range(1, requests + 1):
+            done = round_.expect(1) if round_ else None
             conn.data_received(REQUEST)
+            if done is not None:
+                await done
             while last.responses < n:
                 await asyncio.sleep(0)
         assert state.requests_served == requests
@@ -228,7 +245,7 @@ def measure(args: argparse.Namespace, requests: int) -> tuple[dict[str, int], di
             "valgrind", *tool, sys.executable, "-m", "tests.benchmarks.instructions", "--drive",
             "--http", args.http, "--requests", str(requests), "--connections", str(args.connections),
         ] + (["--metrics"] if args.metrics else []) + (["--uvloop"] if args.uvloop else []) + (
-            ["--wsgi"] if args.wsgi else []) + (["--close"] if args.close else [])
+            ["--wsgi"] if args.wsgi else []) + (["--close"] if args.close else []) + (["--gunicorn"] if args.gunicorn else [])
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         with open(out) as handle:
             text = handle.read()
@@ -267,6 +284,7 @@ def main() -> None:
     parser.add_argument("--cache", action="store_true", help="cachegrind: simulated cache misses per request too")
     parser.add_argument("--uvloop", action="store_true", help="on uvloop, as the server runs (default: asyncio's loop)")
     parser.add_argument("--wsgi", action="store_true", help="the WSGI hello world of row wsgi-hello, on its threads")
+    parser.add_argument("--gunicorn", action="store_true", help="behind the Gunicorn worker's default rules")
     parser.add_argument("--close", action="store_true", help="a new connection per request (row close-64)")
     parser.add_argument("--functions", type=int, default=0, metavar="N",
                         help="also the N functions with the most instructions per request (inclusive, self)")
@@ -280,7 +298,7 @@ def main() -> None:
         if args.close:
             asyncio.run(drive_close(args.http, args.requests, args.connections))
         else:
-            asyncio.run(drive(args.http, args.requests, args.metrics, args.connections, args.wsgi))
+            asyncio.run(drive(args.http, args.requests, args.metrics, args.connections, args.wsgi, args.gunicorn))
         return
     if not shutil.which("valgrind"):
         raise SystemExit("Needs valgrind (apt-get install -y valgrind).")
@@ -291,6 +309,8 @@ def main() -> None:
     more, more_functions = measure(args, warm + served)
     per = {name: (more[name] - base[name]) / served for name in base}
     label = f"{args.http}{' with metrics' if args.metrics else ''}{' WSGI' if args.wsgi else ''}"
+    if args.gunicorn:
+        label += " behind the Gunicorn rules"
     if args.connections > 1:
         label += f", {args.connections} connections"
     if args.close:
