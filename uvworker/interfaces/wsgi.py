@@ -335,37 +335,53 @@ def _environ_key(name: bytes) -> str:
     return key
 
 
-def build_environ(scope: dict[str, Any], base: Environ) -> tuple[Environ, bool]:
-    """The PEP 3333 environ for an ASGI http scope (without ``wsgi.input``), and whether the
-    request has no body at all (so reading it needs no trip to the event loop)."""
+def shared_environ(scope: dict[str, Any], base: Environ) -> tuple[Environ, bool]:
+    """``base`` and the keys every request of one connection has alike (its client, its server,
+    scheme and root path), and whether SERVER_NAME is among them (not on a Unix socket, where
+    each request's Host header names the server)."""
     root_path: str = scope.get("root_path", "")
+    client = scope.get("client")
+    server = scope.get("server")
+    environ = {
+        **base,
+        "SCRIPT_NAME": root_path.encode("utf-8").decode("latin-1") if root_path else "",
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+    }
+    if client:
+        environ["REMOTE_ADDR"] = client[0]
+        environ["REMOTE_PORT"] = "" if client[1] is None else str(client[1])
+    named = bool(server and server[1] is not None)
+    if named:
+        environ["SERVER_NAME"] = server[0]  # type: ignore[index]
+        environ["SERVER_PORT"] = str(server[1])  # type: ignore[index]
+    return environ, named
+
+
+def build_environ(scope: dict[str, Any], base: Environ,
+                  shared: tuple[Environ, bool] | None = None) -> tuple[Environ, bool]:
+    """The PEP 3333 environ for an ASGI http scope (without ``wsgi.input``), and whether the
+    request has no body at all (so reading it needs no trip to the event loop). ``shared``:
+    ``shared_environ(scope, base)``, kept for the connection's requests (hot path)."""
+    if shared is None:
+        shared = shared_environ(scope, base)
     raw_path: bytes | None = scope.get("raw_path")
     if raw_path is None:
         raw_path = scope["path"].encode("utf-8")
+    root_path: str = scope.get("root_path", "")
     if root_path:
         prefix = root_path.encode("utf-8")
         if raw_path.startswith(prefix):
             raw_path = raw_path[len(prefix) :]
-        script_name = prefix.decode("latin-1")
-    else:
-        script_name = ""
     version = scope["http_version"]
-    scheme = scope.get("scheme", "http")
     # One dict display rather than a copy and a store per key (hot path).
     environ = {
-        **base,
+        **shared[0],
         "REQUEST_METHOD": scope["method"],
-        "SCRIPT_NAME": script_name,
         # PEP 3333: PATH_INFO holds the decoded bytes of the path, one character per byte.
         "PATH_INFO": (unquote_to_bytes(raw_path) if PERCENT in raw_path else raw_path).decode("latin-1"),
         "QUERY_STRING": scope["query_string"].decode("latin-1"),
         "SERVER_PROTOCOL": _SERVER_PROTOCOLS.get(version) or "HTTP/" + version,
-        "wsgi.url_scheme": scheme,
     }
-    client = scope.get("client")
-    if client:
-        environ["REMOTE_ADDR"] = client[0]
-        environ["REMOTE_PORT"] = "" if client[1] is None else str(client[1])
 
     keys = _KEYS
     for name, value in scope["headers"]:
@@ -379,17 +395,13 @@ def build_environ(scope: dict[str, Any], base: Environ) -> tuple[Environ, bool]:
             text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
         environ[key] = text
 
-    server = scope.get("server")
-    if server and server[1] is not None:
-        environ["SERVER_NAME"] = server[0]
-        environ["SERVER_PORT"] = str(server[1])
-    else:  # a Unix socket: the Host header is the best name there is
+    if not shared[1]:  # a Unix socket: the Host header is the best name there is
         host = environ.get("HTTP_HOST", "localhost")
         name, colon, port = host.rpartition(":") if not host.endswith("]") else ("", "", "")
         if colon and port.isdigit():
             environ["SERVER_NAME"], environ["SERVER_PORT"] = name, port
         else:
-            environ["SERVER_NAME"], environ["SERVER_PORT"] = host, _DEFAULT_PORTS.get(scheme, "80")
+            environ["SERVER_NAME"], environ["SERVER_PORT"] = host, _DEFAULT_PORTS.get(environ["wsgi.url_scheme"], "80")
     length = environ.get("CONTENT_LENGTH")
     if length is None:
         # HTTP/1.x frames a body only by those two fields; HTTP/2 frames it by DATA frames, which
@@ -438,11 +450,11 @@ class Completions:
 
 class RequestTask(asyncio.Future[None]):
     """What the connection knows as a directly served request's task (``cycle.task``): done
-    once the request is over on the loop's side; ``cancel`` ends the exchange."""
+    once the request is over on the loop's side; ``cancel`` ends the exchange. Made as a
+    plain future is (no ``__init__`` of its own: half the cost), then given its exchange."""
 
-    def __init__(self, exchange: Exchange) -> None:
-        super().__init__(loop=exchange.completions.loop)
-        self.exchange: Exchange | None = exchange  # dropped once done: no cycle for the collector
+    __slots__ = ("exchange",)
+    exchange: Exchange | None  # dropped once done: no cycle for the collector
 
     def cancel(self, msg: Any = None) -> bool:
         exchange = self.exchange
@@ -459,41 +471,48 @@ class Exchange:
     connection knows the request's task as a ``RequestTask``; its ``cancel`` is the exchange's:
     it detaches the exchange (or cancels the pump's task).
 
-    Class-level defaults: a new exchange stores only what differs per request (hot path). The
-    locks are made by the thread when it first needs one, before it hands over the op that
-    makes the loop use it.
+    Every attribute is a slot, set in ``__init__``: 3.11 reads a class default through an
+    instance the generic way, and a slot is the cheapest attribute there is (hot path, both
+    threads). The locks are made by the thread when it first needs one, before it hands over
+    the op that makes the loop use it.
     """
 
-    queued = False  # in the Completions deque, not yet drained
-    waiter: asyncio.Future[None] | None = None
-    gate: threading.Lock | None = None  # held while nobody waits; released once per wait
-    mutex: threading.Lock | None = None  # guards pending/blocked, shared by both sides
-    pending = 0
-    blocked = False
-    receiving = False
-    received: dict[str, Any] | None = None
-    disconnected = False  # set on the loop; the thread stops producing when it sees it
-    detached = False
-    running = False  # set by the thread before it looks at ``disconnected``
-    finished = False  # the loop has seen FINISH
-    set_aside = False  # the pool no longer counts the thread (--timeout-request)
-    status = 0
-    headers: list[tuple[bytes, bytes]] | None = None
-    headers_sent = False
-    remaining: int | None = None  # Content-Length bytes still allowed
-    complete = False
-    cycle: RequestCycle | None = None  # direct: the HTTP/1.1 cycle, served without a task until needed
-    future: RequestTask | None = None  # direct: the cycle's task
-    pump_task: asyncio.Task[None] | None = None
+    __slots__ = (
+        "adapter", "completions", "scope", "receive", "send", "ops", "queued", "waiter", "gate", "mutex",
+        "pending", "blocked", "receiving", "received", "disconnected", "detached", "running", "finished",
+        "set_aside", "status", "headers", "headers_sent", "remaining", "complete", "cycle", "future",
+        "pump_task",
+    )
 
     def __init__(self, adapter: WSGIAdapter, completions: Completions, scope: dict[str, Any],
-                 receive: Any = None, send: Any = None) -> None:
+                 receive: Any = None, send: Any = None, cycle: RequestCycle | None = None) -> None:
         self.adapter = adapter
         self.completions = completions
         self.scope = scope
         self.receive = receive  # direct: the cycle's, once the pump starts
         self.send = send
         self.ops: deque[tuple[Any, ...]] = deque()
+        self.queued = False  # in the Completions deque, not yet drained
+        self.waiter: asyncio.Future[None] | None = None
+        self.gate: threading.Lock | None = None  # held while nobody waits; released once per wait
+        self.mutex: threading.Lock | None = None  # guards pending/blocked, shared by both sides
+        self.pending = 0
+        self.blocked = False
+        self.receiving = False
+        self.received: dict[str, Any] | None = None
+        self.disconnected = False  # set on the loop; the thread stops producing when it sees it
+        self.detached = False
+        self.running = False  # set by the thread before it looks at ``disconnected``
+        self.finished = False  # the loop has seen FINISH
+        self.set_aside = False  # the pool no longer counts the thread (--timeout-request)
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] | None = None
+        self.headers_sent = False
+        self.remaining: int | None = None  # Content-Length bytes still allowed
+        self.complete = False
+        self.cycle = cycle  # direct: the HTTP/1.1 cycle, served without a task until needed
+        self.future: RequestTask | None = None  # direct: the cycle's task
+        self.pump_task: asyncio.Task[None] | None = None
 
     # -- app thread ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -504,7 +523,7 @@ class Exchange:
             result: Any = None
             environ: Environ | None = None
             try:
-                environ, no_body = build_environ(self.scope, self.adapter.base_environ)
+                environ, no_body = build_environ(self.scope, self.adapter.base_environ, self._shared_environ())
                 environ["wsgi.input"] = _NO_BODY if no_body else InputStream(self, False)
                 if self.adapter.keep_environ:  # the one the app sees: with the keys it sets
                     self.scope[ENVIRON_KEY] = environ
@@ -530,6 +549,23 @@ class Exchange:
                 error = wrapped
         self._push((FINISH, error))
         error = wrapped = None  # the error's traceback holds this frame: no cycle through it
+
+    def _shared_environ(self) -> tuple[Environ, bool] | None:
+        """The environ's part shared by the requests of this exchange's connection, kept on the
+        connection (direct, HTTP/1.1) while the scope's client, server, scheme and root path
+        stay the ones it was made for (a trusted proxy's headers change them per request)."""
+        cycle = self.cycle
+        if cycle is None:
+            return None
+        scope = self.scope
+        stream = cycle.stream
+        client, server, scheme, root_path = scope.get("client"), scope.get("server"), scope.get("scheme"), scope.get("root_path")
+        held = stream.wsgi_environ
+        if held is not None and held[0] is client and held[1] is server and held[2] == scheme and held[3] == root_path:
+            return held[4]
+        shared = shared_environ(scope, self.adapter.base_environ)
+        stream.wsgi_environ = (client, server, scheme, root_path, shared)
+        return shared
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
         if exc_info is not None:
@@ -983,9 +1019,9 @@ class WSGIAdapter:
         completions = self.completions
         if completions is None or completions.loop is not loop:
             completions = self.completions = Completions(loop)
-        exchange = Exchange(self, completions, cycle.scope)
-        exchange.cycle = cycle
-        cycle.task = exchange.future = RequestTask(exchange)
+        exchange = Exchange(self, completions, cycle.scope, cycle=cycle)
+        task = cycle.task = exchange.future = RequestTask(loop=loop)
+        task.exchange = exchange
         self.pool.submit_soon(loop, exchange.run)
 
     @staticmethod

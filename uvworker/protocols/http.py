@@ -94,6 +94,7 @@ class HTTPConnection(Connection):
         self.core: H1Core = None  # type: ignore[assignment]  # connection_made
         self.parser: Any = None  # the core's parser adapter
         self.send_start: Any = None  # the core's start (the cycle's stream.send_start)
+        self.wsgi_environ: Any = None  # the WSGI adapter's environ part shared by the requests
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
