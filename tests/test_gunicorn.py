@@ -660,6 +660,38 @@ def test_wsgi_application(tmp_path: Path) -> None:
         assert server.get("/wsgi/path").text == "http /wsgi/path"
 
 
+@pytest.mark.parametrize("worker_class", WORKERS)
+def test_wsgi_behind_the_rules_refusals_and_hooks(tmp_path: Path, worker_class: str) -> None:
+    """A WSGI app behind Gunicorn's per-request rules (served without a task over HTTP/1.1):
+    the scheme and client a trusted proxy gives, its contradiction a 400, a pre_request that
+    raises a 500 with its error logged, and the budget counted by every request that passed."""
+    wsgi = (
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [environ['wsgi.url_scheme'].encode(), b' ', environ['REMOTE_ADDR'].encode()]\n"
+    )
+    conf = """
+        forwarded_allow_ips = "127.0.0.1"
+        secure_scheme_headers = {"X-SCHEME": "secure", "X-FORWARDED-PROTO": "https"}
+        def pre_request(worker, req):
+            if req.path == "/forbidden":
+                raise RuntimeError("refused by pre_request")
+        def post_request(worker, req, environ, resp):
+            worker.log.info("served %s nr=%d", req.path, worker.nr)
+        """
+    with run_gunicorn(tmp_path, worker_class, conf, app=wsgi, args=("--log-level", "info")) as server:
+        assert server.get("/").text == "http 127.0.0.1"
+        assert server.get("/", headers={"X-Scheme": "secure", "X-Forwarded-For": "203.0.113.9"}).text == "https 203.0.113.9"
+        assert server.get("/", headers={"X-Scheme": "secure", "X-Forwarded-Proto": "http"}).status_code == 400
+        assert server.get("/forbidden").status_code == 500
+        assert server.get("/again").text == "http 127.0.0.1"
+        deadline = time.monotonic() + 10
+        while "served /again nr=3" not in server.log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "refused by pre_request" in server.log
+        assert "served /again nr=3" in server.log  # the refused ones did not count
+
+
 def test_uvworker_options_from_raw_env(tmp_path: Path) -> None:
     with run_gunicorn(tmp_path, conf='raw_env = ["UVWORKER_ROOT_PATH=/api"]\n') as server:
         assert server.info()["root_path"] == "/api"

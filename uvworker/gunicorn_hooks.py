@@ -27,6 +27,7 @@ import datetime
 import logging
 import time
 from collections.abc import Callable
+from contextvars import Context, copy_context
 from typing import Any
 
 from gunicorn import glogging
@@ -75,33 +76,89 @@ def front(
     if not (proxy_headers or secure or before or script_name or root_path):
         return app
     default_mount = (script_name, True) if script_name else (root_path, False)  # (mount, checked)
+    return _Front(app, trusted, proxy_headers, secure, before, default_mount)
 
-    async def in_front(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            return await app(scope, receive, send)
+
+class _Front:
+    """The app behind the rules (see ``front``). An app served without an ASGI task
+    (``serve_cycle``, the WSGI adapter over HTTP/1.1) keeps that path behind them: the rules
+    and ``before`` run as the request arrives, and only a refusal takes a task."""
+
+    def __init__(self, app: Any, trusted: TrustedHosts, proxy_headers: bool, secure: dict[bytes, bytes],
+                 before: Callable[[dict[str, Any], Any], None] | None, default_mount: tuple[str, bool]) -> None:
+        self.app = app
+        self.trusted = trusted
+        self.proxy_headers = proxy_headers
+        self.secure = secure
+        self.before = before
+        self.default_mount = default_mount
+        direct = getattr(app, "serve_cycle", None)
+        if direct is not None:
+            self.direct = direct
+            self.serve_cycle = self._serve_cycle  # ServerState.direct: only when the app has one
+
+    def _rules(self, scope: dict[str, Any]) -> tuple[str, int] | None:
+        """Apply the rules to ``scope``; a refusal's (reason, status), or None."""
         client = scope.get("client")
-        mount, strict = default_mount
-        if (proxy_headers or secure) and (client[0] if client else None) in trusted:
+        mount, strict = self.default_mount
+        proxy_headers, secure = self.proxy_headers, self.secure
+        if (proxy_headers or secure) and (client[0] if client else None) in self.trusted:
             scheme, forwarded_mount = _trusted_fields(scope["headers"], secure) if secure else (None, None)
             if proxy_headers:
                 scope[PEER_KEY] = client  # Gunicorn's req.peer_addr and remote_addr stay the peer
-                apply_proxy_headers(scope, trusted)
+                apply_proxy_headers(scope, self.trusted)
             if scheme is _CONTRADICTION:
-                return await _reject(scope, send, "Contradictory scheme headers")
+                return "Contradictory scheme headers", 400
             if scheme is not None:
                 scope["scheme"] = scheme if scope["type"] == "http" else _WS_SCHEMES[scheme]
             if forwarded_mount is not None:
                 mount, strict = forwarded_mount, True
         if mount:
             if strict and not (scope.get("raw_path") or scope["path"].encode()).startswith(mount.encode("latin-1")):
-                return await _reject(scope, send, f"Request path {scope['path']!r} does not start with "
-                                                  f"SCRIPT_NAME {mount!r}", 500)
+                return f"Request path {scope['path']!r} does not start with SCRIPT_NAME {mount!r}", 500
             scope["root_path"] = mount
-        if before is not None:
-            before(scope, getattr(receive, "__self__", None))
-        await app(scope, receive, send)
+        return None
 
-    return in_front
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return await self.app(scope, receive, send)
+        refusal = self._rules(scope)
+        if refusal is not None:
+            return await _reject(scope, send, *refusal)
+        if self.before is not None:
+            self.before(scope, getattr(receive, "__self__", None))
+        await self.app(scope, receive, send)
+
+    def _serve_cycle(self, cycle: Any) -> None:
+        scope = cycle.scope
+        refusal: tuple[str, int] | BaseException | None = self._rules(scope)
+        if refusal is None and self.before is not None:
+            # In a context of its own, as in the request's task (a hook's contextvars stay its own).
+            context = Context() if cycle.stream.config.reset_contextvars else copy_context()
+            try:
+                context.run(self.before, scope, cycle)
+            except BaseException as exc:  # in the request's task, as the app's error would be
+                refusal = exc
+        if refusal is None:
+            self.direct(cycle)
+            return
+        cycle.task = cycle.stream.loop.create_task(cycle.run_asgi(_Refused(refusal)))
+
+
+class _Refused:
+    """An ASGI app that sends a rule's refusal, or raises the error ``before`` raised."""
+
+    def __init__(self, refusal: tuple[str, int] | BaseException) -> None:
+        self.refusal = refusal
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        refusal, self.refusal = self.refusal, None  # type: ignore[assignment]  # no cycle via an error's traceback
+        if isinstance(refusal, BaseException):
+            try:
+                raise refusal
+            finally:
+                refusal = None  # type: ignore[assignment]
+        await _reject(scope, send, *refusal)
 
 
 _CONTRADICTION = "contradiction"
