@@ -436,3 +436,21 @@ def test_pathsend_memory_stays_flat(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_limit_request_line_bounds_an_http2_request_as_http1(serve: Any) -> None:
+    """--limit-request-line bounds an HTTP/2 request as it bounds HTTP/1.1's: the request line
+    it would have in HTTP/1.1 (method, :path, the spaces and version) longer than the limit
+    gets 414, on both protocols at the same length (Gunicorn's HTTP/2 refuses a :path over
+    limit_request_line too). Before, HTTP/2 took any :path the header list allowed (128 KiB):
+    /<20,000 bytes> was a 200 over h2c and a 414 over HTTP/1.1."""
+    limit = 200
+    fits = "/" + "a" * (limit - len("GET / HTTP/1.1"))
+    with serve(echo_app, limit_request_line=limit) as srv, H2Client(srv.host, srv.port) as client:
+        assert len(f"GET {fits} HTTP/1.1") == limit
+        for path, status in [(fits, 200), (fits + "a", 414), ("/" + "b" * 20_000, 414), (fits[:-1] + "?q", 414)]:
+            assert get(client, path).status == status, len(path)
+            with Conn.open(srv.host, srv.port) as conn:
+                conn.send(build_request(target=path, headers=[("Connection", "close")]))
+                assert conn.read_response().status == status, len(path)
+        assert get(client, "/after").status == 200  # a refused request leaves the connection usable

@@ -7,7 +7,8 @@ This module holds the rest, as plain functions and objects that tests drive with
 * ``request_scope``: a request's decoded header block → the ASGI ``http`` scope, by the same
   rules as HTTP/1.1 (``core.request``: target, Host, Content-Length, fields that must not
   repeat, proxy headers), within the same limits (``--limit-request-fields``,
-  ``--limit-request-field-size``); ``:authority`` becomes the ``host`` header when the request
+  ``--limit-request-field-size``, and ``--limit-request-line`` for the request line the
+  request would have in HTTP/1.1: 414 beyond); ``:authority`` becomes the ``host`` header when the request
   has none, as HTTP/1.1 apps expect (RFC 9113 §8.3.1). Refused input raises ``HTTPError``.
 * ``ResponseHead``: the app's status and headers → an h2 header list: names lowercased and
   checked once per distinct (name, value) pair, the connection-specific fields HTTP/2 forbids
@@ -69,7 +70,7 @@ def request_scope(
     extensions: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """A request's header block (pseudo-header fields first, as h2 checked) → (scope,
-    expect_continue); ``extensions``: the connection's (EXTENSIONS, with ``tls`` over TLS). Raises HTTPError: 431 beyond the header limits, 400 for what HTTP/1.1
+    expect_continue); ``extensions``: the connection's (EXTENSIONS, with ``tls`` over TLS). Raises HTTPError: 431 beyond the header limits, 414 beyond the request line limit, 400 for what HTTP/1.1
     refuses too, 501 for CONNECT (no tunnels)."""
     method = path = authority = b""
     fields: Headers = []
@@ -93,6 +94,8 @@ def request_scope(
         fields.append(pair)
     if len(fields) > limits.fields:
         raise HTTPError(431, "Too many request header fields")
+    if len(method) + len(path) + _LINE_EXTRA > limits.request_line:  # the request line it would be in HTTP/1.1
+        raise HTTPError(414, "Request-URI too long")
     if method == b"CONNECT":
         raise HTTPError(501, "Method Not Implemented")
     if not path or (path[0] != 47 and path != b"*"):  # origin-form, or * (RFC 9113 §8.3.1)
@@ -109,6 +112,8 @@ def request_scope(
         apply_proxy_headers(scope, options.forwarded_allow)  # type: ignore[arg-type]
     return scope, expect
 
+
+_LINE_EXTRA = len(b"  HTTP/1.1")  # an HTTP/1.1 request line's spaces and version, around method and target
 
 # (name, value) pairs from apps → (lowercased name, value, kind), or None for a dropped field.
 _PAIRS: dict[tuple[bytes, bytes], tuple[bytes, bytes, int] | None] = {}
