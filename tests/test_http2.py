@@ -22,7 +22,7 @@ from h2.connection import H2Connection
 from h2.events import DataReceived, StreamEnded
 
 from tests.conftest import run_server, wait_for
-from tests.h2_client import WINDOW, H2Client, get
+from tests.h2_client import WINDOW, H2Client, H2Response, get
 from tests.http_client import Conn, build_request
 from tests.test_tls import make_cert
 
@@ -454,3 +454,35 @@ def test_limit_request_line_bounds_an_http2_request_as_http1(serve: Any) -> None
                 conn.send(build_request(target=path, headers=[("Connection", "close")]))
                 assert conn.read_response().status == status, len(path)
         assert get(client, "/after").status == 200  # a refused request leaves the connection usable
+
+
+async def client_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with the protocol version and the client address the server saw."""
+    assert scope["type"] == "http"
+    text = f"{scope['http_version']} {scope['client'][0]}"
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": text.encode()})
+
+
+def test_h2c_prior_knowledge_with_proxy_protocol_on(serve: Any) -> None:
+    """With --proxy-protocol the PROXY header stays optional, and a connection without one
+    may speak HTTP/2 by prior knowledge, as on any cleartext port (Gunicorn's gthread serves
+    it too). Before, --proxy-protocol turned h2c off: the HTTP/2 preface got a 505 (httpx,
+    curl --http2-prior-knowledge: no response). A PROXY header still opens HTTP/1.1, and
+    gives the client address; a partial preface is held until the rest arrives."""
+    with serve(client_app, proxy_protocol=True, proxy_allow_ips="*") as srv:
+        with httpx.Client(http1=False, http2=True, timeout=5) as client:
+            r = client.get(f"{srv.url}/")
+            assert (r.http_version, r.text) == ("HTTP/2", "2 127.0.0.1")
+        with H2Client(srv.host, srv.port, send_preface=False) as h2:
+            stream = h2.h2.get_next_available_stream_id()
+            head = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"127.0.0.1")]
+            h2.h2.send_headers(stream, head, end_stream=True)
+            h2.responses[stream] = H2Response()
+            data = h2.h2.data_to_send()  # written in two pieces: "PR" (a PROXY header's start too), the rest
+            h2.send_raw(data[:2])
+            h2.send_raw(data[2:])
+            assert h2.response(stream).body == b"2 127.0.0.1"
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(b"PROXY TCP4 10.9.8.7 127.0.0.1 5555 80\r\n" + build_request(headers=[("Connection", "close")]))
+            assert conn.read_response().body == b"1.1 10.9.8.7"

@@ -107,8 +107,8 @@ class HTTPConnection(Connection):
                 if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
                     self._switch_to_h2(b"")
                     return
-            elif not state.h1.proxy_protocol:
-                self.h2c = True  # cleartext: the first bytes tell (HTTP/2 prior knowledge)
+            else:  # cleartext: the first bytes tell (HTTP/2 prior knowledge; a PROXY header: HTTP/1.1)
+                self.h2c = True
         core = self.core = H1Core(
             state.h1, self, state.defaults, address(transport.get_extra_info("peername")),
             address(transport.get_extra_info("sockname")), "https" if self.is_tls else "http",
