@@ -1,0 +1,198 @@
+"""A request's app task started eagerly (uvworker.protocols.eager: above EAGER_ABOVE open
+connections its first step runs in the callback that read the request) behaves exactly as a
+plain task: every test here runs on both paths (``start``), with both parsers, and checks
+which path it took (the task's coroutine), so that neither can pass for the other."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.http_client import Conn, build_request, capture_log, parse_responses, respond
+from uvworker.protocols import http
+from uvworker.protocols.eager import Eager
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
+
+
+@pytest.fixture(params=["plain", "eager"])
+def start(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "eager":
+        monkeypatch.setattr(http, "EAGER_ABOVE", 0)  # every connection counts as "many"
+    return request.param
+
+
+def started_as(task: asyncio.Task[Any] | None) -> str:
+    assert isinstance(task, asyncio.Task)
+    return "eager" if isinstance(task.get_coro(), Eager) else "plain"
+
+
+def test_current_task_and_context_are_the_requests_own(serve: Any, start: str) -> None:
+    """current_task() is a real Task from the app's first line, a new one per request, named
+    as before; a context variable set by one request is not seen by the next."""
+    seen: list[tuple[Any, str, str, str]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        before = REQUEST_ID.get()
+        REQUEST_ID.set(scope["path"])
+        await asyncio.sleep(0)  # a later step: the same task and context
+        assert asyncio.current_task() is task and REQUEST_ID.get() == scope["path"]
+        seen.append((task, started_as(task), task.get_name(), before))
+        await respond(send, body=b"ok")
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for target in ("/a", "/b", "/c"):
+            conn.send(build_request(target=target))
+            assert conn.read_response().body == b"ok"
+    assert len({id(task) for task, *_ in seen}) == 3
+    assert [(how, name, before) for _, how, name, before in seen] == [(start, "uvworker.request", "unset")] * 3
+
+
+def test_an_app_that_waits_for_its_body_gets_it(serve: Any, start: str) -> None:
+    """The app's first step ends waiting for body that has not come: the task takes over
+    where it waits (the hand-over), and the body sent later reaches it."""
+    waiting = threading.Event()
+    paths: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        paths.append(started_as(asyncio.current_task()))
+        body = b""
+        while True:
+            waiting.set()
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await respond(send, body=body.upper())
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        wait_for(waiting.is_set)
+        conn.send(b"world")
+        assert conn.read_response().body == b"HELLOWORLD"
+    assert paths == [start]
+
+
+def test_a_waiting_app_is_cancelled_where_it_waits(serve: Any, start: str) -> None:
+    """--timeout-request cancels an app that waits (here before the task's own first step
+    could matter: the app awaits at once): it sees CancelledError, the client a 504."""
+    events: list[str] = []
+    cancelled = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        events.append(started_as(asyncio.current_task()))
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            cancelled.set()
+            raise
+
+    with serve(app, timeout_request=0.3) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request())
+        assert conn.read_response(timeout=5).status == 504
+        wait_for(cancelled.is_set)
+    assert events == [start, "cancelled"]
+
+
+def test_an_app_that_fails_at_once_gets_a_500(serve: Any, start: str) -> None:
+    paths: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        paths.append(started_as(asyncio.current_task()))
+        raise ValueError("boom")
+
+    with capture_log() as records, serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request())
+        response = conn.read_response()
+        assert response.status == 500 and conn.closed_within(3) == b""
+    assert paths == [start]
+    assert [r.getMessage() for r in records if r.levelname == "ERROR"] == ["Exception in ASGI application"]
+
+
+def test_pipelined_requests_are_answered_in_order(serve: Any, start: str) -> None:
+    """The first request of a read starts as ``start`` says; the ones held behind it start
+    from inside the previous app's task, always as plain tasks."""
+    paths: list[tuple[str, str]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        paths.append((scope["path"], started_as(asyncio.current_task())))
+        await respond(send, body=scope["path"].encode())
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(b"".join(build_request(target=f"/{n}") for n in range(3)))
+        data = conn.read_until(b"/2", deadline=time.monotonic() + 5)
+    assert [r.body for r in parse_responses(data)] == [b"/0", b"/1", b"/2"]
+    assert paths == [("/0", start), ("/1", "plain"), ("/2", "plain")]
+
+
+def test_a_task_factory_still_makes_the_tasks(serve: Any, start: str) -> None:
+    """Once the app sets a task factory, the factory makes request tasks, as plain tasks."""
+    made: list[asyncio.Task[Any]] = []
+    seen: list[tuple[asyncio.Task[Any] | None, str]] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, context: Any = None) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, context=context)
+        made.append(task)
+        return task
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        seen.append((task, started_as(task)))
+        if scope["path"] == "/factory":
+            asyncio.get_running_loop().set_task_factory(factory)
+        elif scope["path"] == "/reset":
+            asyncio.get_running_loop().set_task_factory(None)
+        await respond(send, body=b"ok")
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for target in ("/", "/factory", "/made", "/reset", "/again"):
+            conn.send(build_request(target=target))
+            assert conn.read_response().body == b"ok"
+    assert [how for _, how in seen] == [start, start, "plain", "plain", start]
+    assert made == [task for task, _ in seen[2:4]]
+
+
+def test_reset_contextvars_gives_an_empty_context(serve: Any, start: str) -> None:
+    seen: list[tuple[str, str]] = []
+    REQUEST_ID.set("server")  # in the test thread: not the server's; set in its loop below
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((started_as(asyncio.current_task()), REQUEST_ID.get()))
+        REQUEST_ID.set("leak")
+        await respond(send, body=b"ok")
+
+    with serve(app, reset_contextvars=True) as srv, Conn.open(srv.host, srv.port) as conn:
+        for _ in range(2):
+            conn.send(build_request())
+            assert conn.read_response().body == b"ok"
+    assert seen == [(start, "unset")] * 2
+
+
+def test_a_cancel_in_the_first_step_reaches_the_app_where_it_then_waits(serve: Any, start: str) -> None:
+    """A cancel() before the task's own first step (here: the app cancels its task, then
+    waits): the app gets CancelledError where it waits, as from a plain task."""
+    events: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        events.append(started_as(task))
+        assert task is not None and task.cancel()
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            task.uncancel()
+        await respond(send, body=b"caught")
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request())
+        assert conn.read_response().body == b"caught"
+    assert events == [start, "cancelled"]
