@@ -88,6 +88,7 @@ GATE_POLL = 1.0  # a waiting thread checks this often whether the event loop is 
 BODY, RECEIVE, FINISH, RAISE = 0, 1, 2, 3
 RECEIVE_OP = (RECEIVE,)
 END_OP = (BODY, None, b"", False, 0)  # end of a body whose headers were already sent
+FINISH_OP = (FINISH, None)  # the app is done, without an error
 DISCONNECT: dict[str, Any] = {"type": "http.disconnect"}
 
 Environ = dict[str, Any]
@@ -373,15 +374,14 @@ def build_environ(scope: dict[str, Any], base: Environ,
         if raw_path.startswith(prefix):
             raw_path = raw_path[len(prefix) :]
     version = scope["http_version"]
-    # One dict display rather than a copy and a store per key (hot path).
-    environ = {
-        **shared[0],
-        "REQUEST_METHOD": scope["method"],
-        # PEP 3333: PATH_INFO holds the decoded bytes of the path, one character per byte.
-        "PATH_INFO": (unquote_to_bytes(raw_path) if PERCENT in raw_path else raw_path).decode("latin-1"),
-        "QUERY_STRING": scope["query_string"].decode("latin-1"),
-        "SERVER_PROTOCOL": _SERVER_PROTOCOLS.get(version) or "HTTP/" + version,
-    }
+    # A copy of the shared part (a dict's copy clones its table) and a store per key: cheaper
+    # than one dict display over it, which grows its table as it goes (hot path).
+    environ = shared[0].copy()
+    environ["REQUEST_METHOD"] = scope["method"]
+    # PEP 3333: PATH_INFO holds the decoded bytes of the path, one character per byte.
+    environ["PATH_INFO"] = (unquote_to_bytes(raw_path) if PERCENT in raw_path else raw_path).decode("latin-1")
+    environ["QUERY_STRING"] = scope["query_string"].decode("latin-1")
+    environ["SERVER_PROTOCOL"] = _SERVER_PROTOCOLS.get(version) or "HTTP/" + version
 
     keys = _KEYS
     for name, value in scope["headers"]:
@@ -547,7 +547,7 @@ class Exchange:
                 wrapped = RuntimeError(f"The WSGI application raised {error!r}")
                 wrapped.__cause__ = error
                 error = wrapped
-        self._push((FINISH, error))
+        self._push((FINISH, error) if error is not None else FINISH_OP)
         error = wrapped = None  # the error's traceback holds this frame: no cycle through it
 
     def _shared_environ(self) -> tuple[Environ, bool] | None:
@@ -614,11 +614,13 @@ class Exchange:
 
     def _respond(self, result: Iterable[bytes]) -> None:
         if type(result) is list or type(result) is tuple:
-            # Already in memory: one body message, so small responses get a Content-Length.
+            # Already in memory: one body message, so small responses get a Content-Length. It
+            # goes to the loop with FINISH (nothing is left to run in between: a list has no
+            # close), so the loop gets the whole request in one hand-over.
             if len(result) > 1:
-                self._emit(b"".join(result), False)
+                self._emit(b"".join(result), False, True)
             else:
-                self._emit(result[0] if result else b"", False)
+                self._emit(result[0] if result else b"", False, True)
             return
         if type(result) is FileWrapper:
             self._send_file(result)
@@ -654,8 +656,9 @@ class Exchange:
         if not self.complete and not self.disconnected:
             self._emit(b"", False)
 
-    def _emit(self, data: bytes, more: bool) -> None:
-        """Queue body bytes for the loop; the first call also carries status and headers."""
+    def _emit(self, data: bytes, more: bool, with_finish: bool = False) -> None:
+        """Queue body bytes for the loop; the first call also carries status and headers.
+        ``with_finish``: the last bytes, handed over with the FINISH that ``run`` pushes next."""
         if type(data) is not bytes:
             data = _as_bytes(data)
         if self.complete or self.disconnected:
@@ -688,6 +691,9 @@ class Exchange:
                 self.pending += size
                 if self.pending > PENDING_HIGH:
                     self.blocked = wait = True
+        if with_finish:
+            self.ops.append((BODY, start, data, more, size))
+            return
         self._push((BODY, start, data, more, size))
         if wait:
             self._wait()
@@ -751,7 +757,8 @@ class Exchange:
             status, headers = op[1]
             stream = cycle.stream
             try:
-                stream.send_start(status, headers)
+                send_start = stream.send_start  # an attribute (see protocols.http CALLABLE_ATTRIBUTES)
+                send_start(status, headers)
                 cycle.status = status
                 cycle.response_headers = headers
                 cycle.response_started = cycle.response_complete = True
@@ -763,7 +770,7 @@ class Exchange:
             if not ops:
                 return
             op = ops[0]
-        if op[0] == FINISH and op[1] is None and cycle.response_complete:
+        if op is FINISH_OP and cycle.response_complete:
             ops.popleft()
             self.detached = self.finished = True
             self.adapter.pool.done()
