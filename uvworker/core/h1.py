@@ -70,6 +70,8 @@ NO_BODY_STATUSES = frozenset({204, 304})
 LARGE_BODY = 64 * 1024  # body pieces this big are written by reference, not copied next to framing
 MAX_DISCARD = 4 * 1024 * 1024  # unread request body dropped to keep a connection, at most
 NEXT, CLOSE, DISCARD = range(3)  # what finish() says the connection does next
+NOT_CHECKED = (True, False, None, False)  # H1Core._checked before any head
+NO_LINES = (b"", None, False, False)  # H1Core._sent before any response
 
 
 class Handler(Protocol):
@@ -144,15 +146,13 @@ class H1Core:
         self.feed = self.parser.feed if self._proxy_buffer is None else self._feed_after_proxy_header
         self._trust_proxy_headers = options.proxy_headers and self._trusted(client)
         self._scope_base = scope_base(server, client, scheme, options.root_path)
-        # The last head whose checks passed (a copy: the app may change its scope's list), and
-        # what check_head said of it: a client sends the same head again and again on one
-        # connection, and a comparison costs a tenth of the checks.
-        self._checked_version = ""
-        self._checked_headers: Headers = []
-        self._checked: tuple[bool, bool, bytes | None, bool] = (True, False, None, False)
+        # The version and fields of the last head whose checks passed (a copy: the app may
+        # change its scope's list), and what check_head said of it: a client sends the same
+        # fields again and again on one connection, and a comparison costs a tenth of the
+        # checks. (One attribute: a core has 30 at most, see RequestCycle.__init__.)
+        self._checked: tuple[str, Headers, tuple[bool, bool, bytes | None, bool]] = ("", [], NOT_CHECKED)
         # The same for the last response's fields and what _header_lines made of them.
-        self._sent_headers: list[Any] | None = None
-        self._sent_lines: tuple[bytes, int | None, bool, bool] = (b"", None, False, False)
+        self._sent: tuple[list[Any] | None, tuple[bytes, int | None, bool, bool]] = (None, NO_LINES)
 
     # -- bytes in -----------------------------------------------------------------------------
     feed: Any  # (data: bytes) -> None; raises HTTPError for input that is refused
@@ -202,11 +202,13 @@ class H1Core:
     def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers) -> None:
         if http_version != "1.1" and http_version != "1.0":
             http_version = check_version(http_version)
-        if http_version == self._checked_version and headers == self._checked_headers:
-            keep_alive, expect, upgrade, proxied = self._checked
+        checked = self._checked
+        if http_version == checked[0] and headers == checked[1]:
+            keep_alive, expect, upgrade, proxied = checked[2]
         else:  # check_head is a function of these two alone
-            keep_alive, expect, upgrade, proxied = self._checked = check_head(http_version, headers)
-            self._checked_version, self._checked_headers = http_version, headers.copy()
+            verdict = check_head(http_version, headers)
+            self._checked = http_version, headers.copy(), verdict
+            keep_alive, expect, upgrade, proxied = verdict
         options = self.options
         scope = fill_scope(
             self._scope_base, method, target, http_version, headers, options.root_path, options.lifespan_state,
@@ -258,8 +260,9 @@ class H1Core:
 
     def start(self, status: int, headers: Any) -> None:
         """Check and encode the response head; it goes out with the first body piece."""
-        if headers == self._sent_headers:  # the same fields as the last response (often the same list)
-            lines, length, close, override_defaults = self._sent_lines
+        sent = self._sent
+        if headers == sent[0]:  # the same fields as the last response (often the same list)
+            lines, length, close, override_defaults = sent[1]
         else:
             lines, length, close, override_defaults = self._header_lines(headers)
         if length is not None:
@@ -326,7 +329,7 @@ class H1Core:
             parts.append(line)
         result = b"".join(parts), length, close, override_defaults
         if cacheable:
-            self._sent_headers, self._sent_lines = headers.copy(), result
+            self._sent = headers.copy(), result
         return result
 
     def body(self, body: bytes, more: bool) -> bytes | tuple[bytes, ...]:
