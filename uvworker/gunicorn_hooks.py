@@ -200,8 +200,7 @@ def request_hooks(worker: Any) -> list[Hook]:
     request (``worker`` is the Gunicorn worker: its ``log`` and ``cfg``)."""
     log, cfg = worker.log, worker.cfg
     hooks: list[Hook] = []
-    logger_class = type(log)
-    if logger_class.access is not glogging.Logger.access or logger_class.atoms is not glogging.Logger.atoms:
+    if _own_access(log):
         # Gunicorn's workers call access() for every request, access log or not: a logger
         # class may do more there (Gunicorn's statsd logger counts and times requests).
         hooks.append(_call_access(log, cfg))
@@ -221,12 +220,17 @@ def access_log(cfg: Any) -> AccessLog:
 def needs_app_environ(worker: Any) -> bool:
     """Whether the request hooks read the environ (so a WSGI app's should be kept for them)."""
     log, cfg = worker.log, worker.cfg
-    logger_class = type(log)
-    if logger_class.access is not glogging.Logger.access or logger_class.atoms is not glogging.Logger.atoms:
+    if _own_access(log):
         return True
     if _access_log_enabled(log, cfg) and access_log(cfg).environ is not None:
         return True
     return hook_set(cfg, "post_request")
+
+
+def _own_access(log: Any) -> bool:
+    """Whether Gunicorn's logger_class has an access() (or atoms) of its own to call."""
+    logger_class = type(log)
+    return logger_class.access is not glogging.Logger.access or logger_class.atoms is not glogging.Logger.atoms
 
 
 def _access_log_enabled(log: Any, cfg: Any) -> bool:
