@@ -200,24 +200,32 @@ def test_slow_clients_do_not_block_normal_clients(serve: Any) -> None:
 
 def test_client_that_never_reads_its_responses_is_cut_off(serve: Any) -> None:
     """Pipelined requests, responses never read: once the server has stopped answering (write
-    backpressure), the connection is dropped at the keep-alive timeout, not kept forever with
-    its unsent responses."""
+    backpressure), the connection is dropped at the send timeout, not kept forever with its
+    unsent responses."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await respond(send, body=b"r" * 4096)
 
-    with serve(app, timeout_keep_alive=0.3) as srv, Conn.open(srv.host, srv.port, rcvbuf=65536, sndbuf=65536) as conn:
+    settings = {"timeout_keep_alive": 0.3, "timeout_send": 0.5}
+    with serve(app, **settings) as srv, Conn.open(srv.host, srv.port, rcvbuf=65536, sndbuf=65536) as conn:
         conn.sock.settimeout(0.5)
         blob = build_request() * 500
         sent = 0
-        try:
-            for _ in range(400):  # until our sends stall: the server stopped reading
+        stalled = 0
+        # Until our sends stall because the server stopped reading, its writes paused (on a busy
+        # machine a send may also stall while the server waits for a CPU: go on then).
+        while sent < 200_000 and stalled < 20:
+            try:
                 conn.sock.sendall(blob)
                 sent += 500
-        except (TimeoutError, ConnectionError):
-            pass
+            except TimeoutError:
+                if any(c.write_paused for c in list(srv.server.state.connections)):
+                    break
+                stalled += 1
+            except ConnectionError:
+                break
         # Without reading anything, the server lets go of the connection (and its buffers).
-        wait_for(lambda: not srv.server.state.connections, timeout=5)
+        wait_for(lambda: not srv.server.state.connections, timeout=10)
         conn.sock.settimeout(10)
         received = 0
         try:
@@ -228,6 +236,28 @@ def test_client_that_never_reads_its_responses_is_cut_off(serve: Any) -> None:
     assert sent >= 1000, "the client's sends never stalled"
     # Cut off: far fewer responses than requests sent (each response is over 4 KiB).
     assert received < 8 * MiB < sent * 4096, (received, sent)
+
+
+def test_big_response_read_late_is_not_cut_by_the_keep_alive_timeout(serve: Any) -> None:
+    """A response sent in one piece, bigger than the socket buffers hold, to a client that
+    starts reading it only after the keep-alive timeout: a connection whose response is still
+    going out is not idle, so the client gets it whole (the send timeout bounds a client that
+    takes nothing) and the connection serves a next request. Before, the keep-alive timeout
+    ran from the app's last send() and cut the response (as it cut a client on a slow link
+    downloading a big response), where uvicorn delivers it."""
+    body = b"b" * (8 * MiB)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await respond(send, body=body)
+
+    with serve(app, timeout_keep_alive=0.3, timeout_send=30) as srv, Conn.open(srv.host, srv.port, rcvbuf=65536) as conn:
+        conn.send(build_request())
+        wait_for(lambda: any(c.write_paused for c in list(srv.server.state.connections)))
+        select.select([], [], [], 1.0)  # deliberately past the keep-alive timeout, reading nothing
+        response = conn.read_response(timeout=30)
+        assert (response.status, len(response.body)) == (200, len(body))
+        conn.send(build_request())
+        assert conn.read_response(timeout=30).status == 200
 
 
 def test_slow_but_steady_body_survives_without_a_minimum_rate(serve: Any) -> None:

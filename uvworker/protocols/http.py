@@ -8,7 +8,9 @@ Theory of operation. A connection is always in one of these phases:
     -------------  -------------------------  ----------------------------------------------
     WAIT_HEAD      timeout_request_header     a complete head → CYCLE (the app runs), or
                                               UPGRADE (a WebSocket handshake)
-    KEEP_ALIVE     timeout_keep_alive         the first byte of the next request → WAIT_HEAD
+    KEEP_ALIVE     timeout_keep_alive, once   the first byte of the next request → WAIT_HEAD
+                   the response is out (till
+                   then timeout_send)
     CYCLE          body deadline, if waiting  the response completes → KEEP_ALIVE, or close
                    for body the app asked for;
                    timeout_send while the
@@ -199,13 +201,15 @@ class HTTPConnection(Connection):
         # and give it timeout_send to take some of it.
         self.write_paused = True
         self.pause_reading()
-        if self.phase == CYCLE:
+        if self.phase == CYCLE or self.phase == KEEP_ALIVE:  # a response still going out
             self._set_deadline(self.config.timeout_send)
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.phase == CYCLE:
             self.deadline = 0.0  # a body deadline, if any, is set again when the app asks for body
+        elif self.phase == KEEP_ALIVE:
+            self._set_deadline(self.config.timeout_keep_alive)  # idle from now: the response is out
         self._release_writers()
         if self.phase == KEEP_ALIVE and self.cycle is None and self.parser.held:
             self._next_cycle()  # answer the pipelined requests we held back
@@ -616,6 +620,9 @@ class HTTPConnection(Connection):
             self.close()  # the whole server is stopping: nobody would answer a next request
             return
         if self.write_paused:
+            # Not idle while the response is still going out (a slow client, a big body): the
+            # send timeout runs, and resume_writing() starts the keep-alive timeout.
+            self._set_deadline(self.config.timeout_send)
             return  # resume_writing() continues once the client reads its responses
         try:
             self.parser.next_cycle()
