@@ -282,8 +282,13 @@ def _user(headers: list[tuple[bytes, bytes]]) -> str:
     return user or "-"
 
 
+# HTTP/2 as Gunicorn's atoms (its SERVER_PROTOCOL) name it; the scope's http_version is "2".
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2.0"}
+
+
 def _protocol(scope: dict[str, Any]) -> str:
-    return f"HTTP/{scope.get('http_version', '1.1')}"
+    version = scope.get("http_version", "1.1")
+    return _PROTOCOLS.get(version) or f"HTTP/{version}"
 
 
 def _target(scope: dict[str, Any]) -> str:

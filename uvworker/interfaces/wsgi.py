@@ -321,7 +321,8 @@ _NO_BODY = InputStream(None, True)  # type: ignore[arg-type]
 
 # -- environ ----------------------------------------------------------------------------------
 
-_SERVER_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+# HTTP/2 as Gunicorn, mod_wsgi and nginx's $server_protocol name it (the scope's "2").
+_SERVER_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2.0"}
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _KEYS: dict[bytes, str] = {b"content-type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH"}
 _MAX_CACHED_KEYS = 1024
@@ -406,7 +407,7 @@ def build_environ(scope: dict[str, Any], base: Environ,
     if length is None:
         # HTTP/1.x frames a body only by those two fields; HTTP/2 frames it by DATA frames, which
         # need no content-length, so there a head without one may still have a body to read.
-        no_body = "HTTP_TRANSFER_ENCODING" not in environ and version in _SERVER_PROTOCOLS
+        no_body = "HTTP_TRANSFER_ENCODING" not in environ and version != "2"
     else:
         no_body = not length.strip("0") and "HTTP_TRANSFER_ENCODING" not in environ
     return environ, no_body
