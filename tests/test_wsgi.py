@@ -125,6 +125,46 @@ def test_url_scheme_and_remote_addr_honour_trusted_proxy_headers(serve: Any) -> 
     assert env["REMOTE_ADDR"] == "127.0.0.1"
 
 
+def test_environ_of_each_request_on_a_keep_alive_connection_is_its_own(serve: Any) -> None:
+    """The connection keeps the environ keys of its last head: a request that repeats it (or
+    its HTTP version alone differs) gets its own request line, its own wsgi.input, and none of
+    the keys an app set on an earlier environ."""
+    def app(environ: Environ, start_response: Any) -> list[bytes]:
+        shown = {k: environ.get(k) for k in ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL",
+                                              "HTTP_X_A", "CONTENT_LENGTH", "HTTP_TRANSFER_ENCODING", "mine")}
+        shown["body"] = environ["wsgi.input"].read().decode()
+        environ["mine"] = "set by the app"
+        environ["HTTP_X_A"] = "changed by the app"
+        return text_response(start_response, json.dumps(shown).encode())
+
+    keep = [("Connection", "keep-alive"), ("X-A", "1")]
+    chunked = [*keep, ("Transfer-Encoding", "chunked")]
+    requests = [
+        (build_request("GET", "/a?x=1", headers=keep), ("GET", "/a", "x=1", "HTTP/1.1", "1", None, None, "")),
+        (build_request("GET", "/e", headers=keep), ("GET", "/e", "", "HTTP/1.1", "1", None, None, "")),
+        (build_request("GET", "/j", headers=keep), ("GET", "/j", "", "HTTP/1.1", "1", None, None, "")),
+        (build_request("HEAD", "/b", headers=keep), ("HEAD", "/b", "", "HTTP/1.1", "1", None, None, None)),
+        (build_request("GET", "/c%20d", headers=keep, version="1.0"), ("GET", "/c d", "", "HTTP/1.0", "1", None, None, "")),
+        (build_request("POST", "/f", headers=chunked) + b"3\r\none\r\n0\r\n\r\n",
+         ("POST", "/f", "", "HTTP/1.1", "1", None, "chunked", "one")),
+        (build_request("POST", "/g", headers=chunked) + b"3\r\ntwo\r\n0\r\n\r\n",
+         ("POST", "/g", "", "HTTP/1.1", "1", None, "chunked", "two")),
+        (build_request("GET", "/h", headers=[("Connection", "keep-alive"), ("X-A", "2")]),
+         ("GET", "/h", "", "HTTP/1.1", "2", None, None, "")),
+        (build_request("PUT", "/i", headers=keep, body=b"abc"), ("PUT", "/i", "", "HTTP/1.1", "1", "3", None, "abc")),
+    ]
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for raw, expected in requests * 2:
+            conn.send(raw)
+            resp = conn.read_response("HEAD" if raw.startswith(b"HEAD") else "GET")
+            assert resp.status == 200
+            if expected[0] == "HEAD":
+                continue
+            shown = json.loads(resp.body)
+            assert shown.pop("mine") is None
+            assert tuple(shown.values()) == expected
+
+
 # -- wsgi.input ----------------------------------------------------------------------------------
 
 

@@ -366,6 +366,16 @@ def build_environ(scope: dict[str, Any], base: Environ,
     ``shared_environ(scope, base)``, kept for the connection's requests (hot path)."""
     if shared is None:
         shared = shared_environ(scope, base)
+    # A copy of the shared part (a dict's copy clones its table) and a store per key: cheaper
+    # than one dict display over it, which grows its table as it goes (hot path).
+    environ = shared[0].copy()
+    set_request_line(environ, scope)
+    return environ, _set_head(environ, scope, shared[1])
+
+
+def set_request_line(environ: Environ, scope: dict[str, Any]) -> None:
+    """The environ's keys from the request line, the ones a head's memo does not fix."""
+    environ["REQUEST_METHOD"] = scope["method"]
     raw_path: bytes | None = scope.get("raw_path")
     if raw_path is None:
         raw_path = scope["path"].encode("utf-8")
@@ -374,16 +384,16 @@ def build_environ(scope: dict[str, Any], base: Environ,
         prefix = root_path.encode("utf-8")
         if raw_path.startswith(prefix):
             raw_path = raw_path[len(prefix) :]
-    version = scope["http_version"]
-    # A copy of the shared part (a dict's copy clones its table) and a store per key: cheaper
-    # than one dict display over it, which grows its table as it goes (hot path).
-    environ = shared[0].copy()
-    environ["REQUEST_METHOD"] = scope["method"]
     # PEP 3333: PATH_INFO holds the decoded bytes of the path, one character per byte.
     environ["PATH_INFO"] = (unquote_to_bytes(raw_path) if PERCENT in raw_path else raw_path).decode("latin-1")
     environ["QUERY_STRING"] = scope["query_string"].decode("latin-1")
-    environ["SERVER_PROTOCOL"] = _SERVER_PROTOCOLS.get(version) or "HTTP/" + version
 
+
+def _set_head(environ: Environ, scope: dict[str, Any], named: bool) -> bool:
+    """The environ's keys from the HTTP version and the header fields (and, on a Unix socket,
+    where the server is not ``named``, from Host); whether the request has no body at all."""
+    version = scope["http_version"]
+    environ["SERVER_PROTOCOL"] = _SERVER_PROTOCOLS.get(version) or "HTTP/" + version
     keys = _KEYS
     for name, value in scope["headers"]:
         key = keys.get(name)
@@ -396,7 +406,7 @@ def build_environ(scope: dict[str, Any], base: Environ,
             text = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + text
         environ[key] = text
 
-    if not shared[1]:  # a Unix socket: the Host header is the best name there is
+    if not named:  # a Unix socket: the Host header is the best name there is
         host = environ.get("HTTP_HOST", "localhost")
         name, colon, port = host.rpartition(":") if not host.endswith("]") else ("", "", "")
         if colon and port.isdigit():
@@ -407,10 +417,8 @@ def build_environ(scope: dict[str, Any], base: Environ,
     if length is None:
         # HTTP/1.x frames a body only by those two fields; HTTP/2 frames it by DATA frames, which
         # need no content-length, so there a head without one may still have a body to read.
-        no_body = "HTTP_TRANSFER_ENCODING" not in environ and version != "2"
-    else:
-        no_body = not length.strip("0") and "HTTP_TRANSFER_ENCODING" not in environ
-    return environ, no_body
+        return "HTTP_TRANSFER_ENCODING" not in environ and version != "2"
+    return not length.strip("0") and "HTTP_TRANSFER_ENCODING" not in environ
 
 
 # -- one request --------------------------------------------------------------------------------
@@ -524,8 +532,7 @@ class Exchange:
             result: Any = None
             environ: Environ | None = None
             try:
-                environ, no_body = build_environ(self.scope, self.adapter.base_environ, self._shared_environ())
-                environ["wsgi.input"] = _NO_BODY if no_body else InputStream(self, False)
+                environ = self._environ()
                 if self.adapter.keep_environ:  # the one the app sees: with the keys it sets
                     self.scope[ENVIRON_KEY] = environ
                 result = self.adapter.app(environ, self.start_response)
@@ -551,22 +558,39 @@ class Exchange:
         self._push((FINISH, error) if error is not None else FINISH_OP)
         error = wrapped = None  # the error's traceback holds this frame: no cycle through it
 
-    def _shared_environ(self) -> tuple[Environ, bool] | None:
-        """The environ's part shared by the requests of this exchange's connection, kept on the
-        connection (direct, HTTP/1.1) while the scope's client, server, scheme and root path
-        stay the ones it was made for (a trusted proxy's headers change them per request)."""
+    def _environ(self) -> Environ:
+        """The request's environ. Direct (HTTP/1.1), from its connection's memo: the part its
+        requests share, kept while the scope's client, server, scheme and root path stay the
+        ones it was made for (a trusted proxy's headers change them per request), and the
+        keys of the last head, while the HTTP version and the header fields are the same
+        (what a client sends request after request): a copy of that and the request line."""
+        scope = self.scope
         cycle = self.cycle
         if cycle is None:
-            return None
-        scope = self.scope
+            environ, no_body = build_environ(scope, self.adapter.base_environ)
+            environ["wsgi.input"] = _NO_BODY if no_body else InputStream(self, False)
+            return environ
         stream = cycle.stream
         client, server, scheme, root_path = scope.get("client"), scope.get("server"), scope.get("scheme"), scope.get("root_path")
+        version, headers = scope["http_version"], scope["headers"]
         held = stream.wsgi_environ
         if held is not None and held[0] is client and held[1] is server and held[2] == scheme and held[3] == root_path:
-            return held[4]
-        shared = shared_environ(scope, self.adapter.base_environ)
-        stream.wsgi_environ = (client, server, scheme, root_path, shared)
-        return shared
+            if held[6] == headers and held[5] == version:
+                environ = held[7].copy()
+                set_request_line(environ, scope)
+                if not held[8]:
+                    environ["wsgi.input"] = InputStream(self, False)
+                return environ
+            shared = held[4]
+        else:
+            shared = shared_environ(scope, self.adapter.base_environ)
+        environ, no_body = build_environ(scope, self.adapter.base_environ, shared)
+        environ["wsgi.input"] = _NO_BODY  # the memo's, for a head without a body
+        # A list of the same pairs (the scope's may be changed by the app, or by a hook).
+        stream.wsgi_environ = (client, server, scheme, root_path, shared, version, headers.copy(), environ.copy(), no_body)
+        if not no_body:
+            environ["wsgi.input"] = InputStream(self, False)
+        return environ
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
         if exc_info is not None:
