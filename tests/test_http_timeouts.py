@@ -15,6 +15,7 @@ from typing import Any
 
 from tests.conftest import wait_for
 from tests.http_client import Conn, build_request, parse_responses, read_body, respond
+from uvworker.protocols.connection import CLOSED
 
 MiB = 1024 * 1024
 
@@ -294,3 +295,26 @@ def test_client_that_stops_reading_a_streamed_response_is_cut_off(serve: Any) ->
         conn.send(build_request())
         wait_for(lambda: outcome, timeout=10)
         wait_for(lambda: not srv.server.state.connections)
+
+
+def test_closing_connection_whose_client_takes_nothing_is_dropped_at_the_send_timeout(serve: Any) -> None:
+    """A response bigger than the socket buffers to a request that said Connection: close: the
+    connection closes after it, and a close waits for the response to go out. A client that
+    reads none of it is dropped at the send timeout; one that reads it gets it whole. Before, the first kept its connection and buffers for ever
+    (--timeout-send did not apply once the connection was closing)."""
+    body = b"c" * (8 * MiB)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await respond(send, body=body)
+
+    request = build_request(headers=[("Connection", "close")])
+    with serve(app, timeout_send=2) as srv:
+        with Conn.open(srv.host, srv.port, rcvbuf=65536) as idle, Conn.open(srv.host, srv.port, rcvbuf=65536) as late:
+            idle.send(request)
+            wait_for(lambda: len(srv.server.state.connections) == 2)
+            late.send(request)
+            wait_for(lambda: all(c.phase == CLOSED for c in list(srv.server.state.connections)))
+            response = late.read_response(timeout=30)
+            assert (response.status, len(response.body)) == (200, len(body))
+            assert late.read_until_close(timeout=10) == b""
+            wait_for(lambda: not srv.server.state.connections, timeout=15)  # the idle one too

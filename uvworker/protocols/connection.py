@@ -259,12 +259,17 @@ class Connection(asyncio.Protocol):
 
     # -- ending -----------------------------------------------------------------------------
     def close(self) -> None:
-        """Close after what is written and batched has gone out."""
+        """Close after what is written and batched has gone out. The transport waits for that
+        without a bound: a client that takes none of it for --timeout-send is dropped."""
         if self.phase != CLOSED:
             self.batch.flush()
             self.phase = CLOSED
             self.deadline = 0.0
-            self.transport.close()
+            transport = self.transport
+            transport.close()
+            unsent = transport.get_write_buffer_size()
+            if unsent:
+                self.loop.call_later(self.config.timeout_send, _drop_if_stalled, transport, unsent, self.config.timeout_send)
 
     def drop(self) -> None:
         """Close now, discarding unsent bytes (a client that does not read them)."""
@@ -296,6 +301,16 @@ class Connection(asyncio.Protocol):
         """Called by the server's sweep with --timeout-request: end each request whose cycle
         started (``start_clock``) before ``cutoff`` and whose response is not complete.
         WebSocket sessions are exempt."""
+
+
+def _drop_if_stalled(transport: asyncio.Transport, unsent: int, delay: float) -> None:
+    """A closing transport still holding ``unsent`` bytes ``delay`` ago: dropped if its client
+    took none of them since, else looked at again after another ``delay``."""
+    left = transport.get_write_buffer_size()
+    if left >= unsent:
+        transport.abort()
+    elif left:
+        asyncio.get_running_loop().call_later(delay, _drop_if_stalled, transport, left, delay)
 
 
 def address(address: Any) -> Any:
