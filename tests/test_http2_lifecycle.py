@@ -5,8 +5,10 @@ SIGTERM with h2 clients, standalone (the supervisor) and in process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +17,7 @@ import httpx
 from hyperframe.frame import PingFrame, SettingsFrame
 
 from tests.conftest import run_server, wait_for
-from tests.h2_client import H2Client, get
+from tests.h2_client import H2Client, H2Response, get
 from tests.test_supervisor_cli import KeepAliveLoad, Served, served  # noqa: F401  (fixture)
 
 
@@ -129,3 +131,86 @@ def test_sigterm_finishes_the_h2_request_in_flight(served: Callable[..., Served]
     thread.join(15)
     assert result and result[0].status_code == 200 and result[0].http_version == "HTTP/2"
     assert server.proc.wait(15) == 0
+
+
+def test_a_connection_never_idle_is_told_goaway_once_the_streams_taken_are_done() -> None:
+    """A connection that always has a stream in flight (a client multiplexing its requests) is
+    told GOAWAY as soon as the streams it had opened when the retirement began are answered:
+    a stream opened after that is not started, and the GOAWAY names the last one taken, so
+    the client sends it elsewhere (httpx retries it on a new connection). Before, such a
+    connection was served on, new streams and all, until it had nothing in flight or the
+    keep-alive timeout after the retirement had passed (30 s here)."""
+    gates = {"/first": threading.Event(), "/later": threading.Event()}
+    started: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started.append(scope["path"])
+        gate = gates.get(scope["path"])
+        while gate is not None and not gate.is_set():
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    with run_server(app, timeout_keep_alive=30) as srv, contextlib.ExitStack() as release:
+        release.callback(lambda: [gate.set() for gate in gates.values()])  # the server can stop
+        client = H2Client(srv.host, srv.port)
+        first = client.request(path="/first")
+        wait_for(lambda: "/first" in started)
+        (conn,) = list(srv.server.state.connections)
+        srv.server.retire()
+        wait_for(lambda: conn.retiring)
+        later = client.request(path="/later")  # sent before the client has heard of it
+        gates["/first"].set()
+        response = client.response(first)
+        assert (response.status, response.body) == (200, b"/first")
+        client.read(lambda: client.goaway is not None, timeout=5)
+        assert (client.goaway.error_code, client.goaway.last_stream_id) == (0, first) and later > first
+        assert client.wait_closed(timeout=10)  # the linger: the server closes after its GOAWAY
+        assert started == ["/first"] and client.responses[later] == H2Response()
+
+
+def test_hup_with_h2_clients_multiplexing_fails_no_request(served: Callable[..., Served]) -> None:
+    """Two tasks sharing one httpx HTTP/2 client (one connection), each sending 1 s requests,
+    half a second apart, so that a stream is always in flight: after SIGHUP the old worker's
+    connection is told GOAWAY once the streams it took are answered, httpx sends the later
+    ones to the new workers, and none fails. Before, a connection never idle was told only at
+    the keep-alive timeout (20 s here), and httpx failed the streams in flight then."""
+    server = served("--workers", "2", "--timeout-keep-alive", "20")
+    old = server.serving_pids(2)
+    failures: list[str] = []
+    answered: list[int] = []
+
+    async def load() -> None:
+        stop = asyncio.Event()
+
+        async def run(client: httpx.AsyncClient) -> None:
+            while not stop.is_set():
+                try:
+                    response = await client.get(server.url + "sleep")
+                    assert response.status_code == 200, response.status_code
+                    answered.append(int(response.text))
+                except Exception as exc:  # noqa: BLE001 - reported by the test
+                    failures.append(repr(exc))
+
+        async def until(condition: Callable[[], bool], timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            while not condition() and not failures:
+                assert time.monotonic() < deadline, "timed out"
+                await asyncio.sleep(0.05)
+
+        async with httpx.AsyncClient(http1=False, http2=True, timeout=30) as client:
+            first = asyncio.create_task(run(client))
+            await asyncio.sleep(0.5)  # the second half a second later: one is always in flight
+            second = asyncio.create_task(run(client))
+            await until(lambda: len(answered) >= 2, 10)
+            server.proc.send_signal(signal.SIGHUP)
+            await until(lambda: "Reload complete" in server.log and server.workers().isdisjoint(old), 10)
+            count = len(answered)
+            await until(lambda: len(answered) >= count + 4, 10)
+            stop.set()
+            await asyncio.gather(first, second)
+
+    asyncio.run(load())
+    assert failures == []
+    assert set(answered) - old  # the new workers answered too
+    assert server.stop() == 0

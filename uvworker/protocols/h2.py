@@ -29,11 +29,13 @@ Rules this module keeps:
   NO_ERROR) after the header timeout while it has served nothing yet (a stalled preface), the
   keep-alive timeout after that; a stream whose app waits for body that stalls gets 408 (or a
   reset once its response began).
-* Retiring: GOAWAY with the last stream id is sent once no stream is in flight (clients such
-  as httpx fail the streams in flight when a GOAWAY arrives) or the keep-alive timeout after the
-  retirement began, whichever comes first; streams up to that id are finished, later ones
-  ignored (the client retries them elsewhere, as GOAWAY tells it it may). Then the connection
-  waits for the client to close it, for at most ``LINGER_TIME``.
+* Retiring: the streams opened so far are the last the connection takes; later ones are
+  ignored (not started). GOAWAY naming the last one taken is sent once those are done (clients
+  such as httpx fail the streams in flight when a GOAWAY arrives) or the keep-alive timeout
+  after the retirement began, whichever comes first; the client retries the ignored streams
+  elsewhere, as GOAWAY tells it it may. So a connection that always has a stream in flight
+  is told as soon as the streams it had then are answered. Then the connection waits for the
+  client to close it, for at most ``LINGER_TIME``.
 """
 
 from __future__ import annotations
@@ -344,7 +346,7 @@ class H2Stream:
 
 
 class H2Connection(Connection):
-    goaway_id: int | None = None  # the last stream id our GOAWAY named
+    goaway_id: int | None = None  # the last stream id taken (retiring) and our GOAWAY names
     retiring = 0.0  # loop time the retirement began
     goaway_at = 0.0  # ... and when GOAWAY goes out even if streams are still in flight
     client_gone = False  # the client sent GOAWAY
@@ -477,7 +479,7 @@ class H2Connection(Connection):
         stream_id = event.stream_id
         self._priority_seen = event.priority_updated
         if self.goaway_id is not None and stream_id > self.goaway_id:
-            return  # after our GOAWAY: ignored; the client retries it elsewhere
+            return  # retiring, or after our GOAWAY: ignored; the client retries it elsewhere
         if self.running >= self.max_streams or stream_id in self._reset_ids:
             if stream_id not in self._reset_ids:  # else the client reset it in this same read
                 self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
@@ -703,12 +705,13 @@ class H2Connection(Connection):
 
     # -- ending ---------------------------------------------------------------------------------
     def shutdown(self, close_idle: bool = False) -> None:
-        """Retire: GOAWAY once nothing is in flight (or after the keep-alive timeout, for a
-        connection that is never idle); streams up to its
-        id finish, the client opens later ones elsewhere."""
+        """Retire: the streams opened so far finish and later ones are ignored; GOAWAY naming
+        the last one taken once they are done (or after the keep-alive timeout, for streams
+        that take longer); the client opens the ignored ones elsewhere."""
         if self.phase != OPEN or self.retiring:
             return
         self.retiring = self.loop.time()
+        self.goaway_id = self.h2.highest_inbound_stream_id
         if not self.streams:
             self._go_away()
         else:
@@ -720,7 +723,8 @@ class H2Connection(Connection):
         if self.phase != OPEN:
             return
         self.phase = GOING_AWAY
-        self.goaway_id = self.h2.highest_inbound_stream_id
+        if self.goaway_id is None:  # (retiring set it: the last stream taken)
+            self.goaway_id = self.h2.highest_inbound_stream_id
         self.flush()
         self.write(GoAwayFrame(0, last_stream_id=self.goaway_id, error_code=0).serialize())
         if not self.streams:
