@@ -360,6 +360,38 @@ def test_list_response_gets_content_length(serve: Any) -> None:
     assert (resp.status, resp.body, resp.get("content-length"), resp.get("x-app")) == (201, b"abc", "3", "yes")
 
 
+def test_response_headers_of_each_request_are_its_own(serve: Any) -> None:
+    """The headers start_response was given last are remembered with their encoding: a
+    response repeating them, changing a value, or reusing the app's own list changed in place
+    (one pair a list, changed in place too) gets its own."""
+    shared: list[Any] = [("X-A", "1")]
+    pair = ["X-L", "v"]
+    responses = iter([
+        [("X-A", "1")], [("X-A", "1")], [("X-A", "2")], [("X-A", "1"), ("Content-Length", "2")],
+        shared, shared, [pair], [pair], [],
+    ])
+
+    def app(environ: Environ, start_response: Any) -> list[bytes]:
+        headers = next(responses)
+        if headers is shared:
+            shared.append(("X-B", str(len(shared))))  # the same list as the last time, longer
+        start_response("200 OK", headers)
+        if headers and headers[0] is pair:
+            pair[1] = "w"  # the next response sends the same pair, changed
+        return [b"body"]
+
+    expected = [
+        ("1", None, None, None, b"body"), ("1", None, None, None, b"body"), ("2", None, None, None, b"body"),
+        ("1", None, None, None, b"bo"), ("1", "1", None, None, b"body"), ("1", "1,2", None, None, b"body"),
+        (None, None, "v", None, b"body"), (None, None, "w", None, b"body"), (None, None, None, None, b"body"),
+    ]
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for want in expected:
+            conn.send(build_request())
+            resp = conn.read_response()
+            assert (resp.get("x-a"), ",".join(resp.get_all("x-b")) or None, resp.get("x-l"), None, resp.body) == want
+
+
 def test_write_callable(serve: Any) -> None:
     def app(environ: Environ, start_response: Any) -> list[bytes]:
         write = start_response("200 OK", [("Content-Type", "text/plain")])

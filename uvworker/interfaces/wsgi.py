@@ -175,7 +175,7 @@ class WorkerPool:
         jobs = self.jobs
         while True:
             try:
-                job = jobs.get(timeout=IDLE_THREAD_TIMEOUT)
+                job = jobs.get(True, IDLE_THREAD_TIMEOUT)  # by position: no keywords to parse
             except queue.Empty:
                 with self.lock:
                     if jobs.empty():
@@ -604,21 +604,31 @@ class Exchange:
         code = _STATUS_CODES.get(status) if type(status) is str else None
         if code is None:
             code = _status_code(status)
-        encoded = []
-        remaining = None
-        cache = _ENCODED_HEADERS
+        adapter = self.adapter
         try:
-            for header in headers:
-                try:
-                    known = cache.get(header)
-                except TypeError:  # an unhashable item (a list): encoded below, or refused
-                    known = None
-                if known is None:
-                    known = _encode_header(*header)
-                pair, length = known
-                if length is not None:
-                    remaining = length
-                encoded.append(pair)
+            held = adapter.sent_headers
+            if headers == held[0]:  # what the app sent last time (a list of the same pairs)
+                encoded = held[1].copy()
+                remaining = held[2]
+            else:
+                encoded = []
+                remaining = None
+                cache = _ENCODED_HEADERS
+                known_all = type(headers) is list
+                for header in headers:
+                    try:
+                        known = cache.get(header)
+                    except TypeError:  # an unhashable item (a list): encoded below, or refused
+                        known = None
+                    if known is None:
+                        known = _encode_header(*header)
+                        known_all = False
+                    pair, length = known
+                    if length is not None:
+                        remaining = length
+                    encoded.append(pair)
+                if known_all:  # every pair a remembered (str, str) tuple: an app cannot change them
+                    adapter.sent_headers = (headers.copy(), encoded.copy(), remaining)
         except UnicodeEncodeError as exc:  # a ValueError: before the clause below
             raise ValueError(f"WSGI response headers must be latin-1 strings: {exc}") from None
         except (AttributeError, TypeError, ValueError):
@@ -1011,6 +1021,9 @@ class WSGIAdapter:
         self.pool = WorkerPool(threads, queue_size)
         self.shed = 0  # requests answered 503 because the queue was full (read by the metrics)
         self.completions: Completions | None = None  # for the running loop, made on first use
+        # The headers start_response was given last (a copy), their encoding and Content-Length:
+        # an app sends the same few again and again (any thread: read and replaced whole).
+        self.sent_headers: tuple[list[tuple[str, str]], list[tuple[bytes, bytes]], int | None] = ([], [], None)
         self.base_environ: Environ = {
             "SERVER_SOFTWARE": f"uvworker/{__version__}",
             "wsgi.version": (1, 0),
@@ -1051,7 +1064,7 @@ class WSGIAdapter:
         completions = self.completions
         if completions is None or completions.loop is not loop:
             completions = self.completions = Completions(loop)
-        exchange = Exchange(self, completions, cycle.scope, cycle=cycle)
+        exchange = Exchange(self, completions, cycle.scope, None, None, cycle)
         task = cycle.task = exchange.future = RequestTask(loop=loop)
         task.exchange = exchange
         self.pool.submit_soon(loop, exchange.run)
