@@ -700,3 +700,30 @@ def test_graceful_shutdown_closes_with_1012(serve: Any) -> None:
         assert rec.disconnect()["code"] == 1012
         srv.thread.join(5)
         assert not srv.thread.is_alive()
+
+
+def test_client_that_stops_reading_is_dropped_and_the_apps_send_returns(serve: Any) -> None:
+    """An app sending to a client that reads nothing (a dead peer, a frozen tab): its send()
+    waits while the socket takes nothing; the keepalive ping gets no pong, the session fails
+    with 1011, the app's send() raises at once (ClientDisconnected), and the connection, whose
+    close frame cannot go out, is dropped at --timeout-send. Before, the send() waited and the
+    connection stayed open for as long as the peer's socket did (TCP's own give-up, minutes),
+    ping timeout or not."""
+    outcome: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        try:
+            while True:
+                await send({"type": "websocket.send", "bytes": b"x" * (1 << 20)})
+        except OSError as exc:  # ClientDisconnected
+            outcome.append(type(exc).__name__)
+
+    settings = {"ws_ping_interval": 0.2, "ws_ping_timeout": 0.3, "timeout_send": 1}
+    with serve(app, **settings) as srv, RawWS(srv) as raw:
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        raw.upgrade()  # and nothing read after the 101
+        wait_for(lambda: outcome, timeout=10)
+        assert outcome == ["ClientDisconnected"]
+        wait_for(lambda: not srv.server.state.connections, timeout=10)

@@ -349,11 +349,11 @@ class WebSocketConnection(Connection):
             if data:
                 self.batch.add(data)
         if eof and self.phase != CLOSED:  # the connection is over, whoever ended it: tell the app now
-            self.batch.flush()
             self._cancel_timers()
-            self.transport.close()
+            Connection.close(self)  # bounded: a client that takes nothing is dropped (--timeout-send)
             self._set_disconnected()
             self._wake()
+            self._release_writers()  # a send() waiting for a client that stopped reading returns
 
     # -- flow control -------------------------------------------------------------------------
     def _pause_reading(self) -> None:
@@ -399,9 +399,8 @@ class WebSocketConnection(Connection):
             self._refuse(500, "Internal Server Error")
         elif self.phase == OPEN and not self._app_closed:
             if quietly:
-                self.phase = CLOSED
                 self._cancel_timers()
-                self.transport.close()
+                Connection.close(self)
             else:
                 self._close(1011, "")
 
@@ -553,7 +552,7 @@ class WebSocketConnection(Connection):
         if self.task is not None:
             cancel_app(self.task)
         self._cancel_timers()
-        if self.phase == OPEN:
+        if self.phase != HANDSHAKE:  # open, or closed with its last frames still going out
             self.drop()
         self.phase = CLOSED
 
