@@ -77,11 +77,12 @@ def verdict(
 ) -> Verdict | None:
     """Feed ``data`` cut at the offsets ``cuts``; ``lazy`` sometimes delays ``next_cycle`` until
     after the next read (the connection stops reading then, but a read may already be in).
-    ``warm``: a read the adapter takes first, as a connection's previous request (not in the
-    verdict); None if it is not one whole request."""
+    ``warm``: a read the adapter takes first, twice, as a connection's previous requests (not
+    in the verdict; twice: an adapter keeps the fields it read from its second head on); None
+    if it is not one whole request."""
     result = Verdict()
     adapter = make_parser(parser, _Sink(result), limits)
-    if warm:
+    for _ in range(2 if warm else 0):
         try:
             adapter.feed(warm)
         except HTTPError:

@@ -1,7 +1,8 @@
-"""A connection keeps what it made of the last request head's fields (check_head's verdict) and
-of the last response's fields (their encoded lines): a client sends the same fields request
-after request, an app the same headers response after response. Kept values are used only
-for fields equal to those they were made from, whatever the app did to the lists since.
+"""A connection keeps what it made of the last request head's fields (check_head's verdict,
+from its second head on), and the process what it made of the last response's fields (their
+encoded lines): a client sends the same fields request after request, an app the same headers
+response after response. Kept values are used only for fields equal to those they were made
+from, whatever the app did to the lists since.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ def test_scope_headers_changed_by_the_app_are_checked_again(serve: Any) -> None:
         await send({"type": "http.response.body", "body": b"ok"})
 
     with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
-        conn.send(build_request())
-        assert conn.read_response().status == 200
+        for _ in range(2):  # a connection keeps the verdict from its second head on
+            conn.send(build_request())
+            assert conn.read_response().status == 200
         conn.send(build_request(headers=[("host", "testserver"), ("host", "other")]))
         resp = conn.read_response()
         assert resp.status == 400 and b"Duplicate Host" in resp.body

@@ -70,8 +70,11 @@ NO_BODY_STATUSES = frozenset({204, 304})
 LARGE_BODY = 64 * 1024  # body pieces this big are written by reference, not copied next to framing
 MAX_DISCARD = 4 * 1024 * 1024  # unread request body dropped to keep a connection, at most
 NEXT, CLOSE, DISCARD = range(3)  # what finish() says the connection does next
-NOT_CHECKED = (True, False, None, False)  # H1Core._checked before any head
-NO_LINES = (b"", None, False, False)  # H1Core._sent before any response
+# H1Core._checked before any head, and after the first (nothing kept: see on_head).
+NO_HEAD: tuple[str, Headers, Any] = ("", [], None)
+FIRST_HEAD: tuple[str, Headers, Any] = ("", [], None)
+# The verdicts check_head gives heads without an upgrade, one tuple each, for kept verdicts to share.
+VERDICTS = {(k, e, None, p): (k, e, None, p) for k in (True, False) for e in (True, False) for p in (True, False)}
 
 
 class Handler(Protocol):
@@ -145,14 +148,13 @@ class H1Core:
         self._proxy_buffer: bytes | None = b"" if options.proxy_protocol else None
         self.feed = self.parser.feed if self._proxy_buffer is None else self._feed_after_proxy_header
         self._trust_proxy_headers = options.proxy_headers and self._trusted(client)
-        self._scope_base = scope_base(server, client, scheme, options.root_path)
+        # What the scopes of the connection's requests share (see on_head: kept from the second).
+        self._scope_base: dict[str, Any] | None = None
         # The version and fields of the last head whose checks passed (a copy: the app may
         # change its scope's list), and what check_head said of it: a client sends the same
         # fields again and again on one connection, and a comparison costs a tenth of the
         # checks. (One attribute: a core has 30 at most, see RequestCycle.__init__.)
-        self._checked: tuple[str, Headers, tuple[bool, bool, bytes | None, bool]] = ("", [], NOT_CHECKED)
-        # The same for the last response's fields and what _header_lines made of them.
-        self._sent: tuple[list[Any] | None, tuple[bytes, int | None, bool, bool]] = (None, NO_LINES)
+        self._checked: tuple[str, Headers, tuple[bool, bool, bytes | None, bool]] = NO_HEAD
 
     # -- bytes in -----------------------------------------------------------------------------
     feed: Any  # (data: bytes) -> None; raises HTTPError for input that is refused
@@ -203,16 +205,27 @@ class H1Core:
         if http_version != "1.1" and http_version != "1.0":
             http_version = check_version(http_version)
         checked = self._checked
+        options = self.options
         if http_version == checked[0] and headers == checked[1]:
             keep_alive, expect, upgrade, proxied = checked[2]
+            scope = self._scope_base.copy()  # type: ignore[union-attr]  # kept with the verdict
         else:  # check_head is a function of these two alone
             verdict = check_head(http_version, headers)
-            self._checked = http_version, headers.copy(), verdict
             keep_alive, expect, upgrade, proxied = verdict
-        options = self.options
-        scope = fill_scope(
-            self._scope_base, method, target, http_version, headers, options.root_path, options.lifespan_state,
-        )
+            if checked is NO_HEAD:
+                # The connection's first head: a connection may serve just one request (and
+                # then idle or close), so it keeps nothing of it, and the scope is a base of
+                # its own. From the second on, it keeps the verdict and a scope base (464
+                # bytes) to copy for each request.
+                self._checked = FIRST_HEAD
+                scope = scope_base(self.server, self.client, self.scheme, options.root_path)
+            else:
+                self._checked = http_version, headers.copy(), VERDICTS.get(verdict, verdict)
+                base = self._scope_base
+                if base is None:
+                    base = self._scope_base = scope_base(self.server, self.client, self.scheme, options.root_path)
+                scope = base.copy()
+        fill_scope(scope, method, target, http_version, headers, options.root_path, options.lifespan_state)
         if proxied and self._trust_proxy_headers:
             from uvworker.proxy import apply_proxy_headers
 
@@ -260,7 +273,7 @@ class H1Core:
 
     def start(self, status: int, headers: Any) -> None:
         """Check and encode the response head; it goes out with the first body piece."""
-        sent = self._sent
+        sent = _last_response
         if headers == sent[0]:  # the same fields as the last response (often the same list)
             lines, length, close, override_defaults = sent[1]
         else:
@@ -295,9 +308,11 @@ class H1Core:
 
     def _header_lines(self, headers: Any) -> tuple[bytes, int | None, bool, bool]:
         """The app's response fields, checked: (their lines, the Content-Length or None, whether
-        Connection says close, whether one replaces a default). Kept for the next response on
-        this connection (``start``) when every pair is a hashable tuple, which no app can
-        change once sent, in a list, which is copied."""
+        Connection says close, whether one replaces a default). Kept for the next response
+        (``start``) when every pair is a hashable tuple, which no app can change once sent, in
+        a list, which is copied: kept per process, not per connection, as an app sends the
+        same headers to every client (a connection keeps no bytes for it, and a connection's
+        first response finds them too)."""
         lines = HEADER_LINES
         parts = []
         length = None
@@ -329,7 +344,8 @@ class H1Core:
             parts.append(line)
         result = b"".join(parts), length, close, override_defaults
         if cacheable:
-            self._sent = headers.copy(), result
+            global _last_response
+            _last_response = headers.copy(), result
         return result
 
     def body(self, body: bytes, more: bool) -> bytes | tuple[bytes, ...]:
@@ -480,6 +496,10 @@ class H1Core:
             self.extensions, self.extensions_10 = {**self.extensions, **extension}, {**self.extensions_10, **extension}
             self.client = info.client
             self.server = info.server or self.server
-            self._scope_base = scope_base(self.server, self.client, self.scheme, self.options.root_path)
             self._trust_proxy_headers = self.options.proxy_headers and self._trusted(self.client)
         return buffer[info.consumed :]
+
+
+# The fields of the last response whose pairs were all tuples, in a list (a copy), and what
+# H1Core._header_lines made of them.
+_last_response: tuple[list[Any] | None, tuple[bytes, int | None, bool, bool]] = (None, (b"", None, False, False))

@@ -113,7 +113,8 @@ Repeats: a read that is one whole bodiless head whose field block (all after the
 is byte for byte the one the parser read last on this connection, as a client sends it request
 after request, is not given to the parser again: its fields are those the parser read then,
 its request line is read by ``check_request_line`` (HeadReader's reading). Any doubt (another
-request line form, a refusal, a limit within reach) leaves the read to the parser.
+request line form, a refusal, a limit within reach) leaves the read to the parser. The block is
+kept from a connection's second such head on: one that serves a single request keeps nothing.
 
 Pipelining: once a request is complete, further input is *held* (``held``) until the
 connection calls :meth:`next_cycle` after its response; ``holding_input`` tells it to stop
@@ -386,6 +387,7 @@ def body_framing(headers: Headers) -> tuple[int, bool]:
 
 # -- what both adapters share ---------------------------------------------------------------------
 _IDLE, _HEAD, _LENGTH, _CHUNKED, _PARSER_BODY, _DONE = range(6)
+_NO_FIELDS: Headers = []  # never changed
 
 
 class _Adapter:
@@ -407,8 +409,9 @@ class _Adapter:
         self._chunks: ChunkedBody | None = None
         # The field block (the head after its request line) of the last read that was one
         # whole bodiless head, as the parser took it, and the fields it read from it (kept).
-        self._fields = b""  # none yet
-        self._fields_read: Headers = []
+        # None before the first such read, b"" after it: kept from the second (_keep_fields).
+        self._fields: bytes | None = None
+        self._fields_read: Headers = _NO_FIELDS
 
     def feed(self, data: bytes) -> None:
         if self._state == _IDLE:
@@ -449,12 +452,20 @@ class _Adapter:
         self._end(b"")
         return True
 
-    def _keep_fields(self, data: bytes, headers: Headers) -> None:
-        """The parser read ``data``, one whole bodiless head, into ``headers`` (a list no one
-        else has): see _repeat."""
-        if len(data) <= self.limits.fast:
-            self._fields = data[data.find(b"\r\n") + 2 :]
-            self._fields_read = headers
+    def _keep_fields(self, data: bytes, headers: Headers, copy: bool = False) -> bool:
+        """The parser read ``data``, one whole bodiless head, into ``headers`` (the sink's
+        list, with ``copy``; else one no one else has): see _repeat. Not on a connection's
+        first such head: a connection may serve just one request, and then it keeps nothing
+        of it while it idles (the field block and the fields, ~500 bytes). Returns whether
+        it kept them."""
+        if self._fields is None:
+            self._fields = b""
+            return False
+        if len(data) > self.limits.fast:
+            return False
+        self._fields = data[data.find(b"\r\n") + 2 :]
+        self._fields_read = headers.copy() if copy else headers
+        return True
 
     @property
     def trailing_data(self) -> bytes:
@@ -583,7 +594,7 @@ class HttptoolsAdapter(_Adapter):
         self._max_fields = limits.fields
         self._short = limits.fast
         self._tiny = limits.tiny
-        self._request_headers: Headers = []
+        self._request_headers: Headers = _NO_FIELDS
 
     def detach(self) -> None:
         super().detach()
@@ -616,7 +627,8 @@ class HttptoolsAdapter(_Adapter):
                 # request (and method letters until a SP), would have failed on "x\r\n\r\n".
                 self._buf = b""
                 self.held = True
-                self._keep_fields(data, self._request_headers)
+                if not self._keep_fields(data, self._request_headers):
+                    self._request_headers = _NO_FIELDS  # not kept: let go of them while idle
                 self.sink.on_end()
         elif state == _PARSER_BODY:  # the body goes on in later reads
             length, chunked = body_framing(self._request_headers)
@@ -828,7 +840,7 @@ class H11Adapter(_Adapter):
                         break  # the body is framed by our reading of the head, below
                 else:
                     if end == len(data):
-                        self._keep_fields(data, headers.copy())  # the sink's list may change
+                        self._keep_fields(data, headers, copy=True)  # the sink's list may change
                     self.sink.on_head(method, target, version, headers)
                     self._end(data[end:])  # no body
                     return
