@@ -115,6 +115,15 @@ class H1Options:
 
 
 class H1Core:
+    # Slots: one block per connection (a compact values array is a second, 50 bytes more),
+    # and no limit of 30 names as for the keys instances share (see RequestCycle.__init__).
+    __slots__ = (
+        "options", "handler", "defaults", "client", "server", "scheme", "keep_alive", "keep_alive_allowed", "head",
+        "chunked", "remaining", "no_body", "http10", "head_method", "expect_continue", "body_complete", "discarding",
+        "discarded", "after", "last_request", "extensions", "extensions_10", "parser", "_proxy_buffer", "feed",
+        "_trust_proxy_headers", "_scope_base", "_checked", "__weakref__",  # (tests check that cores are freed)
+    )
+
     def __init__(
         self, options: H1Options, handler: Handler, defaults: HeadDefaults,
         client: tuple[str, int | None] | None, server: tuple[str, int | None] | None, scheme: str,
@@ -127,8 +136,7 @@ class H1Core:
         self.scheme = scheme
         self.keep_alive = True
         self.keep_alive_allowed = options.keep_alive
-        # The per-response state, all of it set here (see RequestCycle.__init__: a name first
-        # set later, once a burst of connections exists, makes a core's dict a real one).
+        # The per-response state, all of it set here (a slot never set raises AttributeError).
         self.head = b""  # the response head, until the first body piece takes it
         self.chunked = False
         self.remaining: int | None = None  # Content-Length bytes still to come
@@ -153,7 +161,7 @@ class H1Core:
         # The version and fields of the last head whose checks passed (a copy: the app may
         # change its scope's list), and what check_head said of it: a client sends the same
         # fields again and again on one connection, and a comparison costs a tenth of the
-        # checks. (One attribute: a core has 30 at most, see RequestCycle.__init__.)
+        # checks.
         self._checked: tuple[str, Headers, tuple[bool, bool, bytes | None, bool]] = NO_HEAD
 
     # -- bytes in -----------------------------------------------------------------------------

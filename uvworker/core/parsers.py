@@ -394,6 +394,12 @@ class _Adapter:
     """Held input, body framing and our own head reading; a subclass's ``_fast`` tries its
     parser on a read that starts a request."""
 
+    # One per connection: slots, one block (a compact values array is a second: 50 bytes more).
+    __slots__ = (
+        "sink", "limits", "held", "holding_input", "_state", "_buf", "_reader", "_remaining", "_chunks", "_fields",
+        "_fields_read", "__weakref__",  # (tests check that adapters are freed)
+    )
+
     def __init__(self, sink: Sink, limits: Limits) -> None:
         self.sink = sink
         self.limits = limits
@@ -579,6 +585,9 @@ class HttptoolsAdapter(_Adapter):
     the request complete before its body.
     """
 
+    __slots__ = (
+        "parser", "_url", "_headers", "_data", "_body", "_after", "_max_fields", "_short", "_tiny", "_request_headers",
+    )
     _httptools: Any = None  # the module (an optional dependency), imported by the first adapter
 
     def __init__(self, sink: Sink, limits: Limits) -> None:
@@ -808,6 +817,8 @@ except (ImportError, KeyError, AttributeError):  # a later h11 moved its interna
 
 class H11Adapter(_Adapter):
     """h11 parses a head that starts a read; the body is framed here."""
+
+    __slots__ = ()
 
     def __init__(self, sink: Sink, limits: Limits) -> None:
         super().__init__(sink, limits.for_h11())
