@@ -441,9 +441,10 @@ class _Adapter:
         """A read that is one whole head whose field block is the one the parser last read,
         bodiless (what a client sends request after request): delivered without the parser,
         the fields as it read them and the request line read as HeadReader reads it. Returns
-        False, having done nothing, for anything else (the parser reads it, as always)."""
-        fields = self._fields
-        if not fields or not data.endswith(fields) or len(data) > self.limits.fast:
+        False, having done nothing, for anything else (the parser reads it, as always). The
+        caller tests ``_fields`` first: before a block is kept, no call."""
+        fields: bytes = self._fields  # type: ignore[assignment]
+        if not data.endswith(fields) or len(data) > self.limits.fast:
             return False
         line = len(data) - len(fields) - 2  # where the request line's CRLF must be, the first
         if data.find(b"\r\n") != line:
@@ -458,19 +459,16 @@ class _Adapter:
         self._end(b"")
         return True
 
-    def _keep_fields(self, data: bytes, headers: Headers, copy: bool = False) -> bool:
-        """The parser read ``data``, one whole bodiless head, into ``headers`` (the sink's
-        list, with ``copy``; else one no one else has): see _repeat. Not on a connection's
-        first such head: a connection may serve just one request, and then it keeps nothing
-        of it while it idles (the field block and the fields, ~500 bytes). Returns whether
-        it kept them."""
-        if self._fields is None:
-            self._fields = b""
-            return False
+    def _keep_fields(self, data: bytes, headers: Headers) -> bool:
+        """The parser read ``data``, one whole bodiless head, into ``headers`` (a list no one
+        else has): see _repeat. Returns whether it kept them. Not called for a connection's
+        first such head (``_fields`` None; the caller makes it b""): a connection may serve
+        just one request, and then it keeps nothing of it while it idles (the field block
+        and the fields: ~500 bytes)."""
         if len(data) > self.limits.fast:
             return False
         self._fields = data[data.find(b"\r\n") + 2 :]
-        self._fields_read = headers.copy() if copy else headers
+        self._fields_read = headers
         return True
 
     @property
@@ -619,7 +617,7 @@ class HttptoolsAdapter(_Adapter):
         if self._state != _IDLE:
             self._drive(data)
             return
-        if self._repeat(data):
+        if self._fields and self._repeat(data):
             return
         self._data = data  # the hot path: a read that starts a request, given to llhttp whole
         try:
@@ -636,7 +634,10 @@ class HttptoolsAdapter(_Adapter):
                 # request (and method letters until a SP), would have failed on "x\r\n\r\n".
                 self._buf = b""
                 self.held = True
-                if not self._keep_fields(data, self._request_headers):
+                if self._fields is None:  # the first: nothing kept (see _keep_fields), nor held
+                    self._fields = b""
+                    self._request_headers = _NO_FIELDS
+                elif not self._keep_fields(data, self._request_headers):
                     self._request_headers = _NO_FIELDS  # not kept: let go of them while idle
                 self.sink.on_end()
         elif state == _PARSER_BODY:  # the body goes on in later reads
@@ -824,7 +825,7 @@ class H11Adapter(_Adapter):
         super().__init__(sink, limits.for_h11())
 
     def _fast(self, data: bytes) -> None:
-        if self._repeat(data):
+        if self._fields and self._repeat(data):
             return
         try:
             request = _h11_request(data)
@@ -851,7 +852,10 @@ class H11Adapter(_Adapter):
                         break  # the body is framed by our reading of the head, below
                 else:
                     if end == len(data):
-                        self._keep_fields(data, headers, copy=True)  # the sink's list may change
+                        if self._fields is None:  # the first: nothing kept (see _keep_fields)
+                            self._fields = b""
+                        else:
+                            self._keep_fields(data, headers.copy())  # the sink's list may change
                     self.sink.on_head(method, target, version, headers)
                     self._end(data[end:])  # no body
                     return
