@@ -310,7 +310,8 @@ SETTINGS: tuple[Setting, ...] = (
        "--timeout-request-body by a second, so slow but steady uploads survive; 0 disables.",
        metavar="RATE"),
     _S("timeout_send", 60.0, help="Close a connection whose client has taken none of the response "
-       "for this long while the server waits to send more.", **_SECONDS),
+       "for this long while the server waits to send more, or to finish sending before it "
+       "closes.", **_SECONDS),
     _S("timeout_request", None, number, "End a request whose response is not complete this long "
        "after its head arrived: 504 if nothing was sent yet, else the connection is closed; the "
        "ASGI task is cancelled, a WSGI thread is left to finish (a worker with more such threads "
