@@ -165,6 +165,27 @@ def test_environ_of_each_request_on_a_keep_alive_connection_is_its_own(serve: An
             assert tuple(shown.values()) == expected
 
 
+def test_trusted_proxy_headers_per_request_on_a_keep_alive_connection(serve: Any) -> None:
+    """A connection keeps the environ part its requests share (client, scheme) while they stay
+    the same, compared by value: each request through the proxy gets its own client and scheme."""
+    sent = [
+        ([("X-Forwarded-For", "203.0.113.7")], ("203.0.113.7", "http")),
+        ([("X-Forwarded-For", "203.0.113.7")], ("203.0.113.7", "http")),
+        ([("X-Forwarded-For", "198.51.100.1")], ("198.51.100.1", "http")),
+        ([("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-Proto", "https")], ("198.51.100.1", "https")),
+        ([], ("127.0.0.1", "http")),
+        ([("X-Forwarded-For", "203.0.113.7")], ("203.0.113.7", "http")),
+        ([], ("127.0.0.1", "http")),
+    ]
+    with serve(environ_app) as srv, Conn.open(srv.host, srv.port) as conn:  # 127.0.0.1 is trusted by default
+        for headers, expected in sent * 2:
+            conn.send(build_request("GET", headers=headers))
+            resp = conn.read_response()
+            assert resp.status == 200
+            env = json.loads(resp.body)
+            assert (env["REMOTE_ADDR"], env["wsgi.url_scheme"]) == expected
+
+
 # -- wsgi.input ----------------------------------------------------------------------------------
 
 

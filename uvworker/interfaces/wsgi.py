@@ -369,24 +369,23 @@ def build_environ(scope: dict[str, Any], base: Environ,
     # A copy of the shared part (a dict's copy clones its table) and a store per key: cheaper
     # than one dict display over it, which grows its table as it goes (hot path).
     environ = shared[0].copy()
-    set_request_line(environ, scope)
-    return environ, _set_head(environ, scope, shared[1])
-
-
-def set_request_line(environ: Environ, scope: dict[str, Any]) -> None:
-    """The environ's keys from the request line, the ones a head's memo does not fix."""
-    environ["REQUEST_METHOD"] = scope["method"]
     raw_path: bytes | None = scope.get("raw_path")
     if raw_path is None:
         raw_path = scope["path"].encode("utf-8")
-    root_path: str = scope.get("root_path", "")
+    set_request_line(environ, scope["method"], raw_path, scope.get("root_path", ""), scope["query_string"])
+    return environ, _set_head(environ, scope, shared[1])
+
+
+def set_request_line(environ: Environ, method: str, raw_path: bytes, root_path: str, query: bytes) -> None:
+    """The environ's keys from the request line, the ones a head's memo does not fix."""
+    environ["REQUEST_METHOD"] = method
     if root_path:
         prefix = root_path.encode("utf-8")
         if raw_path.startswith(prefix):
             raw_path = raw_path[len(prefix) :]
     # PEP 3333: PATH_INFO holds the decoded bytes of the path, one character per byte.
     environ["PATH_INFO"] = (unquote_to_bytes(raw_path) if PERCENT in raw_path else raw_path).decode("latin-1")
-    environ["QUERY_STRING"] = scope["query_string"].decode("latin-1")
+    environ["QUERY_STRING"] = query.decode("latin-1")
 
 
 def _set_head(environ: Environ, scope: dict[str, Any], named: bool) -> bool:
@@ -561,7 +560,7 @@ class Exchange:
     def _environ(self) -> Environ:
         """The request's environ. Direct (HTTP/1.1), from its connection's memo: the part its
         requests share, kept while the scope's client, server, scheme and root path stay the
-        ones it was made for (a trusted proxy's headers change them per request), and the
+        ones it was made for, by value (a trusted proxy's headers set them per request), and the
         keys of the last head, while the HTTP version and the header fields are the same
         (what a client sends request after request): a copy of that and the request line."""
         scope = self.scope
@@ -571,13 +570,14 @@ class Exchange:
             environ["wsgi.input"] = _NO_BODY if no_body else InputStream(self, False)
             return environ
         stream = cycle.stream
-        client, server, scheme, root_path = scope.get("client"), scope.get("server"), scope.get("scheme"), scope.get("root_path")
+        # An HTTP/1.1 scope has every key (the connection's scope_base): subscripts (hot path).
+        client, server, scheme, root_path = scope["client"], scope["server"], scope["scheme"], scope["root_path"]
         version, headers = scope["http_version"], scope["headers"]
         held = stream.wsgi_environ
-        if held is not None and held[0] is client and held[1] is server and held[2] == scheme and held[3] == root_path:
+        if held is not None and held[0] == client and held[1] == server and held[2] == scheme and held[3] == root_path:
             if held[6] == headers and held[5] == version:
                 environ = held[7].copy()
-                set_request_line(environ, scope)
+                set_request_line(environ, scope["method"], scope["raw_path"], root_path, scope["query_string"])
                 if not held[8]:
                     environ["wsgi.input"] = InputStream(self, False)
                 return environ
