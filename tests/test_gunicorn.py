@@ -356,6 +356,12 @@ def test_environment_fills_in_what_gunicorn_leaves_at_its_default() -> None:
     assert settings_from_gunicorn(cfg, environ)["timeout_keep_alive"] == 4.0  # set: Gunicorn wins
 
 
+def test_standalone_only_settings_are_left_out() -> None:
+    # Nothing under Gunicorn serves --metrics-bind: it must not turn the counting on either.
+    settings = settings_from_gunicorn(GunicornConfig(), {"UVWORKER_METRICS_BIND": "127.0.0.1:9"})
+    assert "metrics_bind" not in settings
+
+
 def test_invalid_environment_variable_is_named() -> None:
     with pytest.raises(ConfigError, match="UVWORKER_LIFESPAN"):
         settings_from_gunicorn(GunicornConfig(), {"UVWORKER_LIFESPAN": "sometimes"})
@@ -697,6 +703,19 @@ def test_uvworker_options_from_raw_env(tmp_path: Path) -> None:
         assert server.info()["root_path"] == "/api"
     with run_gunicorn(tmp_path, args=("--env", "UVWORKER_ROOT_PATH=/v2")) as server:
         assert server.info()["root_path"] == "/v2"
+
+
+def test_metrics_bind_in_the_environment_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    with run_gunicorn(tmp_path, env={"UVWORKER_METRICS_BIND": f"127.0.0.1:{port}"}) as server:
+        assert server.get().status_code == 200
+        assert ("uvworker: UVWORKER_METRICS_BIND is ignored: the metrics listener is the standalone "
+                "server's (uvworker --metrics-bind); under Gunicorn use its statsd_host.") in server.log
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
 def test_invalid_uvworker_setting_stops_gunicorn_with_one_line(tmp_path: Path) -> None:

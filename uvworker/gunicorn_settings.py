@@ -20,7 +20,7 @@ from typing import Any
 from uvworker.errors import ConfigError
 from uvworker.settings import BY_NAME, SETTINGS, from_environ
 
-__all__ = ["settings_from_gunicorn"]
+__all__ = ["STANDALONE_ONLY", "settings_from_gunicorn", "standalone_only_set"]
 
 # Gunicorn values whose meaning differs from the uvworker setting they map to.
 _ADAPT: dict[str, Callable[[Any], Any]] = {
@@ -72,8 +72,23 @@ UNSUPPORTED: dict[str, str] = {
                                     "cancelled for it",
     "http2_cleartext": "cleartext HTTP/2 is by prior knowledge only, when HTTP/2 is on (no Upgrade: h2c)",
 }
+# uvworker settings of the standalone server that nothing under Gunicorn serves: the worker
+# warns (Worker.check_config) and leaves them out, rather than pay for them in silence.
+STANDALONE_ONLY: dict[str, str] = {
+    "metrics_bind": "the metrics listener is the standalone server's (uvworker --metrics-bind); "
+                    "under Gunicorn use its statsd_host",
+}
 # Values other than the default that are honoured all the same.
 _ACCEPTED: dict[str, tuple[Any, ...]] = {"http2_cleartext": ("prior-knowledge",)}
+
+
+def standalone_only_set(environ: Mapping[str, str]) -> list[str]:
+    """One warning for each STANDALONE_ONLY setting ``environ`` sets (Gunicorn leaves it out)."""
+    return [
+        f"{BY_NAME[name].env} is ignored: {reason}."
+        for name, reason in STANDALONE_ONLY.items()
+        if environ.get(BY_NAME[name].env, "").strip()
+    ]
 
 
 def refused(cfg: Any) -> str | None:
@@ -102,6 +117,8 @@ def settings_from_gunicorn(cfg: Any, environ: Mapping[str, str]) -> dict[str, An
     except ValueError as err:
         raise ConfigError(str(err)) from None
     chosen.pop("app", None)  # the application is Gunicorn's to name
+    for name in STANDALONE_ONLY:
+        chosen.pop(name, None)
     # Gunicorn bounds a head by its three limits only: no 128 KiB bound of our own.
     chosen.setdefault("limit_request_head", 0)
     for setting in SETTINGS:

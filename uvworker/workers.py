@@ -90,7 +90,7 @@ from uvworker.config import Config, offer_alpn
 from uvworker.errors import ConfigError
 from uvworker.gunicorn_hooks import access_log, front, hook_set, needs_app_environ, request_hooks, route_error_log
 from uvworker.gunicorn_objects import GunicornRequest, gunicorn_request
-from uvworker.gunicorn_settings import settings_from_gunicorn
+from uvworker.gunicorn_settings import settings_from_gunicorn, standalone_only_set
 from uvworker.inflight import HEARTBEAT_INTERVAL, Watchdog, hung_report, watchdog_delay
 from uvworker.interfaces.wsgi import WSGIAdapter
 from uvworker.protocols.http import HTTPConnection
@@ -126,6 +126,8 @@ class Worker(GunicornWorker):
         except (ConfigError, ValueError, TypeError) as err:
             raise RuntimeError(f"uvworker: {err}") from None
         warm_imports(config)  # in the arbiter, before workers fork and switch user
+        for line in standalone_only_set(os.environ):
+            log.warning("uvworker: %s", line)
         if 0 < cfg.timeout < 2:
             log.warning("uvworker heartbeats once a second: a timeout under 2 s may replace healthy workers.")
 
