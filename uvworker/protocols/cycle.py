@@ -100,12 +100,21 @@ class Stream(Protocol):
 class RequestCycle:
     """The ASGI side of one request."""
 
-    # Every attribute is set here, none is a class default: CPython 3.11 fixes the attribute
-    # names an instance can keep in its compact values (shared with the other instances) after
-    # the first 30 instances are made. Cycles come in bursts (all the requests of one wake-up
-    # before any app runs), so a name first set later, by send(), made every cycle's dict a
-    # real one, and every attribute access after it slower (row hello-64: 64 cycles, then the
-    # apps). A class default read through an instance is the generic lookup too.
+    # Slots: a cycle per request, so no dict (compact values) to make and free, and every
+    # attribute at a fixed offset; each is set in __init__. The classes that keep a dict (the
+    # connections) set every attribute in __init__ too, none as a class default:
+    # CPython 3.11 fixes the attribute names an instance can keep in its compact values
+    # (shared with the other instances) after the first 30 instances are made. Objects come in
+    # bursts (all the requests of one wake-up before any app runs), so a name first set later
+    # makes every instance's dict a real one, and every attribute access after it slower. A
+    # class default read through an instance is the generic lookup too.
+    __slots__ = (
+        "stream", "scope", "expect_continue", "start_clock", "chunks", "buffered", "more_body", "final_delivered",
+        "disconnected", "waiter", "response_started", "response_complete", "status", "response_headers",
+        "bytes_sent", "streaming", "trailers_pending", "trailer_fields", "task", "finished",
+        "__weakref__",  # as any object's: tests (tests/freed.py) and tools watch cycles go
+    )
+
     def __init__(self, stream: Stream, scope: dict[str, Any], expect_continue: bool = False) -> None:
         self.stream = stream
         self.scope = scope
