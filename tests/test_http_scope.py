@@ -169,3 +169,34 @@ def test_scope_is_fresh_per_request(serve: Any) -> None:
     assert (first["path"], second["path"]) == ("/1", "/2")
     assert (b"x-n", b"1") in first["headers"] and (b"x-n", b"1") not in second["headers"]
     assert first["client"] == second["client"]
+
+
+@pytest.mark.parametrize("root_path", ["", "/api"])
+def test_repeated_targets_read_alike(serve: Any, root_path: str) -> None:
+    """Targets read once are kept (core.request.read_target): each later request with the same
+    target, on this connection or another, gets the same path, raw_path and query_string as
+    the first, root_path applied once; a fragment is dropped; absolute-form targets are read
+    every time (their authority becomes Host)."""
+    targets = [
+        ("/caf%C3%A9?q=%20", "/café", b"/caf%C3%A9", b"q=%20"),
+        ("/a/b?x=1", "/a/b", b"/a/b", b"x=1"),
+        ("/f#frag", "/f", b"/f", b""),
+        ("http://example.com/a/b?x=1", "/a/b", b"/a/b", b"x=1"),
+    ]
+    app = ScopeApp()
+    with serve(app, root_path=root_path) as srv:
+        for _ in range(2):
+            with Conn.open(srv.host, srv.port) as conn:
+                for _ in range(2):
+                    for target, *_ in targets:
+                        conn.send(build_request("GET", target))
+                        assert conn.read_response().status == 200
+    assert len(app.scopes) == 4 * len(targets)
+    for n, scope in enumerate(app.scopes):
+        _, path, raw_path, query = targets[n % len(targets)]
+        assert (scope["path"], scope["raw_path"], scope["query_string"]) == (
+            root_path + path, root_path.encode() + raw_path, query,
+        )
+        assert scope["root_path"] == root_path
+        host = dict(scope["headers"])[b"host"]
+        assert host == (b"example.com" if n % len(targets) == 3 else b"testserver")
