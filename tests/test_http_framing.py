@@ -269,3 +269,27 @@ def test_large_body_pieces_arrive_whole_and_in_order(serve: Any, headers: Any, p
     with serve(parts_app(headers=headers, parts=parts)) as srv, Conn.open(srv.host, srv.port) as conn:
         conn.send(b"GET / HTTP/1.0\r\n\r\n")
         assert conn.read_until_close(10).split(b"\r\n\r\n", 1)[1] == b"".join(parts)
+
+
+def test_whole_body_in_one_piece_of_its_content_length(serve: Any) -> None:
+    """The common response: the app's Content-Length and the whole body in one message, of any
+    bytes-like type and size, GET or HEAD, with the request's body read or not: each one whole,
+    the connection kept (a request body left unread is read and dropped first)."""
+    bodies: list[Any] = [b"hello", bytearray(b"hello"), memoryview(b"hello"), b"x" * (128 * 1024), b""]
+    pending = iter(bodies * 2 + [b"hello"])  # the last for HEAD
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = next(pending)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for method, request_body in (("GET", b""), ("POST", b"unread body")):
+            for body in bodies:
+                conn.send(build_request(method, body=request_body))
+                resp = conn.read_response(timeout=10)
+                assert resp.status == 200 and resp.body == bytes(body)
+                assert resp.get("connection") is None and resp.get("transfer-encoding") is None
+        conn.send(build_request("HEAD"))
+        assert conn.read_response("HEAD").body == b""
+        conn.assert_open()

@@ -361,6 +361,11 @@ class H1Core:
         size = len(body)
         head = self.head
         remaining = self.remaining
+        if not more:
+            self.after = NEXT if self.keep_alive and self.body_complete else CLOSE if not self.keep_alive else DISCARD
+            if size == remaining and head and not self.no_body and size < LARGE_BODY:
+                self.head, self.remaining = b"", 0  # the whole body, as start() framed it
+                return head + body
         if head:
             if remaining is None:
                 prefix, suffix = self._frame_head(size, more)
@@ -374,8 +379,6 @@ class H1Core:
                 suffix += b"0\r\n\r\n"
         else:
             prefix = suffix = b""
-        if not more:
-            self.after = NEXT if self.keep_alive and self.body_complete else CLOSE if not self.keep_alive else DISCARD
         if self.no_body:
             return prefix
         if remaining is not None:
