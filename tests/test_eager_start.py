@@ -176,6 +176,39 @@ def test_reset_contextvars_gives_an_empty_context(serve: Any, start: str) -> Non
     assert seen == [(start, "unset")] * 2
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_a_task_factory_is_given_the_requests_context(serve: Any, start: str, reset: bool) -> None:
+    """A task factory is called as create_task calls it: with a fresh context under
+    --reset-contextvars (the app's task runs in it), else without one (a copy of the
+    current context, the factory's default). Tasks made without a factory are named."""
+    given: list[Any] = []
+    seen: list[tuple[str, str, str]] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        if getattr(coro, "__qualname__", "") == "RequestCycle.run_asgi":  # not the server's own tasks
+            given.append(kwargs.get("context"))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        seen.append((started_as(task), task.get_name(), REQUEST_ID.get()))
+        REQUEST_ID.set("leak")
+        if scope["path"] == "/factory":
+            asyncio.get_running_loop().set_task_factory(factory)
+        await respond(send, body=b"ok")
+
+    with serve(app, reset_contextvars=reset) as srv, Conn.open(srv.host, srv.port) as conn:
+        for target in ("/factory", "/made", "/made"):
+            conn.send(build_request(target=target))
+            assert conn.read_response().body == b"ok"
+    assert len(given) == 2
+    assert all(isinstance(context, contextvars.Context) for context in given) if reset else given == [None, None]
+    assert seen[0][:2] == (start, "uvworker.request")
+    assert [how for how, _, _ in seen[1:]] == ["plain", "plain"]
+    assert [value for _, _, value in seen] == ["unset"] * 3  # nothing leaks from one request to the next
+
+
 def test_a_cancel_in_the_first_step_reaches_the_app_where_it_then_waits(serve: Any, start: str) -> None:
     """A cancel() before the task's own first step (here: the app cancels its task, then
     waits): the app gets CancelledError where it waits, as from a plain task."""

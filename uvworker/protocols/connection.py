@@ -21,6 +21,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Coroutine
+from asyncio import Task
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
@@ -125,10 +126,14 @@ class ServerState:
         --reset-contextvars a fresh, empty one. Built directly, named, unless the app set a
         task factory on the loop: then the factory makes it, as create_task would."""
         loop = self.loop
-        context = Context() if self.config.reset_contextvars else None
-        if loop.get_task_factory() is None:
-            return asyncio.Task(coro, loop=loop, name=REQUEST_TASK, context=context)
-        return loop.create_task(coro, context=context)
+        if self.config.reset_contextvars:
+            context = Context()
+            if loop.get_task_factory() is None:
+                return Task(coro, loop=loop, name=REQUEST_TASK, context=context)
+            return loop.create_task(coro, context=context)
+        if loop.get_task_factory() is None:  # without context=None: a keyword less to parse
+            return Task(coro, loop=loop, name=REQUEST_TASK)
+        return loop.create_task(coro)
 
     def shed(self, cycle: Any) -> None:
         """--limit-concurrency is exceeded: ``cycle`` is answered 503 by its protocol, without
@@ -153,8 +158,10 @@ class ServerState:
                 record.scope, record.status, record.response_headers, record.bytes_sent,
                 record.start_time, time.perf_counter() - record.start_clock,
             )
-        for hook in self.request_hooks:
-            hook(record)
+        hooks = self.request_hooks
+        if hooks:  # most servers have none: no iterator to make
+            for hook in hooks:
+                hook(record)
 
     def request_timed_out(self, record: Any) -> None:
         """--timeout-request ended ``record``'s request (its answer is out): count it, log it
