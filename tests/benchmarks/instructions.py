@@ -71,6 +71,9 @@ class Transport(asyncio.Transport):
     def is_closing(self) -> bool:
         return False
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # every write is taken at once
+
     def can_write_eof(self) -> bool:
         return True
 
