@@ -200,3 +200,24 @@ def test_repeated_targets_read_alike(serve: Any, root_path: str) -> None:
         assert scope["root_path"] == root_path
         host = dict(scope["headers"])[b"host"]
         assert host == (b"example.com" if n % len(targets) == 3 else b"testserver")
+
+
+def test_scope_dicts_changed_by_the_app_are_not_the_next_requests(serve: Any) -> None:
+    """scope["asgi"], ["extensions"] and ["state"] are the request's own: what an app does to
+    them is not seen by the next request on the connection."""
+    seen: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((dict(scope["asgi"]), dict(scope["extensions"]), dict(scope["state"])))
+        for key in ("asgi", "extensions", "state"):
+            scope[key]["changed"] = True
+        scope["asgi"]["version"] = "2.0"
+        await respond(send, body=b"ok")
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for _ in range(3):
+            conn.send(build_request())
+            assert conn.read_response().status == 200
+    assert seen[0][0] == {"version": "3.0", "spec_version": "2.4"}
+    assert "changed" not in seen[0][1] and seen[0][2] == {}
+    assert seen[1] == seen[2] == seen[0]

@@ -352,7 +352,7 @@ def fill_scope(
             headers = absolute_form_host(target, headers)
         known = read_target(target)
     raw_path, path, query = known
-    scope["asgi"] = {"version": "3.0", "spec_version": "2.4"}
+    scope["asgi"] = ASGI_VERSION.copy()  # a copy clones the table; the literal builds it
     if http_version != "1.1":
         scope["http_version"] = http_version
     scope["method"] = _METHODS.get(method) or method.decode("ascii")
