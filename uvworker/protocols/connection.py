@@ -132,7 +132,7 @@ class ServerState:
                 return Task(coro, loop=loop, name=REQUEST_TASK, context=context)
             return loop.create_task(coro, context=context)
         if loop.get_task_factory() is None:  # without context=None: a keyword less to parse
-            return Task(coro, loop=loop, name=REQUEST_TASK)
+            return Task(coro, name=REQUEST_TASK)
         return loop.create_task(coro)
 
     def shed(self, cycle: Any) -> None:
