@@ -426,8 +426,10 @@ def test_pathsend_memory_stays_flat(tmp_path: Path) -> None:
             status = Path(f"/proc/{server.pid}/status").read_text()
             return int(status.split("VmHWM:")[1].split()[0])  # KiB
 
-        wait_for(lambda: subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/x", "-o", "/dev/null", "-r", "0-0"],
-                                        timeout=10).returncode == 0, timeout=20)
+        # The socket listens already: one HEAD waits for the server to come up (no body to take).
+        probe = subprocess.run(["curl", "-sSI", "--max-time", "60", "-o", "/dev/null", f"http://127.0.0.1:{port}/x"],
+                               capture_output=True, text=True, timeout=90)
+        assert probe.returncode == 0, probe.stderr
         before = hwm()
         out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{size_download}",
                               f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=120)
