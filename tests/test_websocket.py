@@ -7,6 +7,7 @@ a raw socket that writes frames by hand and reads the server's frames back.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import socket
@@ -333,6 +334,40 @@ def test_bytes_right_behind_the_handshake(serve: Any) -> None:
         raw.upgrade(extra=frame(1, b"early") + frame(2, b"bird"))
         assert raw.read_frame() == (1, b"early")
         assert raw.read_frame() == (2, b"bird")
+
+
+def test_frames_read_before_the_accept(serve: Any) -> None:
+    """Frames that arrive in later reads while the app has not accepted yet are held (in the
+    order read) and are the first messages once it accepts."""
+    go = threading.Event()
+    connected = threading.Event()
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        connected.set()
+        deadline = time.monotonic() + 10
+        while not go.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await send({"type": "websocket.accept"})
+        for _ in range(2):
+            message = await receive()
+            await send({"type": "websocket.send", "text": message["text"]})
+
+    def held() -> int:
+        return sum(len(part) for conn in srv.server.state.connections for part in getattr(conn, "_early", ()))
+
+    first, second = frame(1, b"one"), frame(1, b"two")
+    with serve(app) as srv, RawWS(srv) as raw:
+        raw.send(handshake())
+        assert connected.wait(5)
+        raw.send(first)
+        wait_for(lambda: held() == len(first))
+        raw.send(second)
+        wait_for(lambda: held() == len(first) + len(second))
+        go.set()
+        assert raw.read_head()[0] == 101
+        assert raw.read_frame() == (1, b"one")
+        assert raw.read_frame() == (1, b"two")
 
 
 def test_upgrade_pipelined_behind_a_request(serve: Any) -> None:

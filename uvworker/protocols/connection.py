@@ -197,7 +197,8 @@ class Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.write_paused = False
         self.reading_paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
+        # A list once a writer waits (few connections ever have one: none is made for the others).
+        self._drain_waiters: list[asyncio.Future[None]] | tuple[()] = ()
         self.transport = None  # type: ignore[assignment]  # attach()
         self.batch: WriteBatch = None  # type: ignore[assignment]  # attach()
 
@@ -245,14 +246,17 @@ class Connection(asyncio.Protocol):
         """Wait while the transport's write buffer is over its high-water mark."""
         if self.write_paused and self.phase != CLOSED:
             waiter = self.loop.create_future()
-            self._drain_waiters.append(waiter)
+            if self._drain_waiters:
+                self._drain_waiters.append(waiter)  # type: ignore[union-attr]
+            else:
+                self._drain_waiters = [waiter]
             await waiter
 
     def _release_writers(self) -> None:
-        for waiter in self._drain_waiters:
+        waiters, self._drain_waiters = self._drain_waiters, ()
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        self._drain_waiters.clear()
 
     def pause_reading(self) -> None:
         if not self.reading_paused and self.phase != CLOSED:

@@ -95,7 +95,7 @@ class HTTPConnection(Connection):
         self.upgrade: WebSocketConnection | None = None  # a WebSocket handshake in progress
         self.fresh = True  # nothing received yet: idle, for a stopping server
         self._lingered = 0  # bytes dropped after our FIN
-        self._early: list[bytes] = []  # bytes after a WebSocket handshake, until accept
+        self._early: list[bytes] | tuple[()] = ()  # bytes after a WebSocket handshake, until accept
         self._file_waiter: asyncio.Future[bool] | None = None  # pathsend waits to write
         self.is_tls = False
         self.h2c = False  # a cleartext connection that may open with the HTTP/2 preface
@@ -523,7 +523,10 @@ class HTTPConnection(Connection):
     def _hold_early(self, data: bytes) -> None:
         """Bytes behind a handshake (the client's first frames): kept, bounded, until accept."""
         if self.upgrade is not None:
-            self._early.append(data)
+            if self._early:
+                self._early.append(data)  # type: ignore[union-attr]
+            else:
+                self._early = [data]  # a list only for a connection that gets such bytes
             if sum(map(len, self._early)) > EARLY_DATA_LIMIT:
                 self.pause_reading()
 
@@ -546,7 +549,7 @@ class HTTPConnection(Connection):
         """websocket.accept: the transport now belongs to ``ws``; returns the bytes read past
         the handshake (its first frames)."""
         early = self.core.trailing_data + b"".join(self._early)
-        self._early.clear()
+        self._early = ()
         self.upgrade = None
         self.phase = CLOSED
         self.state.connections.discard(self)
