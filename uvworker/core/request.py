@@ -325,12 +325,13 @@ _SCOPE_BASE: dict[str, Any] = {
 def read_target(target: bytes) -> tuple[bytes, str, bytes]:
     """Request target → (raw path, path, query string); an origin-form one is kept (bounded):
     most requests repeat a few targets, and a lookup costs a fifth of the split and decode."""
-    if target[0] == 47 and HASH not in target:  # origin-form, no fragment
+    origin = target[0] == 47
+    if origin and HASH not in target:  # no fragment: split here
         raw_path, _, query = target.partition(b"?")
     else:
         raw_path, query = split_target(target)
     path = raw_path.decode("ascii") if PERCENT not in raw_path and raw_path.isascii() else decode_path(raw_path)
-    if target[0] == 47 and len(target) <= 256:
+    if origin and len(target) <= 256:
         if len(_targets) >= 1024:
             _targets.clear()
         _targets[target] = raw_path, path, query
