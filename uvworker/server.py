@@ -46,12 +46,13 @@ from uvworker.core.h1 import H1Options
 from uvworker.core.parsers import Limits
 from uvworker.collector import tune_collector
 from uvworker.core.response import HeadDefaults
+from uvworker.deadlines import DeadlineSweep
 from uvworker.errors import ConfigError
 from uvworker.inflight import HEARTBEAT_INTERVAL
 from uvworker.logging import reopen_files
 from uvworker.malloc import tune_heap
 from uvworker.metrics import Counters
-from uvworker.protocols.connection import ServerState
+from uvworker.protocols.connection import LINGER_TIME, ServerState
 from uvworker.protocols.http import HTTPConnection
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class Server:
         self.force_exit = False
         self.startup_failed = False
         self.state: ServerState | None = None
+        self._deadlines = DeadlineSweep(shortest_deadline(config))  # made anew for each serve()
         self._servers: list[asyncio.base_events.Server] = []
         self._sockets: list[socket.socket] = []  # what the listeners listen on
         self._held: list[socket.socket] | None = None  # hold(): copies to listen on again
@@ -138,6 +140,7 @@ class Server:
         loop = asyncio.get_running_loop()
         lifespan = self._lifespan = Lifespan(config.loaded_app, config.lifespan, logger)
         self.state = make_state(config, loop, lifespan.state)
+        self._deadlines = DeadlineSweep(shortest_deadline(config))  # (on this loop's clock)
         if self.install_signal_handlers:
             self._install_signal_handlers(loop)
         if self.metrics_socket is not None:
@@ -225,7 +228,7 @@ class Server:
             now = time.monotonic()
             if counters is not None and now - expected > counters.lag:  # the loop lag metrics report
                 counters.lag = now - expected
-            _sweep(state)
+            _sweep(state, self._deadlines)
             if now >= next_tick:
                 next_tick = now + HEARTBEAT_INTERVAL
                 if state.abandoned:
@@ -270,7 +273,7 @@ class Server:
                 )
                 break
             await asyncio.sleep(TICK)
-            _sweep(state)
+            _sweep(state, self._deadlines)
             if self.on_tick is not None:
                 self.on_tick(self)
         tasks = [conn.task for conn in state.connections if conn.task is not None]
@@ -388,18 +391,25 @@ def make_state(config: Config, loop: asyncio.AbstractEventLoop, lifespan_state: 
     return state
 
 
-def _sweep(state: ServerState) -> None:
-    """Once a tick: the Date header, every connection's deadline and, with --timeout-request,
-    the age of its request (a request costs no timer of its own)."""
+def shortest_deadline(config: Config) -> float:
+    """The least ``delay`` a connection's deadline is set with (now + delay): its keep-alive,
+    header, body and send timeouts and the linger after our FIN (HTTP/1.1 and HTTP/2 alike).
+    The sweep looks at a connection whose deadline is further off once per this (see
+    uvworker.deadlines): a deadline set with a shorter delay must be counted here."""
+    return min(config.timeout_keep_alive, config.timeout_request_header, config.timeout_request_body,
+               config.timeout_send, LINGER_TIME)
+
+
+def _sweep(state: ServerState, deadlines: DeadlineSweep) -> None:
+    """Once a tick: the Date header, the deadlines that have come and, with --timeout-request,
+    the age of every connection's request (a request costs no timer of its own)."""
     state.defaults.refresh(time.time())
     state.swept_at = time.monotonic()
-    now = state.loop.time()
+    deadlines.run(state.connections, state.loop.time())
     timeout = state.config.timeout_request
-    cutoff = time.perf_counter() - timeout if timeout else 0.0
-    for conn in list(state.connections):
-        if conn.deadline:
-            conn.check_deadline(now)
-        if cutoff:
+    if timeout:
+        cutoff = time.perf_counter() - timeout
+        for conn in list(state.connections):
             conn.expire_requests(cutoff)
 
 

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("uvworker.error")
 
+# After our FIN, how long a connection (HTTP/1.1, HTTP/2) reads and drops input waiting for the client's.
+LINGER_TIME = 2.0
 CLOSED = 0  # the phase every protocol ends in
 # The name of every request's app task. Given, because asyncio formats a unique "Task-N" for
 # each unnamed task (about 1.5k instructions of a hello-world request's 98k, callgrind).

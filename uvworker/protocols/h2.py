@@ -60,7 +60,7 @@ from uvworker.core.h2 import (
 )
 from uvworker.core.tls import tls_extension
 from uvworker.errors import HTTPError
-from uvworker.protocols.connection import CLOSED, Connection, ServerState, address, cancel_app
+from uvworker.protocols.connection import CLOSED, LINGER_TIME, Connection, ServerState, address, cancel_app
 from uvworker.protocols.cycle import RequestCycle
 
 if TYPE_CHECKING:
@@ -75,7 +75,6 @@ STREAM_WINDOW = 256 * 1024  # request body a stream may hold that its app has no
 CONNECTION_WINDOW = 1024 * 1024  # ... and all the streams of a connection together
 WRITE_BATCH = 256 * 1024
 FILE_CHUNK = 64 * 1024  # a file body (pathsend) is read in pieces this big
-LINGER_TIME = 2.0
 LINGER_BYTES = 1024 * 1024
 FLOOD_RATE = 40.0  # unproductive frames forgiven per second
 
@@ -651,7 +650,8 @@ class H2Connection(Connection):
 
     # -- deadlines --------------------------------------------------------------------------------
     def set_deadline(self, delay: float) -> float:
-        """A deadline ``delay`` from now, for the sweep to act on; returns it."""
+        """A deadline ``delay`` from now, for the sweep to act on; returns it. ``delay``: a
+        setting or constant server.shortest_deadline counts (the sweep relies on it)."""
         when = self.loop.time() + delay
         if not self.deadline or when < self.deadline:
             self.deadline = when

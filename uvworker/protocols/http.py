@@ -59,7 +59,9 @@ from uvworker.core.h1 import DISCARD, NEXT, BodyLengthError, H1Core
 from uvworker.core.request import accepts_trailers
 from uvworker.core.tls import tls_extension
 from uvworker.errors import HTTPError
-from uvworker.protocols.connection import CLOSED, Connection, ServerState, address, cancel_app, input_waiting
+from uvworker.protocols.connection import (
+    CLOSED, LINGER_TIME, Connection, ServerState, address, cancel_app, input_waiting,
+)
 from uvworker.protocols.cycle import RequestCycle
 from uvworker.protocols.eager import run as run_app
 
@@ -71,8 +73,7 @@ logger = logging.getLogger("uvworker.error")
 WAIT_HEAD, KEEP_ALIVE, CYCLE, UPGRADE, LINGER = range(1, 6)
 WRITE_BATCH = 64 * 1024  # streamed response bytes that may wait for the end of a loop turn
 EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send behind a WebSocket handshake, unparsed
-LINGER_TIME = 2.0  # after our FIN, how long we read and drop input waiting for the client's
-LINGER_BYTES = 1024 * 1024  # ... and how much of it
+LINGER_BYTES = 1024 * 1024  # how much input a linger (LINGER_TIME) reads and drops at most
 SENDFILE_CHUNK = 1024 * 1024  # file bytes one os.sendfile call may send before others get a turn
 FILE_CHUNK = 256 * 1024  # file bytes read and written at a time over TLS
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -640,6 +641,7 @@ class HTTPConnection(Connection):
             self.resume_reading()  # unless more pipelined input is still held
 
     def _set_deadline(self, delay: float) -> None:
+        # delay: a setting or constant server.shortest_deadline counts (the sweep relies on it)
         self.deadline = self.loop.time() + delay
 
     def check_deadline(self, now: float) -> None:
