@@ -27,6 +27,13 @@ same two runs (``callgrind_annotate`` on each, the difference divided by the ext
 Python functions do not show by name, but where they are entered from C does (a parser
 callback, a task step, a loop callback).
 
+With ``--cache``, ``--functions N`` lists the N functions with the most last-level (then L1
+data) misses per request instead, with their instructions, all of them the function's own
+(cachegrind counts no callees), read from cachegrind's file by source file and function: a
+miss in ``object.h`` under ``_PyEval_EvalFrameDefault`` is a reference count the interpreter
+changed (the first touch of an object it loaded), in ``list_copy`` one of the items a copied
+list holds.
+
 ``--close`` opens a connection for every request, as row close-64 does: each round makes N
 connections (``connection_made``), reads each one's request (``Connection: close``), runs the
 apps, then delivers every client's FIN (``eof_received``) and the transports' end
@@ -237,9 +244,10 @@ def _end(conn: asyncio.Protocol, transport: ClosingTransport) -> None:
         transport.close()
 
 
-def measure(args: argparse.Namespace, requests: int) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+def measure(args: argparse.Namespace, requests: int) -> tuple[dict[str, int], dict[str, tuple[int, ...]]]:
     """valgrind's event totals for one drive of ``requests`` requests, and with --functions
-    each function's (inclusive, self) instructions."""
+    each function's (inclusive, self) instructions, or with --cache its own (instructions, L1
+    data misses, last-level misses)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "valgrind.out")
         tool = ["--tool=cachegrind", "--cache-sim=yes", "--D1=49152,12,64", "--LL=2097152,16,64",
@@ -252,11 +260,33 @@ def measure(args: argparse.Namespace, requests: int) -> tuple[dict[str, int], di
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         with open(out) as handle:
             text = handle.read()
-        functions = annotate(out) if args.functions else {}
+        functions = {} if not args.functions else cache_functions(text) if args.cache else annotate(out)
     events = re.search(r"^events: (.+)$", text, re.M)
     totals = re.search(r"^(?:summary|totals): (.+)$", text, re.M)
     assert events is not None and totals is not None
     return dict(zip(events.group(1).split(), map(int, totals.group(1).split()))), functions
+
+
+def cache_functions(text: str) -> dict[str, tuple[int, int, int]]:
+    """{file:function: (instructions, L1 data misses, last-level misses)} from a cachegrind file,
+    each the function's own; a function's lines in an inlined header count apart (object.h)."""
+    events = re.search(r"^events: (.+)$", text, re.M)
+    assert events is not None
+    names = events.group(1).split()
+    ir, d1, ll = names.index("Ir"), (names.index("D1mr"), names.index("D1mw")), (names.index("DLmr"), names.index("DLmw"))
+    found: dict[str, list[int]] = {}
+    file = entry = None
+    for line in text.splitlines():
+        if line.startswith("fl="):
+            file = line[3:].rsplit("/", 1)[-1]
+        elif line.startswith("fn="):
+            entry = found.setdefault(f"{file}:{line[3:]}", [0, 0, 0])
+        elif line[:1].isdigit() and entry is not None:
+            counts = [int(value) for value in line.split()[1:]] + [0] * len(names)  # trailing zeros are left out
+            entry[0] += counts[ir]
+            entry[1] += counts[d1[0]] + counts[d1[1]]
+            entry[2] += counts[ll[0]] + counts[ll[1]]
+    return {name: (entry[0], entry[1], entry[2]) for name, entry in found.items()}
 
 
 def annotate(out: str) -> dict[str, tuple[int, int]]:
@@ -290,7 +320,8 @@ def main() -> None:
     parser.add_argument("--gunicorn", action="store_true", help="behind the Gunicorn worker's default rules")
     parser.add_argument("--close", action="store_true", help="a new connection per request (row close-64)")
     parser.add_argument("--functions", type=int, default=0, metavar="N",
-                        help="also the N functions with the most instructions per request (inclusive, self)")
+                        help="also the N functions with the most instructions per request (inclusive, self); "
+                        "with --cache, the N with the most misses")
     parser.add_argument("--drive", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
@@ -323,7 +354,15 @@ def main() -> None:
               f"{per['DLmr'] + per['DLmw']:,.0f} L2 misses per request")
     else:
         print(f"{label}: {per['Ir']:,.0f} instructions per request")
-    if args.functions:
+    if args.functions and args.cache:
+        cached = []
+        for name, counts in more_functions.items():
+            before = base_functions.get(name, (0, 0, 0))
+            cached.append(tuple((now - then) / served for now, then in zip(counts, before)) + (name,))
+        print(f"{'L2 misses':>9} {'L1d':>7} {'instr':>7}  per request, each function's own")
+        for own, d1, ll, name in sorted(cached, key=lambda row: (round(row[2], 2), row[1]), reverse=True)[: args.functions]:
+            print(f"{ll:9.2f} {d1:7.1f} {own:7,.0f}  {name}")
+    elif args.functions:
         rows = []
         for name, (inclusive, own) in more_functions.items():
             before = base_functions.get(name, (0, 0))
