@@ -221,3 +221,26 @@ def test_scope_dicts_changed_by_the_app_are_not_the_next_requests(serve: Any) ->
     assert seen[0][0] == {"version": "3.0", "spec_version": "2.4"}
     assert "changed" not in seen[0][1] and seen[0][2] == {}
     assert seen[1] == seen[2] == seen[0]
+
+
+def test_connections_share_no_scope(serve: Any) -> None:
+    """What two connections' scopes have in common is kept once per process (a template each
+    request copies): each request still gets its own connection's client, and what an app does
+    to its scope is seen by no request after it, on its connection or on another."""
+    seen: list[tuple[Any, Any, str, str]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((scope["client"], scope["server"], scope["scheme"], scope["root_path"]))
+        scope.update(client=("192.0.2.1", 1), server=("192.0.2.2", 2), scheme="https", root_path="/x")
+        await respond(send, body=b"ok")
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as one, Conn.open(srv.host, srv.port) as two:
+        clients = []
+        for _ in range(3):
+            for conn in (one, two):
+                conn.send(build_request())
+                assert conn.read_response().status == 200
+                clients.append(tuple(conn.sock.getsockname()))
+    assert [client for client, _, _, _ in seen] == clients
+    assert clients[0] != clients[1]
+    assert {(server, scheme, root) for _, server, scheme, root in seen} == {((srv.host, srv.port), "http", "")}

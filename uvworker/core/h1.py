@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from uvworker.core.parsers import Headers, Limits, make_parser
-from uvworker.core.request import check_head, check_version, fill_scope, scope_base
+from uvworker.core.request import check_head, check_version, fill_scope, scope_template
 from uvworker.core.response import (
     HEADER_LINES, RESP_CONNECTION, RESP_ENCODING, RESP_LENGTH, STATUS_LINES, HeadDefaults, error_response,
     header_line,
@@ -121,7 +121,7 @@ class H1Core:
         "options", "handler", "defaults", "client", "server", "scheme", "keep_alive", "keep_alive_allowed", "head",
         "chunked", "remaining", "no_body", "http10", "head_method", "expect_continue", "body_complete", "discarding",
         "discarded", "after", "last_request", "extensions", "extensions_10", "parser", "_proxy_buffer", "feed",
-        "_trust_proxy_headers", "_scope_base", "_checked", "__weakref__",  # (tests check that cores are freed)
+        "_trust_proxy_headers", "_template", "_checked", "__weakref__",  # (tests check that cores are freed)
     )
 
     def __init__(
@@ -156,8 +156,9 @@ class H1Core:
         self._proxy_buffer: bytes | None = b"" if options.proxy_protocol else None
         self.feed = self.parser.feed if self._proxy_buffer is None else self._feed_after_proxy_header
         self._trust_proxy_headers = options.proxy_headers and self._trusted(client)
-        # What the scopes of the connection's requests share (see on_head: kept from the second).
-        self._scope_base: dict[str, Any] | None = None
+        # What the scopes of the connection's requests share, but the client: shared with
+        # other connections (scope_template), from the first head on (after a PROXY header).
+        self._template: dict[str, Any] = None  # type: ignore[assignment]
         # The version and fields of the last head whose checks passed (a copy: the app may
         # change its scope's list), and what check_head said of it: a client sends the same
         # fields again and again on one connection, and a comparison costs a tenth of the
@@ -216,23 +217,18 @@ class H1Core:
         options = self.options
         if http_version == checked[0] and headers == checked[1]:
             keep_alive, expect, upgrade, proxied = checked[2]
-            scope = self._scope_base.copy()  # type: ignore[union-attr]  # kept with the verdict
         else:  # check_head is a function of these two alone
             verdict = check_head(http_version, headers)
             keep_alive, expect, upgrade, proxied = verdict
             if checked is NO_HEAD:
                 # The connection's first head: a connection may serve just one request (and
-                # then idle or close), so it keeps nothing of it, and the scope is a base of
-                # its own. From the second on, it keeps the verdict and a scope base (464
-                # bytes) to copy for each request.
+                # then idle or close), so it keeps no verdict of it; from the second on it does.
                 self._checked = FIRST_HEAD
-                scope = scope_base(self.server, self.client, self.scheme, options.root_path)
+                self._template = scope_template(self.server, self.scheme, options.root_path)
             else:
                 self._checked = http_version, headers.copy(), VERDICTS.get(verdict, verdict)
-                base = self._scope_base
-                if base is None:
-                    base = self._scope_base = scope_base(self.server, self.client, self.scheme, options.root_path)
-                scope = base.copy()
+        scope = self._template.copy()
+        scope["client"] = self.client
         fill_scope(scope, method, target, http_version, headers, options.root_path, options.lifespan_state)
         if proxied and self._trust_proxy_headers:
             from uvworker.proxy import apply_proxy_headers
