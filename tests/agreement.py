@@ -59,6 +59,9 @@ class _Sink:
             scope["method"], scope["path"], scope["raw_path"], scope["query_string"], http_version, headers, keep_alive,
         ))
 
+    def on_fields_kept(self, headers: list[tuple[bytes, bytes]]) -> None:
+        pass
+
     def on_body(self, data: bytes) -> None:
         assert type(data) is bytes and data, data
         request = self.verdict.requests[-1]

@@ -78,6 +78,31 @@ def respond(core: H1Core, status: int = 200, headers: Any = (), pieces: tuple[by
 
 
 # -- requests in --------------------------------------------------------------------------------
+def test_connections_keep_one_copy_of_the_same_fields(parser: str) -> None:
+    """Cores whose clients send the same field block keep one copy of it, per process: the
+    block and the fields read from it, which the verdict a core keeps shares, so that what a
+    repeat reads is no connection's own (at 1024 connections, what each kept was cold). Each
+    request still gets its own list, and its own connection's client."""
+    head = b"GET /%d HTTP/1.1\r\nHost: shared.example\r\nX-Kept: %d\r\n\r\n"
+    cores = []
+    for n in range(3):
+        core, rec = make(parser)
+        core.client = ("192.0.2.1", 1000 + n)
+        for i in range(3):  # kept from the second head on
+            core.feed(head % (i, 7))
+            core.next_request()
+        scopes = [rec.scope(i) for i in range(3)]
+        assert [scope["path"] for scope in scopes] == ["/0", "/1", "/2"]
+        assert all(scope["client"] == ("192.0.2.1", 1000 + n) for scope in scopes)
+        assert all(scope["headers"] == [(b"host", b"shared.example"), (b"x-kept", b"7")] for scope in scopes)
+        assert len({id(scope["headers"]) for scope in scopes}) == 3
+        cores.append(core)
+    first = cores[0].parser
+    for core in cores:
+        assert core.parser._fields is first._fields and core.parser._fields_read is first._fields_read
+        assert core._checked[1] is first._fields_read
+
+
 def test_a_request_is_one_request_event_then_its_end(parser: str) -> None:
     core, rec = make(parser, root_path="/api", lifespan_state={"db": 1})
     core.feed(b"GET /items/%C3%A9?x=1 HTTP/1.1\r\nHost: example.com\r\nX-A: b\r\n\r\n")

@@ -110,3 +110,30 @@ def test_same_list_replacing_a_default_header(serve: Any) -> None:
             resp = conn.read_response()
             assert resp.status == 200 and resp.get_all("server") == ["mine"] and resp.body == b"ok"
         conn.assert_open()
+
+
+def test_connections_sending_the_same_fields_share_no_list(serve: Any) -> None:
+    """Connections that send the same field block share what the process keeps of it: each
+    request still gets a list of its own, whatever the apps of the others did to theirs, and
+    the verdict is still this head's (a later Host twice is refused on either connection)."""
+    seen: list[list[tuple[bytes, bytes]]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = scope["headers"]
+        seen.append(list(headers))
+        headers[0] = (b"host", b"changed")
+        headers.append((b"host", b"other"))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as one, Conn.open(srv.host, srv.port) as two:
+        for _ in range(3):  # kept from each connection's second head on
+            for conn in (one, two):
+                conn.send(build_request())
+                assert conn.read_response().status == 200
+        for conn in (one, two):
+            conn.send(build_request(headers=[("host", "testserver"), ("host", "other")]))
+            resp = conn.read_response()
+            assert resp.status == 400 and b"Duplicate Host" in resp.body
+    assert len(seen) == 6 and all(headers == seen[0] for headers in seen)
+    assert seen[0][0][0] == b"host" and seen[0][0][1] != b"changed" and len(seen[0]) >= 1

@@ -114,6 +114,9 @@ def test_repeated_fields_skip_the_parser(monkeypatch: pytest.MonkeyPatch) -> Non
             seen.append((target, list(headers)))
             headers.append((b"x-added", b"1"))
 
+        def on_fields_kept(self, headers: list[tuple[bytes, bytes]]) -> None:
+            pass
+
         def on_end(self) -> None:
             pass
 

@@ -250,6 +250,16 @@ class H1Core:
         else:
             self.handler.on_request(scope)
 
+    def on_fields_kept(self, headers: Headers) -> None:
+        """The adapter keeps the fields of the head just delivered as ``headers``: a list no
+        one changes, shared by the connections that sent the same fields, whose copies it
+        delivers for the heads that repeat them. The verdict kept for those fields keeps that
+        list too: a later head's then compares item by item by identity, with objects that
+        many connections touch (in the CPU's caches), none of this connection's own."""
+        checked = self._checked
+        if checked[2] is not None and checked[1] == headers:
+            self._checked = checked[0], headers, checked[2]
+
     def on_body(self, data: bytes) -> None:
         if self.discarding:
             self.discarded += len(data)

@@ -125,7 +125,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import h11
 
@@ -142,6 +142,7 @@ MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions, at most
 
 class Sink(Protocol):
     def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers) -> None: ...
+    def on_fields_kept(self, headers: Headers) -> None: ...  # the last head's, as kept (_keep_fields)
     def on_body(self, data: bytes) -> None: ...
     def on_end(self) -> None: ...
 
@@ -388,6 +389,7 @@ def body_framing(headers: Headers) -> tuple[int, bool]:
 # -- what both adapters share ---------------------------------------------------------------------
 _IDLE, _HEAD, _LENGTH, _CHUNKED, _PARSER_BODY, _DONE = range(6)
 _NO_FIELDS: Headers = []  # never changed
+KEPT_BLOCKS = 256  # field blocks an adapter class keeps for every connection (_keep_fields)
 
 
 class _Adapter:
@@ -399,6 +401,9 @@ class _Adapter:
         "sink", "limits", "held", "holding_input", "_state", "_buf", "_reader", "_remaining", "_chunks", "_fields",
         "_fields_read", "__weakref__",  # (tests check that adapters are freed)
     )
+    # Field blocks and what the parser read from each, shared by the connections (_keep_fields);
+    # one table per subclass, as each parser reads a block its own way.
+    _kept: ClassVar[dict[bytes, tuple[bytes, Headers]]]
 
     def __init__(self, sink: Sink, limits: Limits) -> None:
         self.sink = sink
@@ -459,17 +464,27 @@ class _Adapter:
         self._end(b"")
         return True
 
-    def _keep_fields(self, data: bytes, headers: Headers) -> bool:
+    def _keep_fields(self, data: bytes, headers: Headers) -> None:
         """The parser read ``data``, one whole bodiless head, into ``headers`` (a list no one
-        else has): see _repeat. Returns whether it kept them. Not called for a connection's
+        else has): see _repeat; nothing is kept of a head over limits.fast. Not called for a connection's
         first such head (``_fields`` None; the caller makes it b""): a connection may serve
         just one request, and then it keeps nothing of it while it idles (the field block
-        and the fields: ~500 bytes)."""
+        and the fields: ~500 bytes). The connections that send the same block (most clients
+        of a server send the same fields on all their connections) keep one copy, the
+        first's, per process (bounded, cleared when full): one that all of them read stays
+        in the CPU's caches, where a block and fields of each connection's own are cold by
+        its next request when a thousand connections take turns."""
         if len(data) > self.limits.fast:
-            return False
-        self._fields = data[data.find(b"\r\n") + 2 :]
-        self._fields_read = headers
-        return True
+            return
+        fields = data[data.find(b"\r\n") + 2 :]
+        table = self._kept
+        kept = table.get(fields)
+        if kept is None:
+            if len(table) >= KEPT_BLOCKS:
+                table.clear()
+            kept = table[fields] = fields, headers
+        self._fields, self._fields_read = kept
+        self.sink.on_fields_kept(kept[1])  # equal to the head's, delivered: maybe other objects
 
     @property
     def trailing_data(self) -> bytes:
@@ -587,6 +602,7 @@ class HttptoolsAdapter(_Adapter):
         "parser", "_url", "_headers", "_data", "_body", "_after", "_max_fields", "_short", "_tiny", "_request_headers",
     )
     _httptools: Any = None  # the module (an optional dependency), imported by the first adapter
+    _kept = {}
 
     def __init__(self, sink: Sink, limits: Limits) -> None:
         if self._httptools is None:
@@ -637,8 +653,9 @@ class HttptoolsAdapter(_Adapter):
                 if self._fields is None:  # the first: nothing kept (see _keep_fields), nor held
                     self._fields = b""
                     self._request_headers = _NO_FIELDS
-                elif not self._keep_fields(data, self._request_headers):
-                    self._request_headers = _NO_FIELDS  # not kept: let go of them while idle
+                else:
+                    self._keep_fields(data, self._request_headers)
+                    self._request_headers = _NO_FIELDS  # kept (maybe another's) or not: let go while idle
                 self.sink.on_end()
         elif state == _PARSER_BODY:  # the body goes on in later reads
             length, chunked = body_framing(self._request_headers)
@@ -820,6 +837,7 @@ class H11Adapter(_Adapter):
     """h11 parses a head that starts a read; the body is framed here."""
 
     __slots__ = ()
+    _kept = {}
 
     def __init__(self, sink: Sink, limits: Limits) -> None:
         super().__init__(sink, limits.for_h11())
@@ -851,12 +869,13 @@ class H11Adapter(_Adapter):
                     if name in _FRAMING_FIELDS:
                         break  # the body is framed by our reading of the head, below
                 else:
+                    read = headers.copy()  # the sink's list may change
+                    self.sink.on_head(method, target, version, headers)
                     if end == len(data):
                         if self._fields is None:  # the first: nothing kept (see _keep_fields)
                             self._fields = b""
                         else:
-                            self._keep_fields(data, headers.copy())  # the sink's list may change
-                    self.sink.on_head(method, target, version, headers)
+                            self._keep_fields(data, read)
                     self._end(data[end:])  # no body
                     return
         # h11 needs more, refused, was lenient, or rewrote a framing value ("5, 5" → "5",
