@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tests.conftest import run_server, wait_for
 from tests.h2_client import WINDOW, H2Client, H2Response, get
 from tests.http_client import Conn, build_request
 from tests.test_tls import make_cert
+from uvworker.proxy import V2_SIGNATURE as PROXY_V2_SIGNATURE
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -488,3 +490,34 @@ def test_h2c_prior_knowledge_with_proxy_protocol_on(serve: Any) -> None:
         with Conn.open(srv.host, srv.port) as conn:
             conn.send(b"PROXY TCP4 10.9.8.7 127.0.0.1 5555 80\r\n" + build_request(headers=[("Connection", "close")]))
             assert conn.read_response().body == b"1.1 10.9.8.7"
+
+
+@needs_curl
+def test_h2c_prior_knowledge_after_a_proxy_header(serve: Any) -> None:
+    """A PROXY header (v1 or v2) followed by the HTTP/2 preface speaks HTTP/2, with the client
+    address the header gave, as HAProxy sends it to an h2c backend (``send-proxy`` with
+    ``proto h2``) and curl --haproxy-protocol --http2-prior-knowledge does. Before, only a
+    connection without a header could speak HTTP/2: the preface after one got a 505. Header and
+    preface may come in any pieces; a malformed header still gets a 400."""
+    v2_header = PROXY_V2_SIGNATURE + bytes([0x21, 0x11, 0, 12]) + socket.inet_aton("10.1.2.3") \
+        + socket.inet_aton("127.0.0.1") + (4444).to_bytes(2, "big") + (80).to_bytes(2, "big")
+    with serve(client_app, proxy_protocol=True, proxy_allow_ips="*") as srv:
+        out = subprocess.run(["curl", "-sS", "--haproxy-protocol", "--http2-prior-knowledge", "-w", " %{http_version}",
+                              f"{srv.url}/"], capture_output=True, text=True, timeout=20)
+        assert out.stdout == "2 127.0.0.1 2", out.stderr
+        for header, client in [(b"PROXY TCP4 10.9.8.7 127.0.0.1 5555 80\r\n", b"10.9.8.7"), (v2_header, b"10.1.2.3")]:
+            with H2Client(srv.host, srv.port, send_preface=False) as h2:
+                stream = h2.h2.get_next_available_stream_id()
+                head = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"127.0.0.1")]
+                h2.h2.send_headers(stream, head, end_stream=True)
+                h2.responses[stream] = H2Response()
+                data = header + h2.h2.data_to_send()
+                for cut in (3, len(header) - 1, len(header), len(header) + 2):  # inside and after the header
+                    h2.send_raw(data[:cut])
+                    data = data[cut:]
+                    time.sleep(0.01)  # separate reads (most of the time; the server takes any split)
+                h2.send_raw(data)
+                assert h2.response(stream).body == b"2 " + client
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(b"PROXY TCP4 10.9.8.7 nowhere 5555 80\r\n" + PREFACE)
+            assert conn.read_response().status == 400

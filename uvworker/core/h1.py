@@ -120,7 +120,7 @@ class H1Core:
     __slots__ = (
         "options", "handler", "defaults", "client", "server", "scheme", "keep_alive", "keep_alive_allowed", "head",
         "chunked", "remaining", "no_body", "http10", "head_method", "expect_continue", "body_complete", "discarding",
-        "discarded", "after", "last_request", "extensions", "extensions_10", "parser", "_proxy_buffer", "feed",
+        "discarded", "after", "last_request", "extensions", "extensions_10", "parser", "proxy_buffer", "feed",
         "_trust_proxy_headers", "_template", "_checked", "__weakref__",  # (tests check that cores are freed)
     )
 
@@ -153,8 +153,9 @@ class H1Core:
         self.extensions = EXTENSIONS
         self.extensions_10 = EXTENSIONS_10
         self.parser = make_parser(options.parser, self, options.limits)
-        self._proxy_buffer: bytes | None = b"" if options.proxy_protocol else None
-        self.feed = self.parser.feed if self._proxy_buffer is None else self._feed_after_proxy_header
+        # A PROXY header still to come (or its part read so far); None: none expected (any more).
+        self.proxy_buffer: bytes | None = b"" if options.proxy_protocol else None
+        self.feed = self.parser.feed if self.proxy_buffer is None else self._feed_after_proxy_header
         self._trust_proxy_headers = options.proxy_headers and self._trusted(client)
         # What the scopes of the connection's requests share, but the client: shared with
         # other connections (scope_template), from the first head on (after a PROXY header).
@@ -176,11 +177,19 @@ class H1Core:
             self.handler.on_refused(exc)
 
     def _feed_after_proxy_header(self, data: bytes) -> None:
-        data = self._read_proxy_header(data)
-        if self._proxy_buffer is None:
-            self.feed = self.parser.feed  # the header is behind us (or there was none)
+        data = self.strip_proxy_header(data)
         if data:
             self.parser.feed(data)
+
+    def strip_proxy_header(self, data: bytes) -> bytes:
+        """The bytes after the PROXY header, if one is expected: b"" while it is incomplete
+        (``proxy_buffer`` is not None) or when it is refused (``on_refused`` has been called)."""
+        if self.proxy_buffer is None:
+            return data
+        data = self._read_proxy_header(data)
+        if self.proxy_buffer is None:
+            self.feed = self.parser.feed  # the header is behind us (or there was none)
+        return data
 
     def next_request(self) -> None:
         """The response is out: deliver held (pipelined) input, up to the next request's end."""
@@ -490,9 +499,9 @@ class H1Core:
             PROXY_EXTENSION, V1_PREFIX, V2_SIGNATURE, ProxyProtocolError, parse_proxy_protocol, proxy_extension,
         )
 
-        buffer = self._proxy_buffer + data  # type: ignore[operator]
+        buffer = self.proxy_buffer + data  # type: ignore[operator]
         if not (V1_PREFIX.startswith(buffer[:6]) or V2_SIGNATURE.startswith(buffer[:12])):
-            self._proxy_buffer = None
+            self.proxy_buffer = None
             return buffer
         host = self.client[0] if self.client else None
         allow = self.options.proxy_allow
@@ -501,13 +510,13 @@ class H1Core:
                 raise ProxyProtocolError("PROXY header from a peer not in proxy_allow_ips")
             info = parse_proxy_protocol(buffer)
         except ProxyProtocolError as exc:
-            self._proxy_buffer = None
+            self.proxy_buffer = None
             self.handler.on_refused(HTTPError(400, f"Invalid PROXY protocol header: {exc}"))
             return b""
         if info is None:
-            self._proxy_buffer = buffer
+            self.proxy_buffer = buffer
             return b""
-        self._proxy_buffer = None
+        self.proxy_buffer = None
         if info.client is not None:
             extension = {PROXY_EXTENSION: proxy_extension(self.client, info)}  # the peer, for Gunicorn's hooks
             self.extensions, self.extensions_10 = {**self.extensions, **extension}, {**self.extensions_10, **extension}

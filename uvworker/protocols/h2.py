@@ -62,6 +62,7 @@ from uvworker.core.tls import tls_extension
 from uvworker.errors import HTTPError
 from uvworker.protocols.connection import CLOSED, LINGER_TIME, Connection, ServerState, address, cancel_app
 from uvworker.protocols.cycle import RequestCycle
+from uvworker.proxy import PROXY_EXTENSION
 
 if TYPE_CHECKING:
     import asyncio
@@ -385,14 +386,22 @@ class H2Connection(Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.take_over(transport, b"")  # type: ignore[arg-type]
 
-    def take_over(self, transport: asyncio.Transport, data: bytes) -> None:
-        """Start on ``transport``; ``data``: what was read already (the preface, at least)."""
+    def take_over(self, transport: asyncio.Transport, data: bytes, peer: Any = None) -> None:
+        """Start on ``transport``; ``data``: what was read already (the preface, at least);
+        ``peer``: (client, server, extensions) from the HTTP/1.1 connection that read a PROXY
+        header before the preface (its extension is kept: Gunicorn's proxy_protocol_info)."""
         self.attach(transport, WRITE_BATCH)
         self.is_tls = transport.get_extra_info("sslcontext") is not None
         self.scheme = "https" if self.is_tls else "http"
-        self.client = address(transport.get_extra_info("peername"))
-        self.server = address(transport.get_extra_info("sockname"))
         self.extensions = EXTENSIONS
+        if peer is None:
+            self.client = address(transport.get_extra_info("peername"))
+            self.server = address(transport.get_extra_info("sockname"))
+        else:
+            self.client, self.server, h1_extensions = peer
+            proxied = h1_extensions.get(PROXY_EXTENSION)
+            if proxied is not None:
+                self.extensions = {**EXTENSIONS, PROXY_EXTENSION: proxied}
         ssl_object = transport.get_extra_info("ssl_object") if self.is_tls else None
         if ssl_object is not None:  # the ASGI TLS extension, as on HTTP/1.1
             self.extensions = {**EXTENSIONS, "tls": tls_extension(ssl_object, self.config.ssl_certfile)}

@@ -496,12 +496,19 @@ class HTTPConnection(Connection):
     def _sniff_h2c(self, data: bytes) -> bytes:
         """A cleartext connection's first bytes: the HTTP/2 connection preface hands the
         connection to HTTP/2 (returns b""); anything else is returned, for HTTP/1.1."""
+        core = self.core
+        if core.proxy_buffer is not None:  # the preface may follow a PROXY header (HAProxy, curl --haproxy-protocol)
+            data = core.strip_proxy_header(data)
+            if not data:
+                self.fresh = core.proxy_buffer is not None or self.phase == WAIT_HEAD  # else refused
+                return b""
         data = self._preface + data
         if data[:1] != b"P":
             return data
         if data[: len(H2_PREFACE)] == H2_PREFACE:
-            self.core.detach()  # nothing comes here any more: freed now, as after connection_lost
-            self._switch_to_h2(data)
+            peer = (core.client, core.server, core.extensions)  # as the PROXY header said, if any
+            core.detach()  # nothing comes here any more: freed now, as after connection_lost
+            self._switch_to_h2(data, peer)
             return b""
         if H2_PREFACE.startswith(data):  # a part of it: wait for the rest
             self._preface = data
@@ -509,8 +516,9 @@ class HTTPConnection(Connection):
             return b""
         return data
 
-    def _switch_to_h2(self, data: bytes) -> None:
-        """The transport now belongs to an HTTP/2 connection; ``data``: what it has read."""
+    def _switch_to_h2(self, data: bytes, peer: Any = None) -> None:
+        """The transport now belongs to an HTTP/2 connection; ``data``: what it has read;
+        ``peer``: the client and server addresses and the extensions a PROXY header gave."""
         from uvworker.protocols.h2 import H2Connection
 
         self.phase = CLOSED
@@ -518,7 +526,7 @@ class HTTPConnection(Connection):
         self.state.connections.discard(self)
         h2 = H2Connection(self.state)
         self.transport.set_protocol(h2)
-        h2.take_over(self.transport, data)
+        h2.take_over(self.transport, data, peer)
 
     # -- the WebSocket handshake -----------------------------------------------------------------
     def _hold_early(self, data: bytes) -> None:
