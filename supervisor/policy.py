@@ -580,10 +580,14 @@ class Policy:
         self._forget(worker)
         how = worker.status = describe_status(status)
         if worker.state is State.RETIRING:
-            self.log.info("%s %s after retiring (%d request(s) served).", worker.describe().capitalize(), how,
-                          worker.requests)
             if worker.reason is None:
                 worker.reason = Reason.STOP if self.stopping else Reason.EXIT
+            if worker.ready_at is None:  # retired while it imported the app (SIGTTOU, a reload, a stop)
+                why = worker.why or ("the master stops" if worker.reason is Reason.STOP else worker.reason.value)
+                self.log.info("%s was stopped before it was ready (%s); it %s.", worker.describe().capitalize(), why, how)
+            else:
+                self.log.info("%s %s after retiring (%d request(s) served).", worker.describe().capitalize(), how,
+                              worker.requests)
             self._record_exit(worker, now)
             return
         if worker.state is State.ABORTING:

@@ -344,6 +344,20 @@ def test_killed_worker_is_replaced(served: Callable[..., Served]) -> None:
     assert victim not in survivors
 
 
+def test_ttou_and_term_while_workers_import(served: Callable[..., Served]) -> None:
+    """SIGTTOU, then SIGTERM, while the workers still import the app: each is stopped at once
+    (it has no handler yet) and the log says so. Before, it said "was killed by SIGHUP after
+    retiring (0 request(s) served)", as if the worker had served and failed to leave."""
+    server = served("--workers", "2", env={"APP_IMPORT_DELAY": "60"})
+    wait_for(lambda: len(server.workers()) == 2, timeout=10)
+    server.proc.send_signal(signal.SIGTTOU)
+    server.wait_log("was stopped before it was ready (SIGTTOU); it was killed by SIGHUP.")
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_log("was stopped before it was ready (the master stops); it was killed by SIGTERM.")
+    server.proc.wait(10)
+    assert "after retiring" not in server.log, server.log
+
+
 def test_a_worker_takes_every_term_as_graceful(served: Callable[..., Served]) -> None:
     """A second TERM (the master's retirement crossing the worker's own) never cuts a request."""
     server = served("--workers", "1")

@@ -683,6 +683,28 @@ def test_ttin_adds_a_slot_and_ttou_retires_the_last(running: Fleet) -> None:
     assert sorted(running.policy.slots) == [1]
 
 
+def test_a_worker_stopped_while_starting_is_logged_as_such(caplog: pytest.LogCaptureFixture) -> None:
+    """A worker retired before it was ready (SIGTTOU, a reload or a stop while it imports the
+    app) and killed by the signal it has no handler for yet is "stopped before it was ready",
+    not "killed by SIGHUP after retiring" (its log line said so before)."""
+    fleet = Fleet(3)
+    first, third = fleet.current(1), fleet.current(3)
+    fleet.ready(first, fleet.current(2))
+    caplog.set_level(logging.INFO, logger="test.policy")
+    fleet.command(signal.SIGTTOU)
+    fleet.exit(third, signum=RETIRE)
+    fleet.command(signal.SIGTTIN)
+    fourth = fleet.current(3)
+    fleet.command(signal.SIGTERM)
+    fleet.exit(fourth, signum=TERM)
+    fleet.exit(first)
+    assert [r.getMessage() for r in caplog.records if "pid" in r.getMessage()] == [
+        f"Worker 3 (pid {third.pid}) was stopped before it was ready (SIGTTOU); it was killed by SIGHUP.",
+        f"Worker 3 (pid {fourth.pid}) was stopped before it was ready (the master stops); it was killed by SIGTERM.",
+        f"Worker 1 (pid {first.pid}) exited with code 0 after retiring (0 request(s) served).",
+    ]
+
+
 def test_usr1_reopens_the_masters_logs_and_reaches_every_worker(running: Fleet) -> None:
     running.command(signal.SIGUSR1)
     assert running.reopened == 1
