@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.freed import assert_freed, collector_off, open_connection_objects
-from tests.http_client import Conn, build_request
+from tests.http_client import Conn, build_request, capture_log
 from uvworker.protocols.http import LINGER_TIME
 
 
@@ -143,3 +143,52 @@ def test_a_closed_connection_is_freed_at_once(serve: Any, ending: str) -> None:
             if "close" in ending:
                 assert conn.read_until_close() == b""
         assert_freed(objects)
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(serve: Any) -> None:
+    """A client may shut down its sending side once its request is out and read the answer
+    (RFC 9112 §9.6; Gunicorn and Hypercorn answer it, uvicorn drops it). The app's receive()
+    says http.disconnect, as for a client that has gone (a FIN may mean either), but what the
+    app sends still goes out, with Connection: close, and the connection is closed and freed
+    at once after it. An app that gives up on seeing the disconnect is no error: the
+    connection closes without an answer. Before, the FIN closed the connection: a slow app's
+    answer was lost (its send() raised ClientDisconnected). A WSGI app, which sees no
+    disconnect, is answered too; a FIN in the middle of a body still ends the request."""
+    seen: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = b""
+        while (message := await receive())["type"] == "http.request":
+            body += message["body"]
+        seen.append(message["type"])  # waits for the FIN: the disconnect comes after the body
+        if scope["path"] == "/give-up":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"got " + body})
+
+    def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"].read()
+        wait_for(lambda: registry and all(c.core.last_request for c in registry))  # the FIN is in
+        start_response("200 OK", [])
+        return [b"wsgi got " + body]
+
+    def half_closed(srv: Any, request_: bytes, reply: bytes) -> None:
+        with Conn.open(srv.host, srv.port) as conn:
+            conn.send(request_)
+            conn.sock.shutdown(socket.SHUT_WR)
+            data = read_all(conn.sock)
+            assert data.endswith(reply) and (b"\r\nconnection: close\r\n" in data.lower()) == bool(reply), data
+        wait_for(lambda: not registry, timeout=LINGER_TIME / 2)  # closed at once, not after a linger
+
+    with capture_log() as errors, serve(app) as srv:
+        registry = srv.server.state.connections  # type: ignore[union-attr]
+        half_closed(srv, build_request(), b"\r\n\r\ngot ")
+        post = build_request("POST", headers=[("Content-Length", "5")], body=b"hello")
+        half_closed(srv, post, b"\r\n\r\ngot hello")
+        half_closed(srv, build_request(target="/give-up"), b"")
+        half_closed(srv, post[:-2], b"")  # the body cut short: nothing to answer
+        wait_for(lambda: seen == ["http.disconnect"] * 4)
+    assert not errors, [r.getMessage() for r in errors]
+    with serve(wsgi_app) as srv:
+        registry = srv.server.state.connections  # type: ignore[union-attr]
+        half_closed(srv, post, b"\r\n\r\nwsgi got hello")

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -172,7 +173,8 @@ def test_gauges_and_shed_requests(start: Any, http: str) -> None:
         samples = server.scrape()
         assert samples["uvworker_requests_shed_total"] == 1
         assert samples["uvworker_connections_open"] >= 1
-    # The client left: its request ends.
+        # The client leaves (a reset: a FIN alone would be a half-close, still answered): its request ends.
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     wait_for(lambda: server.scrape()["uvworker_requests_in_flight"] == 0, timeout=10)
     with websockets.connect(server.url.replace("http", "ws") + "/ws", open_timeout=10) as ws:
         wait_for(lambda: server.scrape()["uvworker_websockets_open"] == 1, timeout=10)

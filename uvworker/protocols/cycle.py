@@ -11,7 +11,8 @@ this module keeps:
   reported (``body_consumed``), so a stream with a window (HTTP/2) can reopen it.
 * ``send()`` waits (``drain``) only while the stream says writing is paused.
 * After the client has gone, ``send()`` raises :class:`ClientDisconnected` (an ``OSError``)
-  and ``receive()`` returns ``http.disconnect``.
+  and ``receive()`` returns ``http.disconnect``. After a half-close (HTTP/1.1: the client's
+  FIN behind its whole request) ``receive()`` says so too, but ``send()`` still sends.
 * An app that fails, or returns without finishing its response, gets the stream's ``fail``:
   a 500 if nothing is out yet, else the stream is cut (a client must never mistake a partial
   response for a whole one).
@@ -110,7 +111,7 @@ class RequestCycle:
     # class default read through an instance is the generic lookup too.
     __slots__ = (
         "stream", "scope", "expect_continue", "start_clock", "chunks", "buffered", "more_body", "final_delivered",
-        "disconnected", "waiter", "response_started", "response_complete", "status", "response_headers",
+        "disconnected", "half_closed", "waiter", "response_started", "response_complete", "status", "response_headers",
         "bytes_sent", "streaming", "trailers_pending", "trailer_fields", "task", "finished",
         "__weakref__",  # as any object's: tests (tests/freed.py) and tools watch cycles go
     )
@@ -125,6 +126,7 @@ class RequestCycle:
         self.more_body = True
         self.final_delivered = False
         self.disconnected = False
+        self.half_closed = False  # the client sends nothing more, but may read the response
         self.waiter: asyncio.Future[None] | None = None
         self.response_started = False
         self.response_complete = False
@@ -163,6 +165,12 @@ class RequestCycle:
         self.disconnected = True
         self._wake()
 
+    def on_half_close(self) -> None:
+        """The client's FIN after its whole request: receive() says http.disconnect once the
+        body is taken, send() still sends, and an app that stops is not at fault."""
+        self.half_closed = True
+        self._wake()
+
     def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None:
@@ -180,9 +188,10 @@ class RequestCycle:
             if self.more_body or self.final_delivered:
                 if self.more_body:
                     self.stream.want_body()
-                self.waiter = self.stream.loop.create_future()
-                await self.waiter
-        if self.disconnected or self.response_complete:
+                if not self.half_closed:
+                    self.waiter = self.stream.loop.create_future()
+                    await self.waiter
+        if self.disconnected or self.response_complete or (self.half_closed and self.final_delivered):
             return {"type": "http.disconnect"}
         chunks = self.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -282,6 +291,10 @@ class RequestCycle:
             raise
         else:
             if (not self.response_complete or self.trailers_pending) and not self.disconnected:
+                if self.half_closed:  # told http.disconnect, it gave up: no error, and no answer
+                    self.disconnected = self.response_complete = True
+                    self.stream.fail(self)
+                    return
                 if not self.response_started:
                     logger.error("ASGI callable returned without starting a response.")
                 elif self.response_complete:

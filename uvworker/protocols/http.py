@@ -27,6 +27,10 @@ The server's sweep enforces the deadline a few times a second (``check_deadline`
 --timeout-request it ends a CYCLE whose response is not complete in time (``expire_requests``):
 504 if nothing is out yet, else the close (a partial response must not pass for a whole one).
 
+The client's FIN in CYCLE, after its whole request, is a half-close: the response still goes
+out (the app's receive() says http.disconnect), then the connection closes. Anywhere else the
+FIN closes the connection (LINGER: the graceful close is complete).
+
 A fresh connection starts in WAIT_HEAD, so a client that connects and never sends a request
 is cut off by the header timeout, and one that trickles its head is cut off by the same
 deadline (it is not reset by later bytes). While a cycle runs, further pipelined input is held
@@ -55,7 +59,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any
 
-from uvworker.core.h1 import DISCARD, NEXT, BodyLengthError, H1Core
+from uvworker.core.h1 import CLOSE, DISCARD, NEXT, BodyLengthError, H1Core
 from uvworker.core.request import accepts_trailers
 from uvworker.core.tls import tls_extension
 from uvworker.errors import HTTPError
@@ -195,7 +199,25 @@ class HTTPConnection(Connection):
     def eof_received(self) -> bool | None:
         if self.phase == LINGER:
             Connection.close(self)  # the client's FIN: the graceful close is complete
+        elif self.phase == CYCLE:
+            return self._half_closed()
         return None
+
+    def _half_closed(self) -> bool:
+        """The client's FIN while its request is served: a client that sent its whole request
+        may half-close and still read the answer (RFC 9112 §9.6; Gunicorn and Hypercorn answer
+        it, uvicorn drops it). The app's receive() says http.disconnect from now on, as when the
+        client has gone (which its FIN may mean too), but what it sends still goes out, and the
+        connection closes after the response. Returns whether the transport stays open."""
+        cycle, core = self.cycle, self.core
+        if cycle is None or cycle.response_complete or not core.body_complete or not self.transport.can_write_eof():
+            return False  # (TLS cannot half-close; a body cut short cannot be answered)
+        core.keep_alive = False
+        core.last_request = True  # nothing more comes: closed at once after the response
+        if core.after == NEXT:
+            core.after = CLOSE  # a head already out said keep-alive
+        cycle.on_half_close()
+        return True
 
     def pause_writing(self) -> None:
         # The client is not reading what we send: stop reading (and answering) what it sends,
@@ -476,7 +498,10 @@ class HTTPConnection(Connection):
     def fail(self, cycle: RequestCycle) -> None:
         if self.cycle is not cycle or self.phase == CLOSED:
             return
-        if not cycle.response_started or self.core.head:  # nothing is out yet: answer 500
+        if cycle.disconnected:  # an app that gave up on a client that half-closed (and may have gone)
+            self.state.request_done(cycle)
+            Connection.close(self)
+        elif not cycle.response_started or self.core.head:  # nothing is out yet: answer 500
             cycle.response_started = True
             cycle.status = 500
             self.send_error(500, "Internal Server Error", cycle)
