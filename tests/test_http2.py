@@ -219,7 +219,7 @@ async def stream_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b"part", "more_body": True})
         raise RuntimeError("boom")
     if path == "/no-content":
-        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.start", "status": 204, "headers": [(b"content-length", b"0")]})
         await send({"type": "http.response.body", "body": b""})
         return
     await send({"type": "http.response.start", "status": 200, "headers": [
@@ -241,7 +241,7 @@ def test_streaming_head_errors() -> None:
         r = client.response(client.request("HEAD", "/stream"))
         assert (r.status, r.body) == (200, b"")
         r = get(client, "/no-content")
-        assert (r.status, r.body) == (204, b"")
+        assert (r.status, r.body, r.get(b"content-length")) == (204, b"", None)  # RFC 9110 §8.6: none in a 204
         r = get(client, "/error")
         assert r.status == 500 and r.body == b"Internal Server Error"
         r = get(client, "/error-after-start")

@@ -167,6 +167,20 @@ def test_no_body_statuses(serve: Any, status: int) -> None:
         conn.assert_open()
 
 
+@pytest.mark.parametrize("length", [b"0", b"5"])
+def test_a_204_drops_the_apps_content_length(serve: Any, length: bytes) -> None:
+    """RFC 9110 §8.6: a server MUST NOT send Content-Length in a 204. One the app sets (some
+    frameworks send "0") is left out; the other fields stay. Before, it passed through, as in
+    uvicorn and Gunicorn."""
+    app = parts_app(status=204, headers=[(b"Content-Length", length), (b"x-kept", b"1")], parts=[])
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request() + build_request(target="/2"))
+        for _ in range(2):
+            resp = conn.read_response()
+            assert (resp.status, resp.get("content-length"), resp.get("x-kept")) == (204, None, "1")
+        conn.assert_open()
+
+
 def test_304_keeps_app_content_length_without_body(serve: Any) -> None:
     app = parts_app(status=304, headers=[(b"content-length", b"5"), (b"etag", b'"x"')], parts=[])
     with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:

@@ -311,6 +311,8 @@ class H1Core:
         if status in NO_BODY_STATUSES:
             self.no_body = True
             self.remaining = 0
+            if status == 204 and length is not None:  # RFC 9110 §8.6: none in a 204 (a 304 may say the GET's)
+                parts[2] = self._header_lines([pair for pair in headers if pair[0].lower() != b"content-length"])[0]
         elif self.head_method:
             self.no_body = True
         if self.expect_continue and not self.body_complete:

@@ -144,9 +144,12 @@ class H2Stream:
             self.conn.flush_soon()
 
     def send_start(self, status: int, headers: Any) -> None:
-        self.head, self.remaining = self.conn.head.encode(status, headers)
+        head, self.remaining = self.conn.head.encode(status, headers)
         if status in NO_BODY_STATUSES or self.head_method:
             self.no_body = True
+            if status == 204 and self.remaining is not None:  # RFC 9110 §8.6: none in a 204
+                head = [pair for pair in head if pair[0] != b"content-length"]
+        self.head = head
 
     def send_body(self, cycle: RequestCycle, body: bytes, more: bool) -> None:
         if self.ended:
