@@ -182,12 +182,16 @@ class ServerState:
 
 
 class Connection(asyncio.Protocol):
-    phase = CLOSED
-    deadline = 0.0  # 0: none running; else the loop time the sweep acts at
     task: asyncio.Task[None] | None = None
     transport: asyncio.Transport
 
     websocket = False  # a WebSocket session (for the metrics' count)
+
+    # Slots (a subclass without its own has a dict as well): one block, attributes at fixed offsets.
+    __slots__ = (
+        "state", "config", "loop", "phase", "deadline", "write_paused", "reading_paused", "_drain_waiters", "transport",
+        "batch", "__weakref__",  # as any object's: tests (tests/freed.py) and tools watch cycles go
+    )
 
     def __init__(self, state: ServerState) -> None:
         # Every attribute a protocol sets, here (see RequestCycle.__init__ for why): uvloop
@@ -196,7 +200,7 @@ class Connection(asyncio.Protocol):
         self.config = state.config
         self.loop = state.loop
         self.phase = CLOSED
-        self.deadline = 0.0
+        self.deadline = 0.0  # 0: none running; else the loop time the sweep acts at
         self.write_paused = False
         self.reading_paused = False
         # A list once a writer waits (few connections ever have one: none is made for the others).

@@ -103,7 +103,7 @@ class RequestCycle:
 
     # Slots: a cycle per request, so no dict (compact values) to make and free, and every
     # attribute at a fixed offset; each is set in __init__. The classes that keep a dict (the
-    # connections) set every attribute in __init__ too, none as a class default:
+    # HTTP/2 and WebSocket connections) set every attribute in __init__ too, none as a class default:
     # CPython 3.11 fixes the attribute names an instance can keep in its compact values
     # (shared with the other instances) after the first 30 instances are made. Objects come in
     # bursts (all the requests of one wake-up before any app runs), so a name first set later

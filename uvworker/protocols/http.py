@@ -93,6 +93,14 @@ EAGER_ABOVE = 384
 
 
 class HTTPConnection(Connection):
+    # Slots, as Connection's (whose come first in the block): one block per connection, with no
+    # compact values array apart from it, and the attributes a request reads most up front:
+    # fewer cache lines for a request to touch, each cold by its turn at 1024 connections.
+    __slots__ = (
+        "core", "parser", "starting", "cycle", "fresh", "send_start", "upgrade", "_lingered", "_early", "_file_waiter",
+        "is_tls", "h2c", "_preface", "wsgi_environ",
+    )
+
     def __init__(self, state: ServerState) -> None:
         super().__init__(state)
         self.phase = WAIT_HEAD
