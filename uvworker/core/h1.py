@@ -305,14 +305,11 @@ class H1Core:
             self.remaining = length
         if close:
             self.keep_alive = False
-        parts = [
-            STATUS_LINES[status], self.defaults.without(headers) if override_defaults else self.defaults.encoded, lines,
-        ]
         if status in NO_BODY_STATUSES:
             self.no_body = True
             self.remaining = 0
             if status == 204 and length is not None:  # RFC 9110 §8.6: none in a 204 (a 304 may say the GET's)
-                parts[2] = self._header_lines([pair for pair in headers if pair[0].lower() != b"content-length"])[0]
+                lines = self._header_lines([pair for pair in headers if pair[0].lower() != b"content-length"])[0]
         elif self.head_method:
             self.no_body = True
         if self.expect_continue and not self.body_complete:
@@ -321,15 +318,19 @@ class H1Core:
             self.keep_alive = False
         if not self.keep_alive_allowed:
             self.keep_alive = False
-        if self.remaining is not None:
+        defaults = self.defaults.without(headers) if override_defaults else self.defaults.encoded
+        if self.remaining is None:
+            self.head = b"".join((STATUS_LINES[status], defaults, lines))
+        else:
             # Framed by Content-Length (or bodiless by status): nothing the body does can change
             # the head now, so it is finished here, in the same join (body() takes it as is).
             if not self.keep_alive:
-                parts.append(b"connection: close\r\n")
+                end = b"connection: close\r\n\r\n"
             elif self.http10:
-                parts.append(b"connection: keep-alive\r\n")
-            parts.append(b"\r\n")
-        self.head = b"".join(parts)
+                end = b"connection: keep-alive\r\n\r\n"
+            else:
+                end = b"\r\n"
+            self.head = b"".join((STATUS_LINES[status], defaults, lines, end))
 
     def _header_lines(self, headers: Any) -> tuple[bytes, int | None, bool, bool]:
         """The app's response fields, checked: (their lines, the Content-Length or None, whether
