@@ -130,7 +130,7 @@ from typing import Any, ClassVar, Protocol
 import h11
 
 from uvworker.core.request import (
-    KNOWN_METHODS, TCHARS, Headers, check_chunked, check_request_line, read_field_line,
+    KNOWN_METHODS, TCHARS, Headers, check_chunked, check_request_line, known_request_line, read_field_line,
 )
 from uvworker.errors import HTTPError
 
@@ -393,8 +393,8 @@ KEPT_BLOCKS = 256  # field blocks an adapter class keeps for every connection (_
 
 
 class _Adapter:
-    """Held input, body framing and our own head reading; a subclass's ``_fast`` tries its
-    parser on a read that starts a request."""
+    """Held input, body framing and our own head reading; a subclass's ``feed`` tries its
+    parser on a read that starts a request (in the _IDLE state; ``_drive`` takes the others)."""
 
     # One per connection: slots, one block (a compact values array is a second: 50 bytes more).
     __slots__ = (
@@ -425,10 +425,7 @@ class _Adapter:
         self._fields_read: Headers = _NO_FIELDS
 
     def feed(self, data: bytes) -> None:
-        if self._state == _IDLE:
-            self._fast(data)
-        else:
-            self._drive(data)
+        raise NotImplementedError
 
     def next_cycle(self) -> None:
         """The current response is done: parse the held input, up to the next request's end."""
@@ -436,7 +433,7 @@ class _Adapter:
         self._state = _IDLE
         data, self._buf = self._buf, b""
         if data:
-            self._fast(bytes(data))
+            self.feed(bytes(data))
 
     def detach(self) -> None:
         """The connection is gone: let go of the sink, which holds this adapter (H1Core.detach)."""
@@ -454,14 +451,24 @@ class _Adapter:
         line = len(data) - len(fields) - 2  # where the request line's CRLF must be, the first
         if data.find(b"\r\n") != line:
             return False
-        try:
-            method, target, version = check_request_line(data[:line])
-        except HTTPError:
-            return False  # the parser says how to refuse it
+        request_line = data[:line]
+        read = known_request_line(request_line)  # check_request_line's answer, kept (no call)
+        if read is None:
+            try:
+                read = check_request_line(request_line)
+            except HTTPError:
+                return False  # the parser says how to refuse it
+        method, target, version = read
         if target[0] != 47:
             return False
-        self.sink.on_head(method, target, version, self._fields_read.copy())
-        self._end(b"")
+        sink = self.sink
+        sink.on_head(method, target, version, self._fields_read.copy())
+        # _end(b""), inlined (a call less on the hot path): nothing follows the head.
+        self._buf = b""
+        self._state = _DONE
+        self.held = True
+        self.holding_input = False
+        sink.on_end()
         return True
 
     def _keep_fields(self, data: bytes, headers: Headers) -> None:
@@ -490,9 +497,6 @@ class _Adapter:
     def trailing_data(self) -> bytes:
         """Input after the current request (after an upgrade request: the other protocol's)."""
         return bytes(self._buf) if self.held else b""
-
-    def _fast(self, data: bytes) -> None:
-        raise NotImplementedError
 
     def _parser_body(self, data: bytes) -> None:
         raise NotImplementedError
@@ -525,7 +529,7 @@ class _Adapter:
         elif state == _PARSER_BODY:
             self._parser_body(data)
         else:
-            self._fast(data)
+            self.feed(data)
 
     def _read_head(self, data: bytes) -> None:
         """A head that no parser took whole: read it ourselves (see the table)."""
@@ -667,9 +671,6 @@ class HttptoolsAdapter(_Adapter):
         else:  # the head goes on in later reads: read it ourselves from the start
             self._new_parser()
             self._read_head(data)
-
-    def _fast(self, data: bytes) -> None:
-        self.feed(data)  # next_cycle, and _drive in the _IDLE state
 
     def _failed(self, data: bytes, exc: Exception) -> None:
         httptools = self._httptools
@@ -842,7 +843,10 @@ class H11Adapter(_Adapter):
     def __init__(self, sink: Sink, limits: Limits) -> None:
         super().__init__(sink, limits.for_h11())
 
-    def _fast(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> None:
+        if self._state != _IDLE:
+            self._drive(data)
+            return
         if self._fields and self._repeat(data):
             return
         try:

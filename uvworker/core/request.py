@@ -80,6 +80,9 @@ def check_request_line(line: bytes) -> tuple[bytes, bytes, str]:
 
 
 _read_lines: dict[bytes, tuple[bytes, bytes, str]] = {}  # most requests repeat a few request lines
+# check_request_line's answer for a line it read before, else None: a lookup without a call
+# (the same dict however often it is cleared).
+known_request_line = _read_lines.get
 
 
 def _read_request_line(line: bytes) -> tuple[bytes, bytes, str]:
