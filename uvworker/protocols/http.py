@@ -293,7 +293,10 @@ class HTTPConnection(Connection):
     def on_end(self) -> None:
         cycle = self.cycle
         if cycle is not None:
-            cycle.on_end()
+            if cycle.waiter is None:  # cycle.on_end(), inlined: most GETs end before the app asks for body
+                cycle.more_body = False
+            else:
+                cycle.on_end()
             self.deadline = 0.0
 
     def on_discarded(self, reusable: bool) -> None:
