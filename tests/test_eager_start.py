@@ -35,11 +35,13 @@ def started_as(task: asyncio.Task[Any] | None) -> str:
 
 def test_current_task_and_context_are_the_requests_own(serve: Any, start: str) -> None:
     """current_task() is a real Task from the app's first line, a new one per request, named
-    as before; a context variable set by one request is not seen by the next."""
+    as before, on the server's loop and listed by all_tasks(); a context variable set by one
+    request is not seen by the next."""
     seen: list[tuple[Any, str, str, str]] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         task = asyncio.current_task()
+        assert task is not None and task in asyncio.all_tasks() and task.get_loop() is asyncio.get_running_loop()
         before = REQUEST_ID.get()
         REQUEST_ID.set(scope["path"])
         await asyncio.sleep(0)  # a later step: the same task and context

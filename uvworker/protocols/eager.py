@@ -83,7 +83,9 @@ def run(state: ServerState, cycle: RequestCycle) -> None:
         return
     context = Context() if state.config.reset_contextvars else copy_context()
     eager = Eager()
-    task = cycle.task = Task(eager, loop=loop, name=REQUEST_TASK, context=context)
+    # Without loop=: run is called from the server's loop callbacks, and Task finds the running
+    # loop itself for less than parsing the keyword (as state.start_app does).
+    task = cycle.task = Task(eager, name=REQUEST_TASK, context=context)
     try:
         _enter_task(loop, task)
         outer = None
