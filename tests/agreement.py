@@ -50,7 +50,9 @@ class _Sink:
     def __init__(self, verdict: Verdict) -> None:
         self.verdict = verdict
 
-    def on_head(self, method: bytes, target: bytes, http_version: str, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_head(
+        self, method: bytes, target: bytes, http_version: str, headers: list[tuple[bytes, bytes]], complete: bool,
+    ) -> None:
         assert http_version in ("1.0", "1.1"), http_version
         assert all(type(n) is bytes and type(v) is bytes for n, v in headers), headers
         keep_alive = check_head(http_version, headers)[0]
@@ -58,6 +60,8 @@ class _Sink:
         self.verdict.requests.append(Request(
             scope["method"], scope["path"], scope["raw_path"], scope["query_string"], http_version, headers, keep_alive,
         ))
+        if complete:  # a bodiless head read whole: the request ends with it (no on_end follows)
+            self.on_end()
 
     def on_fields_kept(self, headers: list[tuple[bytes, bytes]]) -> None:
         pass

@@ -21,13 +21,20 @@ CLIENT, SERVER = ("10.0.0.7", 50000), ("127.0.0.1", 8000)
 
 
 class Recorder:
-    """The handler: records every event the core produces."""
+    """The handler: records every event the core produces. A request whose body is complete
+    when it is delivered (a bodiless head read whole: no on_end follows) is recorded with its
+    end, as a request and then its end would be; ``whole`` counts those."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, Any]] = []
+        self.core: H1Core | None = None
+        self.whole = 0
 
     def on_request(self, scope: dict[str, Any]) -> None:
         self.events.append(("request", scope))
+        if self.core is not None and self.core.body_complete:
+            self.whole += 1
+            self.events.append(("end", None))
 
     def on_upgrade(self, scope: dict[str, Any]) -> None:
         self.events.append(("upgrade", scope))
@@ -63,7 +70,7 @@ def make(parser: str, **options: Any) -> tuple[H1Core, Recorder]:
     recorder = Recorder()
     defaults = HeadDefaults([(b"server", b"uvworker")], date=False)
     options.setdefault("limits", Limits(8190, 100, 8190))
-    core = H1Core(H1Options(parser=parser, **options), recorder, defaults, CLIENT, SERVER, "http")
+    core = recorder.core = H1Core(H1Options(parser=parser, **options), recorder, defaults, CLIENT, SERVER, "http")
     return core, recorder
 
 
@@ -427,6 +434,19 @@ def test_head_kept_from_the_second(parser: str, monkeypatch: pytest.MonkeyPatch)
     scopes = [value for kind, value in rec.events if kind == "request"]
     assert len(scopes) == 4 and all(s["client"] == CLIENT and s["server"] == SERVER for s in scopes)
     assert len({id(s) for s in scopes}) == 4 and scopes[2]["headers"] is not scopes[3]["headers"]
+
+
+def test_repeated_head_is_the_whole_request(parser: str) -> None:
+    """From a connection's third identical bodiless head on (the adapter's repeat path), the
+    request comes as one event: on_request with body_complete already true, no on_end; the
+    first two come as a request and then its end. Either way no 100 Continue is due."""
+    core, rec = make(parser)
+    for _ in range(4):
+        core.feed(HELLO)
+        assert core.body_complete and core.continue_() == b""
+        respond(core, headers=[(b"content-length", b"5")])
+        core.next_request()
+    assert rec.whole == 2 and rec.kinds() == ["request", "end"] * 4  # two of the ends recorded as whole
 
 
 def test_response_fields_kept_per_process(parser: str, monkeypatch: pytest.MonkeyPatch) -> None:

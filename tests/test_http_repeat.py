@@ -137,3 +137,29 @@ def test_connections_sending_the_same_fields_share_no_list(serve: Any) -> None:
             assert resp.status == 400 and b"Duplicate Host" in resp.body
     assert len(seen) == 6 and all(headers == seen[0] for headers in seen)
     assert seen[0][0][0] == b"host" and seen[0][0][1] != b"changed" and len(seen[0]) >= 1
+
+
+def test_repeated_bodiless_heads_end_at_once(serve: Any) -> None:
+    """A head read whole on the repeat path is the whole request (no end event follows it): the
+    app's receive() gives the empty, last body at once, on every request; a POST with a body
+    on the same connection after them still gets its body."""
+    received: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        message = await receive()
+        received.append(message)
+        while message.get("more_body", False):
+            message = await receive()
+            received.append(message)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for _ in range(4):  # from the third on, the repeat path
+            conn.send(build_request())
+            assert conn.read_response().status == 200
+        conn.send(build_request("POST", headers=[("content-length", "5")]))
+        conn.send(b"hello")
+        assert conn.read_response().status == 200
+    assert received[:4] == [{"type": "http.request", "body": b"", "more_body": False}] * 4
+    assert b"".join(m["body"] for m in received[4:]) == b"hello" and not received[-1]["more_body"]

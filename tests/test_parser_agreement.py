@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from typing import Any
 
 import pytest
 
@@ -105,20 +106,21 @@ def test_near_repeats(line: bytes) -> None:
 
 
 def test_repeated_fields_skip_the_parser(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same field block again after another request line: the parser is not called, and
-    each request gets a list of its own (a sink that changes one does not change the next)."""
-    seen: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+    """The same field block again after another request line: the parser is not called, each
+    request gets a list of its own (a sink that changes one does not change the next), and
+    each comes whole: one on_head that says complete, no on_end (the parser's: head, then end)."""
+    seen: list[Any] = []
 
     class Sink:
-        def on_head(self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]]) -> None:
-            seen.append((target, list(headers)))
+        def on_head(self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]], complete: bool) -> None:
+            seen.append((target, list(headers), complete))
             headers.append((b"x-added", b"1"))
 
         def on_fields_kept(self, headers: list[tuple[bytes, bytes]]) -> None:
             pass
 
         def on_end(self) -> None:
-            pass
+            seen.append("end")
 
     fields = REPEATED
     for parser in PARSERS:
@@ -134,7 +136,9 @@ def test_repeated_fields_skip_the_parser(monkeypatch: pytest.MonkeyPatch) -> Non
             adapter.feed(b"GET " + target + b" HTTP/1.1\r\n" + fields)
             adapter.next_cycle()
         monkeypatch.undo()
-        assert seen == [(t, [(b"host", b"a"), (b"accept", b"*/*")]) for t in (b"/0", b"/1", b"/2", b"/3?q", b"/1")], parser
+        fields_read = [(b"host", b"a"), (b"accept", b"*/*")]
+        parsed = [item for t in (b"/0", b"/1") for item in ((t, fields_read, False), "end")]
+        assert seen == parsed + [(t, fields_read, True) for t in (b"/2", b"/3?q", b"/1")], parser
 
 
 def test_request_lines_kept_bounded() -> None:

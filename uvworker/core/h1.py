@@ -27,8 +27,9 @@ Rules this module keeps:
 Theory of operation. The transport (``protocols.http``) moves bytes and runs timers; it calls:
 
     feed(data)             the PROXY header if expected, then the parser; the handler gets
-                           on_request(scope) | on_upgrade(scope), on_body(data), on_end(),
-                           on_discarded(reusable); refused input raises HTTPError
+                           on_request(scope) | on_upgrade(scope), on_body(data), on_end()
+                           (none after a head read whole: body_complete is set at
+                           on_request), on_discarded(reusable); refused input raises HTTPError
                            (``receive_data`` turns it into an on_refused(error) event)
     continue_()            the bytes of a 100 Continue, once, if the client asked for one
     start(status, headers) checks and encodes the response head (RuntimeError if invalid)
@@ -78,7 +79,9 @@ VERDICTS = {(k, e, None, p): (k, e, None, p) for k in (True, False) for e in (Tr
 
 
 class Handler(Protocol):
-    """The events a connection's core produces (the transport implements them)."""
+    """The events a connection's core produces (the transport implements them). A request is
+    ``on_request`` (or ``on_upgrade``), its body's pieces and ``on_end``; or ``on_request``
+    alone when the core's ``body_complete`` is already true then (a bodiless head read whole)."""
 
     def on_request(self, scope: dict[str, Any]) -> None: ...
     def on_upgrade(self, scope: dict[str, Any]) -> None: ...
@@ -219,7 +222,7 @@ class H1Core:
         return self.parser.trailing_data
 
     # -- parser events (the adapters' sink) ----------------------------------------------------------
-    def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers) -> None:
+    def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers, complete: bool) -> None:
         if http_version != "1.1" and http_version != "1.0":
             http_version = check_version(http_version)
         checked = self._checked
@@ -247,7 +250,7 @@ class H1Core:
         if not keep_alive:  # the client's last request: the connection closes after it anyway
             self.last_request = True
         self.expect_continue = expect
-        self.body_complete = False
+        self.body_complete = complete  # true: no on_end follows, for us or the handler
         self.http10 = http10 = http_version == "1.0"
         scope["extensions"] = self.extensions_10.copy() if http10 else self.extensions.copy()
         self.head_method = method == b"HEAD"

@@ -2,9 +2,14 @@
 
 An adapter turns bytes into exactly three sink events:
 
-    sink.on_head(method, target, http_version, headers)   request line + header block
+    sink.on_head(method, target, http_version, headers, complete)
+                                                          request line + header block
     sink.on_body(data)                                    a piece of the request body
     sink.on_end()                                         the request is complete
+
+A request is ``on_head`` with ``complete`` false, its body's pieces and ``on_end``; or, for a
+bodiless head the adapter knows to be whole when it delivers it (the repeat path, below),
+``on_head`` with ``complete`` true alone: the same request in one event, a call less.
 
 or raises :class:`HTTPError` for input it refuses (the connection answers with its status and
 closes). Headers arrive as ``(lowercased name, value)`` byte pairs, values without surrounding
@@ -141,7 +146,7 @@ MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions, at most
 
 
 class Sink(Protocol):
-    def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers) -> None: ...
+    def on_head(self, method: bytes, target: bytes, http_version: str, headers: Headers, complete: bool) -> None: ...
     def on_fields_kept(self, headers: Headers) -> None: ...  # the last head's, as kept (_keep_fields)
     def on_body(self, data: bytes) -> None: ...
     def on_end(self) -> None: ...
@@ -461,14 +466,12 @@ class _Adapter:
         method, target, version = read
         if target[0] != 47:
             return False
-        sink = self.sink
-        sink.on_head(method, target, version, self._fields_read.copy())
-        # _end(b""), inlined (a call less on the hot path): nothing follows the head.
+        self.sink.on_head(method, target, version, self._fields_read.copy(), True)  # the request, whole
+        # As _end(b"") without its on_end (the head said complete): nothing follows the head.
         self._buf = b""
         self._state = _DONE
         self.held = True
         self.holding_input = False
-        sink.on_end()
         return True
 
     def _keep_fields(self, data: bytes, headers: Headers) -> None:
@@ -554,7 +557,7 @@ class _Adapter:
 
     def _deliver(self, method: bytes, target: bytes, version: str, headers: Headers, rest: bytes) -> None:
         """A head we read ourselves, or one whose body we frame: the body follows in ``rest``."""
-        self.sink.on_head(method, target, version, headers)
+        self.sink.on_head(method, target, version, headers, False)
         self._frame(headers, rest)
 
     def _frame(self, headers: Headers, rest: bytes) -> None:
@@ -767,7 +770,7 @@ class HttptoolsAdapter(_Adapter):
             raise _Reread
         self._state = _PARSER_BODY
         self._request_headers = headers  # ours: the sink's list may change (the app has it)
-        self.sink.on_head(method, url, version, headers.copy())
+        self.sink.on_head(method, url, version, headers.copy(), False)
 
     def _oversize(self, data: bytes, headers: Headers) -> bool:
         """Whether the head may break a limit (then HeadReader counts it exactly)."""
@@ -874,7 +877,7 @@ class H11Adapter(_Adapter):
                         break  # the body is framed by our reading of the head, below
                 else:
                     read = headers.copy()  # the sink's list may change
-                    self.sink.on_head(method, target, version, headers)
+                    self.sink.on_head(method, target, version, headers, False)
                     if end == len(data):
                         if self._fields is None:  # the first: nothing kept (see _keep_fields)
                             self._fields = b""

@@ -116,14 +116,16 @@ class RequestCycle:
         "__weakref__",  # as any object's: tests (tests/freed.py) and tools watch cycles go
     )
 
-    def __init__(self, stream: Stream, scope: dict[str, Any], expect_continue: bool = False) -> None:
+    def __init__(
+        self, stream: Stream, scope: dict[str, Any], expect_continue: bool = False, more_body: bool = True,
+    ) -> None:
         self.stream = stream
         self.scope = scope
         self.expect_continue = expect_continue
         self.start_clock = _clock()
         self.chunks: list[bytes] | tuple[()] = ()
         self.buffered = 0
-        self.more_body = True
+        self.more_body = more_body  # false: the request has no body, and has ended
         self.final_delivered = False
         self.disconnected = False
         self.half_closed = False  # the client sends nothing more, but may read the response

@@ -252,7 +252,9 @@ class HTTPConnection(Connection):
         state = self.state
         self.deadline = 0.0
         self.phase = CYCLE
-        cycle = self.cycle = RequestCycle(self, scope, self.core.expect_continue)
+        core = self.core
+        # A bodiless request read whole has ended already (no on_end follows).
+        cycle = self.cycle = RequestCycle(self, scope, core.expect_continue, not core.body_complete)
         state.active_requests += 1
         limit = self.config.limit_concurrency
         if limit is not None and state.active_requests > limit:
