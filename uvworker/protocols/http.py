@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("uvworker.error")
 
 WAIT_HEAD, KEEP_ALIVE, CYCLE, UPGRADE, LINGER = range(1, 6)
+_new = object.__new__
 WRITE_BATCH = 64 * 1024  # streamed response bytes that may wait for the end of a loop turn
 EARLY_DATA_LIMIT = 64 * 1024  # bytes a client may send behind a WebSocket handshake, unparsed
 LINGER_BYTES = 1024 * 1024  # how much input a linger (LINGER_TIME) reads and drops at most
@@ -254,7 +255,10 @@ class HTTPConnection(Connection):
         self.phase = CYCLE
         core = self.core
         # A bodiless request read whole has ended already (no on_end follows).
-        cycle = self.cycle = RequestCycle(self, scope, core.expect_continue, not core.body_complete)
+        # RequestCycle(...) without the class call, whose generic path (type.__call__, then
+        # __init__ looked up and called with a tuple) costs ~180 instructions more.
+        cycle = self.cycle = _new(RequestCycle)
+        cycle.__init__(self, scope, core.expect_continue, not core.body_complete)
         state.active_requests += 1
         limit = self.config.limit_concurrency
         if limit is not None and state.active_requests > limit:
