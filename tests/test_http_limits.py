@@ -30,6 +30,20 @@ class PathApp:
         await respond(send, body=body)
 
 
+def reset_by_peer(conn: Conn) -> bool:
+    """Whether a byte sent on ``conn`` (after the server's FIN) shows the server has closed its
+    socket: the kernel answers it with a reset, which a later send or read raises."""
+    try:
+        conn.sock.send(b"x")
+        conn.sock.settimeout(0.1)
+        conn.sock.recv(1)
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        pass
+    return False
+
+
 def rejected(srv: Any, raw: bytes, status: int) -> Response:
     """Send ``raw`` plus a valid pipelined request; expect exactly one ``status`` response
     with Connection: close, then EOF."""
@@ -298,6 +312,15 @@ def test_limit_concurrency_503(serve: Any) -> None:
                 assert resp.status == 503
                 assert resp.has_token("connection", "close")
                 shed.read_until_close()
+            # The shed connection, which its client keeps open and silent after our FIN, is
+            # closed once the linger is over (LINGER_TIME, 2 s): a byte sent then meets a reset.
+            # (Its request ended after the 503 began the linger and cleared its deadline: kept
+            # until the client's FIN, a descriptor for every shed client that never closes.)
+            with Conn.open(srv.host, srv.port) as silent:
+                silent.send(build_request(target="/shed"))
+                assert silent.read_response(timeout=1.0).status == 503
+                silent.read_until_close()
+                wait_for(lambda: reset_by_peer(silent), timeout=15, interval=0.25)
             release.set()
             assert busy.read_response().body == b"/block"
         # Load shedding is temporary.

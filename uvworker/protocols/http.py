@@ -303,7 +303,8 @@ class HTTPConnection(Connection):
                 cycle.more_body = False
             else:
                 cycle.on_end()
-            self.deadline = 0.0
+            if self.phase == CYCLE:  # the body's deadline; not a linger's (a 503 closed at once)
+                self.deadline = 0.0
 
     def on_discarded(self, reusable: bool) -> None:
         """The body the app left unread after its response has been dropped (or was too big)."""
