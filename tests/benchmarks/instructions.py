@@ -18,8 +18,13 @@ switches), and the drive waits for a round's responses without spinning.
 does: every connection reads its request, then the loop runs every app, then the next round.
 The requests of a round are all alive at once, so what a request costs more at 1024
 connections than at 1 is per-connection work (instructions) or footprint (``--cache``:
-cachegrind's simulated L1 data and last-level misses per request, the last level modelled
-as a 2 MiB private L2 like the suite's machines').
+cachegrind's simulated L1 data and last-level misses per request). The simulated caches are
+this machine's, read from Linux's sysfs (``cache_geometry``): its L1 data and instruction
+caches, and as the last level its L2, a core's own (cachegrind models two levels; an L3, where
+there is one, is shared with the other cores, and an L2 miss is what costs a request tens of
+cycles). Where sysfs says nothing (not Linux, a container hiding it), a common modern core's:
+L1d and L1i 32 KiB 8-way, L2 1 MiB 8-way, 64-byte lines. The geometry is printed with the
+figures.
 
 ``--functions N`` prints the N C functions (the interpreter's, uvloop's, llhttp's, the Python
 callbacks they enter) with the most instructions per request, inclusive and self, from the
@@ -244,14 +249,58 @@ def _end(conn: asyncio.Protocol, transport: ClosingTransport) -> None:
         transport.close()
 
 
+# A common modern core's caches (size, ways, line size), where sysfs does not tell.
+FALLBACK_CACHES = {"I1": (32768, 8, 64), "D1": (32768, 8, 64), "LL": (1048576, 8, 64)}
+
+
+def cache_geometry(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, tuple[int, int, int]]:
+    """cachegrind's I1, D1 and LL as (size in bytes, ways, line size): CPU 0's L1 instruction,
+    L1 data and L2 caches from sysfs, each one sysfs does not describe (or that cachegrind
+    could not model: a set count not a power of two) from FALLBACK_CACHES."""
+    found: dict[str, tuple[int, int, int]] = {}
+    names = {("1", "Instruction"): "I1", ("1", "Data"): "D1", ("2", "Unified"): "LL", ("2", "Data"): "LL"}
+    try:
+        indexes = sorted(entry for entry in os.listdir(root) if entry.startswith("index"))
+    except OSError:
+        indexes = []
+    for index in indexes:
+        try:
+            level, kind, size, ways, line = (
+                _read(os.path.join(root, index, name))
+                for name in ("level", "type", "size", "ways_of_associativity", "coherency_line_size")
+            )
+            geometry = int(size.rstrip("KMG")) * UNITS.get(size[-1:], 1), int(ways), int(line)
+        except (OSError, ValueError):
+            continue
+        sets = geometry[0] // (geometry[1] * geometry[2]) if geometry[1] and geometry[2] else 0
+        name = names.get((level, kind))
+        if name is not None and sets > 0 and sets & (sets - 1) == 0:
+            found.setdefault(name, geometry)
+    return {name: found.get(name, fallback) for name, fallback in FALLBACK_CACHES.items()}
+
+
+UNITS = {"K": 1024, "M": 1024 * 1024, "G": 1024 * 1024 * 1024}  # sysfs sizes: "32K", "1024K"
+
+
+def _read(path: str) -> str:
+    with open(path) as handle:
+        return handle.read().strip()
+
+
+def describe(caches: dict[str, tuple[int, int, int]]) -> str:
+    return ", ".join(f"{label} {size // 1024} KiB {ways}-way" for label, (size, ways, _) in
+                     (("L1d", caches["D1"]), ("L1i", caches["I1"]), ("L2", caches["LL"])))
+
+
 def measure(args: argparse.Namespace, requests: int) -> tuple[dict[str, int], dict[str, tuple[int, ...]]]:
     """valgrind's event totals for one drive of ``requests`` requests, and with --functions
     each function's (inclusive, self) instructions, or with --cache its own (instructions, L1
     data misses, last-level misses)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "valgrind.out")
-        tool = ["--tool=cachegrind", "--cache-sim=yes", "--D1=49152,12,64", "--LL=2097152,16,64",
-                f"--cachegrind-out-file={out}"] if args.cache else ["--tool=callgrind", f"--callgrind-out-file={out}"]
+        caches = cache_geometry()
+        tool = ["--tool=cachegrind", "--cache-sim=yes", *(f"--{name}={size},{ways},{line}" for name, (size, ways, line)
+                in caches.items()), f"--cachegrind-out-file={out}"] if args.cache else ["--tool=callgrind", f"--callgrind-out-file={out}"]
         command = [
             "valgrind", *tool, sys.executable, "-m", "tests.benchmarks.instructions", "--drive",
             "--http", args.http, "--requests", str(requests), "--connections", str(args.connections),
@@ -351,7 +400,7 @@ def main() -> None:
         label += ", a new connection per request"
     if args.cache:  # Ir: instructions; D1mr/D1mw, DLmr/DLmw: L1 data and last-level misses
         print(f"{label}: {per['Ir']:,.0f} instructions, {per['D1mr'] + per['D1mw']:,.0f} L1d misses, "
-              f"{per['DLmr'] + per['DLmw']:,.0f} L2 misses per request")
+              f"{per['DLmr'] + per['DLmw']:,.0f} L2 misses per request ({describe(cache_geometry())})")
     else:
         print(f"{label}: {per['Ir']:,.0f} instructions per request")
     if args.functions and args.cache:
