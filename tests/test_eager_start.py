@@ -231,3 +231,21 @@ def test_a_cancel_in_the_first_step_reaches_the_app_where_it_then_waits(serve: A
         conn.send(build_request())
         assert conn.read_response().body == b"caught"
     assert events == [start, "cancelled"]
+
+
+def test_a_cancelled_error_raised_at_once_ends_the_task_cancelled(serve: Any, start: str) -> None:
+    """An exception that is not the app's (run_asgi passes it on), raised in the first step:
+    the client gets a 500 and the task ends with it (cancelled), as a plain task would."""
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        raise asyncio.CancelledError("at once")
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request())
+        assert conn.read_response().status == 500
+        wait_for(lambda: tasks and tasks[0].done())
+    assert started_as(tasks[0]) == start and tasks[0].cancelled()
