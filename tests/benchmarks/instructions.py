@@ -400,7 +400,7 @@ def main() -> None:
         label += ", a new connection per request"
     if args.cache:  # Ir: instructions; D1mr/D1mw, DLmr/DLmw: L1 data and last-level misses
         print(f"{label}: {per['Ir']:,.0f} instructions, {per['D1mr'] + per['D1mw']:,.0f} L1d misses, "
-              f"{per['DLmr'] + per['DLmw']:,.0f} L2 misses per request ({describe(cache_geometry())})")
+              f"{per['DLmr'] + per['DLmw']:,.1f} L2 misses per request ({describe(cache_geometry())})")
     else:
         print(f"{label}: {per['Ir']:,.0f} instructions per request")
     if args.functions and args.cache:

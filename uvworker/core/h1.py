@@ -123,7 +123,7 @@ class H1Core:
     __slots__ = (
         "options", "handler", "defaults", "client", "server", "scheme", "keep_alive", "keep_alive_allowed", "head",
         "chunked", "remaining", "no_body", "http10", "head_method", "expect_continue", "body_complete", "discarding",
-        "discarded", "after", "last_request", "extensions", "extensions_10", "parser", "proxy_buffer", "feed",
+        "discarded", "after", "last_request", "extensions", "extensions_10", "parser", "proxy_buffer",
         "_trust_proxy_headers", "_template", "_checked", "__weakref__",  # (tests check that cores are freed)
     )
 
@@ -158,7 +158,6 @@ class H1Core:
         self.parser = make_parser(options.parser, self, options.limits)
         # A PROXY header still to come (or its part read so far); None: none expected (any more).
         self.proxy_buffer: bytes | None = b"" if options.proxy_protocol else None
-        self.feed = self.parser.feed if self.proxy_buffer is None else self._feed_after_proxy_header
         self._trust_proxy_headers = options.proxy_headers and self._trusted(client)
         # What the scopes of the connection's requests share, but the client: shared with
         # other connections (scope_template), from the first head on (after a PROXY header).
@@ -170,7 +169,15 @@ class H1Core:
         self._checked: tuple[str, Headers, tuple[bool, bool, bytes | None, bool]] = NO_HEAD
 
     # -- bytes in -----------------------------------------------------------------------------
-    feed: Any  # (data: bytes) -> None; raises HTTPError for input that is refused
+    def feed(self, data: bytes) -> None:
+        """The PROXY header if one is expected, then the parser; raises HTTPError for input
+        that is refused. (The transport calls the parser's feed itself once the header is
+        behind it: no call of this, nor a bound method kept per connection.)"""
+        if self.proxy_buffer is not None:
+            data = self.strip_proxy_header(data)
+            if not data:
+                return
+        self.parser.feed(data)
 
     def receive_data(self, data: bytes) -> None:
         """``feed``, with a refusal delivered as the handler's ``on_refused`` event."""
@@ -179,20 +186,12 @@ class H1Core:
         except HTTPError as exc:
             self.handler.on_refused(exc)
 
-    def _feed_after_proxy_header(self, data: bytes) -> None:
-        data = self.strip_proxy_header(data)
-        if data:
-            self.parser.feed(data)
-
     def strip_proxy_header(self, data: bytes) -> bytes:
         """The bytes after the PROXY header, if one is expected: b"" while it is incomplete
         (``proxy_buffer`` is not None) or when it is refused (``on_refused`` has been called)."""
         if self.proxy_buffer is None:
             return data
-        data = self._read_proxy_header(data)
-        if self.proxy_buffer is None:
-            self.feed = self.parser.feed  # the header is behind us (or there was none)
-        return data
+        return self._read_proxy_header(data)
 
     def next_request(self) -> None:
         """The response is out: deliver held (pipelined) input, up to the next request's end."""

@@ -10,7 +10,6 @@ A batch that reaches its ``limit`` is written at once, so ``send()`` still meets
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -20,24 +19,28 @@ JOIN_BELOW = 64 * 1024
 
 
 class WriteBatch:
-    __slots__ = ("transport", "loop", "limit", "parts", "size", "through")
+    # One per connection, read for every response: what it reads is here, in one block.
+    __slots__ = ("parts", "counted", "transport", "loop", "limit", "size")
 
     def __init__(self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        # The pieces batched, () while there are none: an empty list of each connection's own
+        # would be one more object that every response reads.
+        self.parts: list[bytes] | tuple[()] = ()
+        # Whether it counts what it writes (CountingBatch). When not, and nothing is batched,
+        # a caller that looked at both may write one whole response to the transport itself.
+        self.counted = False
         self.transport = transport
         self.loop = loop
         self.limit = limit
-        self.parts: list[bytes] = []
         self.size = 0
-        # Writes ``data`` straight to the transport: what write() does when nothing is batched
-        # (one whole response), for a caller that looked at ``parts`` itself (a call less).
-        self.through: Callable[[bytes], object] = transport.write
 
     def add(self, data: bytes) -> None:
         """Batch ``data``: written when this turn ends, or now if the batch reached its limit."""
         parts = self.parts
         if not parts:
+            parts = self.parts = []
             self.loop.call_soon(self.flush)
-        parts.append(data)
+        parts.append(data)  # type: ignore[union-attr]
         self.size += len(data)
         if self.size >= self.limit:
             self.flush()
@@ -45,7 +48,7 @@ class WriteBatch:
     def write(self, data: bytes) -> None:
         """Write now: whatever is batched, then ``data``."""
         if self.parts:
-            self.parts.append(data)
+            self.parts.append(data)  # type: ignore[union-attr]
             self.size += len(data)
             self.flush()
         else:  # the common case, one whole response: straight through
@@ -53,7 +56,7 @@ class WriteBatch:
 
     def writelines(self, pieces: tuple[bytes, ...]) -> None:
         """Write now: whatever is batched, then ``pieces`` (by reference, if large)."""
-        self.parts.extend(pieces)
+        self.parts = [*self.parts, *pieces]
         self.size += sum(map(len, pieces))
         self.flush()
 
@@ -68,8 +71,8 @@ class WriteBatch:
             elif self.size < JOIN_BELOW:
                 transport.write(b"".join(parts))
             else:
-                transport.writelines(parts)  # consumed during the call: clearing after is safe
-        parts.clear()
+                transport.writelines(parts)  # consumed during the call: letting go after is safe
+        self.parts = ()
         self.size = 0
 
 
@@ -84,11 +87,7 @@ class CountingBatch(WriteBatch):
     ) -> None:
         super().__init__(transport, loop, limit)
         self.counters = counters
-        self.through = self._through
-
-    def _through(self, data: bytes) -> None:
-        self.counters.sent += len(data)
-        self.transport.write(data)
+        self.counted = True
 
     def write(self, data: bytes) -> None:
         if not self.parts:  # else flush() counts it
