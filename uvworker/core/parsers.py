@@ -392,14 +392,22 @@ def body_framing(headers: Headers) -> tuple[int, bool]:
 
 
 # -- what both adapters share ---------------------------------------------------------------------
+def _read_line(line: bytes) -> tuple[bytes, bytes, str] | None:
+    """check_request_line's answer, or None for a line it refuses (the parser says how)."""
+    try:
+        return check_request_line(line)
+    except HTTPError:
+        return None
+
+
 _IDLE, _HEAD, _LENGTH, _CHUNKED, _PARSER_BODY, _DONE = range(6)
 _NO_FIELDS: Headers = []  # never changed
 KEPT_BLOCKS = 256  # field blocks an adapter class keeps for every connection (_keep_fields)
 
 
 class _Adapter:
-    """Held input, body framing and our own head reading; a subclass's ``feed`` tries its
-    parser on a read that starts a request (in the _IDLE state; ``_drive`` takes the others)."""
+    """Held input, body framing, repeated heads and our own head reading; a subclass's
+    ``_parse`` tries its parser on a read that starts a request and is no repeat (``feed``)."""
 
     # One per connection: slots, one block (a compact values array is a second: 50 bytes more).
     __slots__ = (
@@ -430,6 +438,34 @@ class _Adapter:
         self._fields_read: Headers = _NO_FIELDS
 
     def feed(self, data: bytes) -> None:
+        """A read. In the _IDLE state (it starts a request) one whole head whose field block is
+        the one the parser last read, bodiless (what a client sends request after request),
+        is delivered here, without the parser: the fields as it read them, the request line
+        as HeadReader reads it (the repeat path, inline: a call costs 400-500 instructions).
+        Anything else starting a request goes to the subclass's parser (``_parse``) as always."""
+        if self._state != _IDLE:
+            self._drive(data)
+            return
+        fields = self._fields  # None or b"" until a block is kept (_keep_fields)
+        if fields and data.endswith(fields) and len(data) <= self.limits.fast:
+            line = len(data) - len(fields) - 2  # where the request line's CRLF must be, the first
+            if data.find(b"\r\n") == line:
+                request_line = data[:line]
+                # check_request_line's answer, kept (no call); a line not read before is read
+                # here, and one it refuses is the parser's to refuse.
+                read = known_request_line(request_line) or _read_line(request_line)
+                if read is not None and read[1][0] == 47:
+                    self.sink.on_head(read[0], read[1], read[2], self._fields_read.copy(), True)  # the request, whole
+                    # As _end(b"") without its on_end (the head said complete): nothing follows the head.
+                    self._buf = b""
+                    self._state = _DONE
+                    self.held = True
+                    self.holding_input = False
+                    return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """A read that starts a request, not a repeat: the parser's."""
         raise NotImplementedError
 
     def next_cycle(self) -> None:
@@ -444,39 +480,9 @@ class _Adapter:
         """The connection is gone: let go of the sink, which holds this adapter (H1Core.detach)."""
         del self.sink
 
-    def _repeat(self, data: bytes) -> bool:
-        """A read that is one whole head whose field block is the one the parser last read,
-        bodiless (what a client sends request after request): delivered without the parser,
-        the fields as it read them and the request line read as HeadReader reads it. Returns
-        False, having done nothing, for anything else (the parser reads it, as always). The
-        caller tests ``_fields`` first: before a block is kept, no call."""
-        fields: bytes = self._fields  # type: ignore[assignment]
-        if not data.endswith(fields) or len(data) > self.limits.fast:
-            return False
-        line = len(data) - len(fields) - 2  # where the request line's CRLF must be, the first
-        if data.find(b"\r\n") != line:
-            return False
-        request_line = data[:line]
-        read = known_request_line(request_line)  # check_request_line's answer, kept (no call)
-        if read is None:
-            try:
-                read = check_request_line(request_line)
-            except HTTPError:
-                return False  # the parser says how to refuse it
-        method, target, version = read
-        if target[0] != 47:
-            return False
-        self.sink.on_head(method, target, version, self._fields_read.copy(), True)  # the request, whole
-        # As _end(b"") without its on_end (the head said complete): nothing follows the head.
-        self._buf = b""
-        self._state = _DONE
-        self.held = True
-        self.holding_input = False
-        return True
-
     def _keep_fields(self, data: bytes, headers: Headers) -> None:
         """The parser read ``data``, one whole bodiless head, into ``headers`` (a list no one
-        else has): see _repeat; nothing is kept of a head over limits.fast. Not called for a connection's
+        else has): see feed; nothing is kept of a head over limits.fast. Not called for a connection's
         first such head (``_fields`` None; the caller makes it b""): a connection may serve
         just one request, and then it keeps nothing of it while it idles (the field block
         and the fields: ~500 bytes). The connections that send the same block (most clients
@@ -636,12 +642,7 @@ class HttptoolsAdapter(_Adapter):
         self._headers: Headers = []
 
     # -- driving -------------------------------------------------------------------------------
-    def feed(self, data: bytes) -> None:
-        if self._state != _IDLE:
-            self._drive(data)
-            return
-        if self._fields and self._repeat(data):
-            return
+    def _parse(self, data: bytes) -> None:
         self._data = data  # the hot path: a read that starts a request, given to llhttp whole
         try:
             self.parser.feed_data(data)
@@ -846,12 +847,7 @@ class H11Adapter(_Adapter):
     def __init__(self, sink: Sink, limits: Limits) -> None:
         super().__init__(sink, limits.for_h11())
 
-    def feed(self, data: bytes) -> None:
-        if self._state != _IDLE:
-            self._drive(data)
-            return
-        if self._fields and self._repeat(data):
-            return
+    def _parse(self, data: bytes) -> None:
         try:
             request = _h11_request(data)
         except h11.ProtocolError:
