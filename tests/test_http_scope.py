@@ -202,6 +202,32 @@ def test_repeated_targets_read_alike(serve: Any, root_path: str) -> None:
         assert host == (b"example.com" if n % len(targets) == 3 else b"testserver")
 
 
+@pytest.mark.parametrize("root_path", ["", "/api"])
+def test_request_lines_on_one_target_each_get_their_own_scope(serve: Any, root_path: str) -> None:
+    """A request line's scope is kept for the requests that repeat it (a ScopeTemplate's
+    lines, keyed by target): a request with another method or version to the same target
+    gets its own method and version, on any connection, and what an app does to its scope's
+    values is seen by no later request."""
+    lines = [("GET", "1.1"), ("POST", "1.1"), ("GET", "1.0"), ("HEAD", "1.1"), ("GET", "1.1")]
+    seen: list[tuple[str, str, str, bytes, bytes]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append((scope["method"], scope["http_version"], scope["path"], scope["raw_path"], scope["query_string"]))
+        scope.update(method="PUT", http_version="2", path="/x", raw_path=b"/x", query_string=b"y")
+        await respond(send, body=b"ok")
+
+    with serve(app, root_path=root_path) as srv:
+        for _ in range(2):
+            with Conn.open(srv.host, srv.port) as conn:
+                for _ in range(3):
+                    for method, version in lines:
+                        headers = [("Connection", "keep-alive")] if version == "1.0" else None
+                        conn.send(build_request(method, "/same?q=1", version=version, headers=headers))
+                        assert conn.read_response(method).status == 200
+    path = root_path + "/same"
+    assert seen == [(method, version, path, path.encode(), b"q=1") for method, version in lines] * 6
+
+
 def test_scope_dicts_changed_by_the_app_are_not_the_next_requests(serve: Any) -> None:
     """scope["asgi"], ["extensions"] and ["state"] are the request's own: what an app does to
     them is not seen by the next request on the connection."""

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from uvworker.core.parsers import Headers, Limits, make_parser
-from uvworker.core.request import check_head, check_version, fill_scope, scope_template
+from uvworker.core.request import ASGI_VERSION, ScopeTemplate, check_head, check_version, scope_template
 from uvworker.core.response import (
     HEADER_LINES, RESP_CONNECTION, RESP_ENCODING, RESP_LENGTH, STATUS_LINES, HeadDefaults, error_response,
     header_line,
@@ -159,9 +159,10 @@ class H1Core:
         # A PROXY header still to come (or its part read so far); None: none expected (any more).
         self.proxy_buffer: bytes | None = b"" if options.proxy_protocol else None
         self._trust_proxy_headers = options.proxy_headers and self._trusted(client)
-        # What the scopes of the connection's requests share, but the client: shared with
-        # other connections (scope_template), from the first head on (after a PROXY header).
-        self._template: dict[str, Any] = None  # type: ignore[assignment]
+        # What the scopes of the connection's requests share, but the client, and the scopes of
+        # the request lines they repeat: shared with other connections (scope_template), from
+        # the first head on (after a PROXY header).
+        self._template: ScopeTemplate = None  # type: ignore[assignment]
         # The version and fields of the last head whose checks passed (a copy: the app may
         # change its scope's list), and what check_head said of it: a client sends the same
         # fields again and again on one connection, and a comparison costs a tenth of the
@@ -238,9 +239,18 @@ class H1Core:
                 self._template = scope_template(self.server, self.scheme, options.root_path)
             else:
                 self._checked = http_version, headers.copy(), VERDICTS.get(verdict, verdict)
-        scope = self._template.copy()
-        scope["client"] = self.client
-        fill_scope(scope, method, target, http_version, headers, options.root_path, options.lifespan_state)
+        template = self._template
+        kept = template.lines.get(target)
+        if kept is not None and kept[0] == method and kept[1] == http_version:
+            # The scope of this request line, kept (most requests repeat one): as the
+            # template's scope() makes it, inline (a call with its arguments costs ~1k).
+            scope = kept[2].copy()
+            scope["client"] = self.client
+            scope["asgi"] = ASGI_VERSION.copy()
+            scope["headers"] = headers
+            scope["state"] = options.lifespan_state.copy()
+        else:
+            scope = template.scope(self.client, method, target, http_version, headers, options.lifespan_state)
         if proxied and self._trust_proxy_headers:
             from uvworker.proxy import apply_proxy_headers
 

@@ -304,37 +304,90 @@ def build_scope(
     server: Any, client: Any, scheme: str, root_path: str, state: dict[str, Any],
 ) -> dict[str, Any]:
     """The ASGI ``http`` scope of a checked head; ``state`` is copied (lifespan state)."""
-    scope = scope_base(server, client, scheme, root_path)
-    fill_scope(scope, method, target, http_version, headers, root_path, state)
-    return scope
+    return scope_template(server, scheme, root_path).scope(client, method, target, http_version, headers, state)
 
 
-def scope_base(server: Any, client: Any, scheme: str, root_path: str) -> dict[str, Any]:
-    """What the scope of every request on one connection shares, every key in the scope's
-    order: ``fill_scope`` fills it, or a copy of it that a connection keeps. A copy and the
-    per-request stores cost less than building the whole dict (~1.5k instructions of ~5k,
-    callgrind)."""
-    base = _SCOPE_BASE.copy()  # cheaper than the literal: a connection may serve one request
-    base["server"], base["client"], base["scheme"], base["root_path"] = server, client, scheme, root_path
-    return base
+def fill_line(
+    scope: dict[str, Any], method: bytes, http_version: str, target: tuple[bytes, str, bytes], root_path: str,
+) -> None:
+    """Store what the request line says in ``scope`` (a copy of a ScopeTemplate's base with
+    this ``root_path``): ``target`` as read_target reads it."""
+    raw_path, path, query = target
+    if http_version != "1.1":
+        scope["http_version"] = http_version
+    scope["method"] = _METHODS.get(method) or method.decode("ascii")
+    if root_path:
+        scope["path"] = root_path + path
+        scope["raw_path"] = root_path.encode() + raw_path
+    else:
+        scope["path"] = path
+        scope["raw_path"] = raw_path
+    scope["query_string"] = query
 
 
-def scope_template(server: Any, scheme: str, root_path: str) -> dict[str, Any]:
-    """A ``scope_base`` without the client, shared by every connection with this server
-    address, scheme and root_path, for a connection to copy for each request and store its
-    client in. Kept per process (bounded; cleared when full): a dict every connection copies
-    stays in the CPU's caches, where one of each connection's own (464 bytes, its own keys
-    table) is cold again by its next request when a thousand connections take turns."""
+class ScopeTemplate:
+    """What the scopes of the requests to one (server, scheme, root_path) share, kept per
+    process (scope_template): a dict every connection copies stays in the CPU's caches, where
+    one of each connection's own (464 bytes, its own keys table) is cold again by its next
+    request when a thousand connections take turns.
+
+    ``base`` has every key in the scope's order (a copy and the per-request stores cost less
+    than building the whole dict), the server's values and no client's. ``lines`` keeps, for
+    a target read before (short, origin-form: read_target kept it), the scope of its last
+    request line without the request's own values: (method, version, scope), for a request
+    with that line to copy and store its client, asgi, headers and state in (``scope``;
+    H1Core.on_head does it inline, as a call costs ~1k instructions there). A target read
+    once keeps nothing."""
+
+    __slots__ = ("base", "root_path", "lines")
+
+    def __init__(self, server: Any, scheme: str, root_path: str) -> None:
+        self.base = base = _SCOPE_BASE.copy()  # cheaper than the literal
+        base["server"], base["scheme"], base["root_path"] = server, scheme, root_path
+        self.root_path = root_path
+        self.lines: dict[bytes, tuple[bytes, str, dict[str, Any]]] = {}
+
+    def scope(
+        self, client: Any, method: bytes, target: bytes, http_version: str, headers: Headers, state: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The scope of a checked head; ``state`` is copied (lifespan state)."""
+        known = _targets.get(target)
+        if known is None:  # read once, or not to be kept
+            scope = self.base.copy()
+            if target[0] != 47 and target != b"*":  # absolute-form
+                headers = absolute_form_host(target, headers)
+            fill_line(scope, method, http_version, read_target(target), self.root_path)
+        else:
+            lines = self.lines
+            kept = lines.get(target)
+            if kept is None or kept[0] != method or kept[1] != http_version:
+                line = self.base.copy()
+                fill_line(line, method, http_version, known, self.root_path)
+                if len(lines) >= KEPT_LINES:
+                    lines.clear()
+                kept = lines[target] = method, http_version, line
+            scope = kept[2].copy()
+        scope["client"] = client
+        scope["asgi"] = ASGI_VERSION.copy()  # a copy clones the table; the literal builds it
+        scope["headers"] = headers
+        scope["state"] = state.copy()
+        return scope
+
+
+def scope_template(server: Any, scheme: str, root_path: str) -> ScopeTemplate:
+    """The ``ScopeTemplate`` of every connection with this server address, scheme and
+    root_path (bounded; cleared when full)."""
     key = server, scheme, root_path
     template = _templates.get(key)
     if template is None:
         if len(_templates) >= 64:
             _templates.clear()
-        template = _templates[key] = scope_base(server, None, scheme, root_path)
+        template = _templates[key] = ScopeTemplate(server, scheme, root_path)
     return template
 
 
-_templates: dict[tuple[Any, str, str], dict[str, Any]] = {}
+KEPT_LINES = 256  # request lines a ScopeTemplate keeps a scope of (~600 bytes each)
+_templates: dict[tuple[Any, str, str], ScopeTemplate] = {}
 _SCOPE_BASE: dict[str, Any] = {
     "type": "http", "asgi": None, "http_version": "1.1", "server": None, "client": None, "scheme": "http",
     "method": "", "root_path": "", "path": "", "raw_path": b"", "query_string": b"", "headers": None, "state": None,
@@ -358,30 +411,3 @@ def read_target(target: bytes) -> tuple[bytes, str, bytes]:
 
 
 _targets: dict[bytes, tuple[bytes, str, bytes]] = {}  # short origin-form targets read (immutable parts)
-
-
-def fill_scope(
-    scope: dict[str, Any], method: bytes, target: bytes, http_version: str, headers: Headers, root_path: str,
-    state: dict[str, Any],
-) -> None:
-    """Store the request's own values in ``scope``: a ``scope_base`` (made with the same
-    ``root_path``), or a copy of one."""
-    known = _targets.get(target)
-    if known is None:
-        if target[0] != 47 and target != b"*":  # absolute-form
-            headers = absolute_form_host(target, headers)
-        known = read_target(target)
-    raw_path, path, query = known
-    scope["asgi"] = ASGI_VERSION.copy()  # a copy clones the table; the literal builds it
-    if http_version != "1.1":
-        scope["http_version"] = http_version
-    scope["method"] = _METHODS.get(method) or method.decode("ascii")
-    if root_path:
-        scope["path"] = root_path + path
-        scope["raw_path"] = root_path.encode() + raw_path
-    else:
-        scope["path"] = path
-        scope["raw_path"] = raw_path
-    scope["query_string"] = query
-    scope["headers"] = headers
-    scope["state"] = state.copy()

@@ -570,7 +570,7 @@ class Exchange:
             environ["wsgi.input"] = _NO_BODY if no_body else InputStream(self, False)
             return environ
         stream = cycle.stream
-        # An HTTP/1.1 scope has every key (the connection's scope_base): subscripts (hot path).
+        # An HTTP/1.1 scope has every key (core.request.ScopeTemplate's base): subscripts (hot path).
         client, server, scheme, root_path = scope["client"], scope["server"], scope["scheme"], scope["root_path"]
         version, headers = scope["http_version"], scope["headers"]
         held = stream.wsgi_environ
