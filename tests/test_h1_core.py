@@ -87,8 +87,8 @@ def respond(core: H1Core, status: int = 200, headers: Any = (), pieces: tuple[by
 # -- requests in --------------------------------------------------------------------------------
 def test_connections_keep_one_copy_of_the_same_fields(parser: str) -> None:
     """Cores whose clients send the same field block keep one copy of it, per process: the
-    block and the fields read from it, which the verdict a core keeps shares, so that what a
-    repeat reads is no connection's own (at 1024 connections, what each kept was cold). Each
+    block and the fields read from it, and one verdict of them, which the cores share, so that
+    what a repeat reads is no connection's own (at 1024 connections, what each kept was cold). Each
     request still gets its own list, and its own connection's client."""
     head = b"GET /%d HTTP/1.1\r\nHost: shared.example\r\nX-Kept: %d\r\n\r\n"
     cores = []
@@ -108,6 +108,7 @@ def test_connections_keep_one_copy_of_the_same_fields(parser: str) -> None:
     for core in cores:
         assert core.parser._fields is first._fields and core.parser._fields_read is first._fields_read
         assert core._checked[1] is first._fields_read
+        assert core._checked is cores[0]._checked  # one verdict kept for them all
 
 
 def test_a_request_is_one_request_event_then_its_end(parser: str) -> None:
