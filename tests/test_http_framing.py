@@ -307,3 +307,48 @@ def test_whole_body_in_one_piece_of_its_content_length(serve: Any) -> None:
         conn.send(build_request("HEAD"))
         assert conn.read_response("HEAD").body == b""
         conn.assert_open()
+
+
+def test_whole_responses_after_a_streamed_one_go_out_in_order_without_the_batch(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed response's pieces go through the connection's write batch (one write per loop
+    turn), its last piece after them; a whole response goes straight to the transport, the
+    batch not even read (Connection.batching: at 1024 connections it is a cold object by its
+    connection's turn). On one connection, in any order, every body arrives whole."""
+    from uvworker.protocols.batch import WriteBatch
+
+    reads: list[int] = []
+    member = WriteBatch.__dict__["parts"]  # the slot's own descriptor
+
+    class Watched:
+        def __get__(self, batch: Any, owner: Any = None) -> Any:
+            if batch is None:
+                return self
+            reads.append(1)
+            return member.__get__(batch, owner)
+
+        def __set__(self, batch: Any, value: Any) -> None:
+            member.__set__(batch, value)
+
+    monkeypatch.setattr(WriteBatch, "parts", Watched())
+    pieces = [b"one ", b"two ", b"three"]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        streamed = scope["path"] == "/stream"
+        parts = pieces if streamed else [b"whole"]
+        await send({"type": "http.response.start", "status": 200, "headers": [] if streamed else [(b"content-length", b"5")]})
+        for i, part in enumerate(parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < len(parts) - 1})
+
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for target in ("/", "/stream", "/", "/stream", "/"):
+            conn.send(build_request(target=target))
+            assert conn.read_response().body == (b"".join(pieces) if target == "/stream" else b"whole")
+        # (by this response the batch's flush for the stream, a loop callback, has run too)
+        reads.clear()
+        for _ in range(3):
+            conn.send(build_request())
+            assert conn.read_response().body == b"whole"
+        assert not reads
+        conn.assert_open()

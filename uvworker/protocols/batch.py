@@ -27,7 +27,8 @@ class WriteBatch:
         # would be one more object that every response reads.
         self.parts: list[bytes] | tuple[()] = ()
         # Whether it counts what it writes (CountingBatch). When not, and nothing is batched,
-        # a caller that looked at both may write one whole response to the transport itself.
+        # a caller that knows both may write one whole response to the transport itself
+        # (Connection.batching).
         self.counted = False
         self.transport = transport
         self.loop = loop

@@ -190,7 +190,7 @@ class Connection(asyncio.Protocol):
     # Slots (a subclass without its own has a dict as well): one block, attributes at fixed offsets.
     __slots__ = (
         "state", "config", "loop", "phase", "deadline", "write_paused", "reading_paused", "_drain_waiters", "transport",
-        "batch", "__weakref__",  # as any object's: tests (tests/freed.py) and tools watch cycles go
+        "batch", "batching", "__weakref__",  # as any object's: tests (tests/freed.py) and tools watch cycles go
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -207,6 +207,11 @@ class Connection(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] | tuple[()] = ()
         self.transport = None  # type: ignore[assignment]  # attach()
         self.batch: WriteBatch = None  # type: ignore[assignment]  # attach()
+        # Whether a write must go through the batch: it may hold pieces (write_soon since the
+        # last whole write through it), or it counts. When not, a whole response may go to the
+        # transport without the batch being read (HTTPConnection.send_body): at 1024
+        # connections it is a cold object by its connection's turn (2.4 L2 misses a request).
+        self.batching = False
 
     def attach(self, transport: asyncio.Transport, batch_limit: int) -> None:
         """Take ``transport`` (new, or handed over by another protocol) and join the registry."""
@@ -216,6 +221,7 @@ class Connection(asyncio.Protocol):
             self.batch = WriteBatch(transport, self.loop, batch_limit)
         else:
             self.batch = CountingBatch(transport, self.loop, batch_limit, counters)
+        self.batching = counters is not None
         self.state.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -238,6 +244,7 @@ class Connection(asyncio.Protocol):
     def write_soon(self, data: bytes) -> None:
         """Batch a piece: the pieces of one loop turn go out in one write (bounded)."""
         if self.phase != CLOSED:
+            self.batching = True
             self.batch.add(data)
 
     # -- flow control ------------------------------------------------------------------------

@@ -384,10 +384,11 @@ class HTTPConnection(Connection):
                 if more:
                     self.write_soon(data)
                 elif self.phase != CLOSED:  # Connection.write, inlined: once a response
-                    batch = self.batch
-                    if batch.parts or batch.counted:
+                    if self.batching:  # after what is batched, or counted
+                        batch = self.batch
                         batch.write(data)
-                    else:  # straight through, as batch.write would (no bound method kept for it)
+                        self.batching = batch.counted  # (nothing is batched now)
+                    else:  # straight through, as batch.write would, the batch unread (see batching)
                         self.transport.write(data)
         else:
             self.writelines(data)  # type: ignore[arg-type]
