@@ -126,6 +126,26 @@ def test_keep_alive_timer_restarts_with_each_request(serve: Any) -> None:
             assert conn.read_response().status == 200
 
 
+def test_keep_alive_timeout_is_whole_after_the_app_held_the_loop_up(serve: Any) -> None:
+    """The keep-alive deadline counts from the sweep's last tick (one for every connection going
+    idle until the next): after an app that blocked the loop for longer than the timeout, the
+    connection still gets the whole timeout from its response, not a deadline from before the
+    block, which the next sweep would find past (it did, before the sweep refreshed it)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == "/block":
+            time.sleep(2.0)  # holds the whole loop: no sweep meanwhile
+        await respond(send, body=b"ok")
+
+    with serve(app, timeout_keep_alive=1.5, timeout_request_header=5) as srv, Conn.open(srv.host, srv.port) as conn:
+        conn.send(build_request(target="/block"))
+        assert conn.read_response(timeout=10).body == b"ok"
+        readable, _, _ = select.select([conn.sock], [], [], 0.4)  # a few sweeps
+        assert not readable, "connection closed before its keep-alive timeout"
+        conn.send(build_request())
+        assert conn.read_response().body == b"ok"
+
+
 def test_slow_app_is_not_cut_off_by_client_timeouts(serve: Any) -> None:
     # Timeouts govern what the server waits for from the client, never the app's own time.
     app = CountingApp(delay=0.8)

@@ -9,6 +9,8 @@ uvloop: 0.55 ms a tick for 1,024 idle connections, 5 ms for 9,000: 5% of a CPU f
 The rule this module keeps: a deadline is only ever set ``delay`` ahead of the loop's clock,
 ``delay`` one of the settings and constants ``server.shortest_deadline`` takes the least of
 (``horizon``), or moved later (a body's rate allowance); it is never moved earlier otherwise.
+(The keep-alive deadline counts from the sweep's last tick, which every sweep takes first:
+``ServerState.refresh_idle_deadline``; a timeout then fires up to three ticks late.)
 So a connection looked at when its deadline is 0 or at least ``horizon`` ahead cannot reach a
 deadline before ``horizon`` has passed. Hence:
 

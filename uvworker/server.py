@@ -405,7 +405,9 @@ def _sweep(state: ServerState, deadlines: DeadlineSweep) -> None:
     the age of every connection's request (a request costs no timer of its own)."""
     state.defaults.refresh(time.time())
     state.swept_at = time.monotonic()
-    deadlines.run(state.connections, state.loop.time())
+    now = state.loop.time()
+    state.refresh_idle_deadline(now)  # first: no deadline it hands out is cut short by this sweep
+    deadlines.run(state.connections, now)
     timeout = state.config.timeout_request
     if timeout:
         cutoff = time.perf_counter() - timeout

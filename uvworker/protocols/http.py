@@ -10,7 +10,9 @@ Theory of operation. A connection is always in one of these phases:
                                               UPGRADE (a WebSocket handshake)
     KEEP_ALIVE     timeout_keep_alive, once   the first byte of the next request → WAIT_HEAD
                    the response is out (till
-                   then timeout_send)
+                   then timeout_send; counted
+                   from the sweep's last tick,
+                   IDLE_SLACK past it)
     CYCLE          body deadline, if waiting  the response completes → KEEP_ALIVE, or close
                    for body the app asked for;
                    timeout_send while the
@@ -682,7 +684,7 @@ class HTTPConnection(Connection):
     def _next_cycle(self) -> None:
         self.cycle = None
         self.phase = KEEP_ALIVE
-        self.deadline = self.loop.time() + self.config.timeout_keep_alive  # _set_deadline, inlined
+        self.deadline = self.state.keep_alive_deadline  # the keep-alive timeout, from the sweep's last tick
         if self.state.closing_idle and not self.parser.holding_input:
             self.close()  # the whole server is stopping: nobody would answer a next request
             return
