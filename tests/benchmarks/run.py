@@ -16,11 +16,18 @@ side for the whole group (memory rows: a fresh server per measurement), each a s
 one worker, access log off, uvloop and the same parser, pinned to ``--server-cpu`` while every
 load generator (wrk, and this process for the Python clients) runs on ``--client-cpu``. Each
 round measures every row on every server, alternating the server order from round to round
-(A, B, then B, A, ...) so that drift in the machine's load hits all alike. The table gives
+(A, B, then B, A, ...). Within a round a server's run of a row is ``--slices`` short runs (1 s
+of wrk each by default), alternated with the other servers' (A B, B A, A B, ...; the first after
+the warm-up). On a shared machine the load of other jobs drifts over seconds (one server's CPU
+per request over consecutive 1 s runs: 16% spread, neighbouring runs correlated 0.6-0.7), so
+two servers measured 6 s apart differ by more than two measured 1 s apart: an A/A run (a commit
+against itself, 5 rounds, 64 KiB POST) read 0.78-1.44 per round with one 5 s run per server and
+round, 0.95-1.03 with five alternated 1 s runs. A round's figure for a server is the mean over
+its slices (CPU per request over all their requests, the median of their p99s). The table gives
 medians over the rounds: the row's figure, the ratio uvworker / peer (above 1 is faster for
-rates; for memory rows lower is better, so a ratio below 1 favours uvworker), wrk's p99
-latency, and the server's CPU time per request or message, read from /proc, which depends much
-less than requests/s on what else the machine runs.
+rates; for memory rows lower is better, so a ratio below 1 favours uvworker), wrk's p99 latency,
+and the server's CPU time per request or message, read from /proc, which depends much less than
+requests/s on what else the machine runs.
 """
 
 from __future__ import annotations
@@ -61,9 +68,10 @@ MiB = 1024 * 1024
 @dataclass
 class Plan:
     rounds: int = 3
-    duration: int = 5  # seconds measured per wrk run (wrk takes whole seconds)
-    warmup: int = 1  # seconds of wrk before each measured run (0: none)
+    duration: int = 5  # seconds measured per server, row and round (wrk takes whole seconds per run)
+    warmup: int = 1  # seconds of wrk before a server's first slice of a row in a round (0: none)
     ws_duration: float = 3.0
+    slices: int = 5  # short runs per server, row and round, alternated among the servers
     idle_connections: int = 2000
     upload_bytes: int = 1024 * MiB
     server_cpu: int | None = 0
@@ -181,6 +189,34 @@ def measured_on(spec: ServerSpec, row: Row) -> bool:
     return spec.rows is None or row.id in spec.rows
 
 
+def combined(slices: list[Sample]) -> Sample:
+    """One server's run of a row in a round from its slices, which last alike: the mean rate, the CPU time
+    per request over all their requests (a slice's count is in proportion to its rate), the median p99."""
+    rate = statistics.fmean(piece.value for piece in slices)
+    timed = [(piece.cpu_us, piece.value) for piece in slices if piece.cpu_us is not None]
+    weight = sum(value for _, value in timed)
+    p99s = [piece.p99_ms for piece in slices if piece.p99_ms is not None]
+    return Sample(
+        value=rate,
+        p99_ms=statistics.median(p99s) if p99s else None,
+        cpu_us=sum(cpu * value for cpu, value in timed) / weight if weight else None,
+        note="; ".join(dict.fromkeys(piece.note for piece in slices if piece.note)),
+    )
+
+
+def interleaved(row: Row, servers: list[RunningServer], plan: Plan) -> dict[str, Sample]:
+    """``row`` on each server, in ``plan.slices`` short runs alternated among them (A B, B A, ...), each
+    server warmed up before its first; so the machine's drifting load hits every server alike."""
+    piece = dataclasses.replace(plan, duration=max(1, plan.duration // plan.slices),
+                                ws_duration=plan.ws_duration / plan.slices)
+    cold = dataclasses.replace(piece, warmup=0)
+    slices: dict[str, list[Sample]] = {server.name: [] for server in servers}
+    for index in range(plan.slices):
+        for server in servers if index % 2 == 0 else servers[::-1]:
+            slices[server.name].append(row.measure(server, piece if index == 0 else cold))
+    return {name: combined(samples) for name, samples in slices.items()}
+
+
 def run_group(group: Group, rows: list[Row], plan: Plan, results: Results) -> None:
     running: dict[str, RunningServer] = {}
     try:
@@ -191,14 +227,17 @@ def run_group(group: Group, rows: list[Row], plan: Plan, results: Results) -> No
         for round_ in range(plan.rounds):
             order = group.servers if round_ % 2 == 0 else group.servers[::-1]
             for row in rows:
-                for spec in (spec for spec in order if measured_on(spec, row)):
-                    if group.fresh:
+                specs = [spec for spec in order if measured_on(spec, row)]
+                if group.fresh:
+                    samples = {}
+                    for spec in specs:
                         with RunningServer(spec, plan.server_cpu) as server:
-                            sample = row.measure(server, plan)
-                    else:
-                        sample = row.measure(running[spec.name], plan)
-                    results.add(row, spec.name, sample)
-                    log(round_, plan, row, spec.name, sample)
+                            samples[spec.name] = row.measure(server, plan)
+                else:
+                    samples = interleaved(row, [running[spec.name] for spec in specs], plan)
+                for name, sample in samples.items():
+                    results.add(row, name, sample)
+                    log(round_, plan, row, name, sample)
     finally:
         for server in running.values():
             server.stop()
@@ -266,7 +305,8 @@ def machine(plan: Plan) -> str:
               if plan.server_cpu is not None else "nothing pinned (fewer than 2 CPUs)")
     return (f"{time.strftime('%Y-%m-%d', time.gmtime())}; {os.cpu_count()} × {cpu}, Linux {platform.release()}; "
             f"Python {platform.python_version()}; {', '.join(versions)}; {pinned}; medians of {plan.rounds} "
-            f"interleaved round(s), wrk runs of {plan.duration:g} s after {plan.warmup:g} s of warm-up.")
+            f"interleaved round(s), each server measured {plan.duration:g} s per row and round in {plan.slices} "
+            f"alternated wrk runs, after {plan.warmup:g} s of warm-up.")
 
 
 # -- command line -------------------------------------------------------------------------------------
@@ -276,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these rows: an id, an id prefix (hello, ws, memory) or a glob (*h11)")
     parser.add_argument("--quick", action="store_true", help="1 round of short runs: checks that the suite works")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --quick: 1)")
-    parser.add_argument("--duration", type=int, help="seconds per wrk run (default 5; --quick: 2)")
+    parser.add_argument("--duration", type=int,
+                        help="seconds measured per server, row and round (default 5; --quick: 2)")
+    parser.add_argument("--slices", type=int, help="alternated wrk runs the duration is split into (default 5; "
+                                                    "--quick: 2; 1: one run per server, row and round)")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
     parser.add_argument("--commit", help="measure uvworker as of this git commit instead of the work tree")
@@ -304,9 +347,10 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = Plan()
     if args.quick:
-        plan = Plan(rounds=1, duration=2, warmup=1, ws_duration=1.0)
+        plan = Plan(rounds=1, duration=2, warmup=1, ws_duration=1.0, slices=2)
     plan.rounds = args.rounds or plan.rounds
     plan.duration = args.duration or plan.duration
+    plan.slices = args.slices or plan.slices
     cpus = os.sched_getaffinity(0)
     if {args.server_cpu, args.client_cpu} <= cpus and args.server_cpu != args.client_cpu:
         plan.server_cpu, plan.client_cpu = args.server_cpu, args.client_cpu
