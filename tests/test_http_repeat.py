@@ -163,3 +163,48 @@ def test_repeated_bodiless_heads_end_at_once(serve: Any) -> None:
         assert conn.read_response().status == 200
     assert received[:4] == [{"type": "http.request", "body": b"", "more_body": False}] * 4
     assert b"".join(m["body"] for m in received[4:]) == b"hello" and not received[-1]["more_body"]
+
+
+def test_same_header_list_other_heads(serve: Any) -> None:
+    """The process keeps the last response head it made (status line, defaults, the app's
+    lines, the framing's end): other fields, or the same header list under another status,
+    another keep-alive answer (HTTP/1.0 keep-alive, Connection: close) or another framing (no
+    Content-Length: chunked) get a head of their own, each time, in any order; and a second
+    server with other defaults (no Server, no Date) in the same process gets its own."""
+    length = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+    html = [(b"content-type", b"text/html"), (b"content-length", b"2")]
+    plain = [(b"content-type", b"text/plain")]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope["path"]
+        status = 404 if path.endswith("missing") else 200
+        chunked = path.startswith("/chunked")
+        headers = plain if chunked else html if path == "/html" else length
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok", "more_body": chunked})
+        if chunked:
+            await send({"type": "http.response.body", "body": b""})
+
+    def check(resp: Any, status: int, *, connection: str | None = None, chunked: bool = False, server: bool = True,
+              kind: str = "text/plain") -> None:
+        assert (resp.status, resp.reason, resp.body) == (status, "OK" if status == 200 else "Not Found", b"ok")
+        assert resp.get("connection") == connection and resp.chunked == chunked
+        assert resp.get_all("content-length") == ([] if chunked else ["2"]) and resp.get_all("content-type") == [kind]
+        assert (resp.get("server") is not None, resp.get("date") is not None) == (server, server)
+
+    with serve(app) as srv, serve(app, server_header=False, date_header=False) as bare:
+        with Conn.open(srv.host, srv.port) as conn, Conn.open(bare.host, bare.port) as other:
+            for _ in range(2):  # the repeat paths run from a connection's second request on
+                for target, status, chunked in (("/", 200, False), ("/missing", 404, False), ("/", 200, False),
+                                                ("/html", 200, False), ("/chunked", 200, True), ("/chunked/missing", 404, True)):
+                    for client, server in ((conn, True), (other, False), (conn, True)):
+                        client.send(build_request(target=target))
+                        kind = "text/html" if target == "/html" else "text/plain"
+                        check(client.read_response(), status, chunked=chunked, server=server, kind=kind)
+                conn.send(build_request(version="1.0", headers=[("Connection", "keep-alive")]))
+                check(conn.read_response(), 200, connection="keep-alive")
+                conn.send(build_request())
+                check(conn.read_response(), 200)
+            conn.send(build_request(headers=[("Connection", "close")]))
+            check(conn.read_response(), 200, connection="close")
+            assert conn.read_until_close() == b""
