@@ -105,6 +105,51 @@ def test_near_repeats(line: bytes) -> None:
         assert verdict(parser, line + REPEATED, warm=b"GET /1 HTTP/1.1\r\n" + REPEATED) == verdict(parser, line + REPEATED), parser
 
 
+def _warm_adapter(parser: str, sink: Any) -> Any:
+    """An adapter that has read two heads with the REPEATED fields: it keeps them (an adapter
+    keeps the fields from its second head on)."""
+    adapter = parsers.make_parser(parser, sink, LIMITS)
+    for target in (b"/0", b"/1"):
+        adapter.feed(b"GET " + target + b" HTTP/1.1\r\n" + REPEATED)
+        adapter.next_cycle()
+    return adapter
+
+
+@pytest.mark.parametrize("tail", [b"x", b"\n", b"\r\n", b"GET /3 HTTP/1.1\r\n", b"GET /3 HTTP/1.1\r\n" + REPEATED])
+def test_repeat_with_bytes_behind_it(tail: bytes) -> None:
+    """A read that is a repeated head with bytes behind it (a body byte, a stray line end, the
+    next request, whole or not): not the repeat path's (its rest after the request line is not
+    the kept block), the same reading or refusal as a fresh adapter's."""
+    warm = b"GET /1 HTTP/1.1\r\n" + REPEATED
+    for parser in PARSERS:
+        data = b"GET /2 HTTP/1.1\r\n" + REPEATED + tail
+        assert verdict(parser, data, warm=warm) == verdict(parser, data), parser
+
+
+def test_empty_read_after_kept_fields() -> None:
+    """An empty read (none comes from a transport, but the adapter takes one) once a field
+    block is kept: no request and no error, and the next head is read."""
+    seen: list[Any] = []
+
+    class Sink:
+        def on_head(self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]], complete: bool) -> None:
+            seen.append((target, complete))
+
+        def on_fields_kept(self, headers: list[tuple[bytes, bytes]]) -> None:
+            pass
+
+        def on_end(self) -> None:
+            pass
+
+    for parser in PARSERS:
+        seen.clear()
+        adapter = _warm_adapter(parser, Sink())
+        adapter.feed(b"")
+        assert len(seen) == 2 and not adapter.held, parser
+        adapter.feed(b"GET /2 HTTP/1.1\r\n" + REPEATED)
+        assert seen[-1][0] == b"/2", parser
+
+
 def test_repeated_fields_skip_the_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same field block again after another request line: the parser is not called, each
     request gets a list of its own (a sink that changes one does not change the next), and
@@ -125,10 +170,7 @@ def test_repeated_fields_skip_the_parser(monkeypatch: pytest.MonkeyPatch) -> Non
     fields = REPEATED
     for parser in PARSERS:
         seen.clear()
-        adapter = parsers.make_parser(parser, Sink(), LIMITS)  # type: ignore[arg-type]
-        for target in (b"/0", b"/1"):  # the fields are kept from the second head on
-            adapter.feed(b"GET " + target + b" HTTP/1.1\r\n" + fields)
-            adapter.next_cycle()
+        adapter = _warm_adapter(parser, Sink())
         monkeypatch.setattr(parsers, "_h11_request", None)  # h11 is not called
         if parser == "httptools":
             monkeypatch.setattr(adapter, "parser", None)  # nor llhttp
