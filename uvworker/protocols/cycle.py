@@ -212,7 +212,9 @@ class RequestCycle:
             raise RuntimeError(f"Unexpected ASGI message {kind!r}")
         if kind == "http.response.body" and self.response_started and not self.response_complete:
             stream = self.stream
-            if message.get("more_body", False):
+            # `in`, then the item: a lookup or two, without the method call of get() (~100
+            # instructions less; most last pieces have no more_body at all).
+            if "more_body" in message and message["more_body"]:
                 self.streaming = True
                 stream.send_body(self, message.get("body", b""), True)
                 if stream.write_paused:
