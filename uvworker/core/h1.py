@@ -266,7 +266,9 @@ class H1Core:
         self.remaining = None
         if self.chunked or self.no_body:
             self.chunked = self.no_body = False
-        if upgrade == b"websocket" and options.websocket and method == b"GET" and http_version == "1.1":
+        # `is not None` first: None == bytes is a generic comparison (~140 instructions).
+        if (upgrade is not None and upgrade == b"websocket" and options.websocket and method == b"GET"
+                and http_version == "1.1"):
             self.handler.on_upgrade(scope)
         else:
             self.handler.on_request(scope)
