@@ -83,9 +83,8 @@ def run(state: ServerState, cycle: RequestCycle) -> None:
         return
     context = Context() if state.config.reset_contextvars else copy_context()
     eager = Eager()
-    # Without loop=: run is called from the server's loop callbacks, and Task finds the running
-    # loop itself for less than parsing the keyword (as state.start_app does).
-    task = cycle.task = Task(eager, name=REQUEST_TASK, context=context)
+    # With loop=, as state.start_app: no getpid syscall for Task to find the running loop.
+    task = cycle.task = Task(eager, loop=loop, name=REQUEST_TASK, context=context)
     try:
         _enter_task(loop, task)
         outer = None
