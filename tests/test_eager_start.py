@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import wait_for
-from tests.http_client import Conn, build_request, capture_log, parse_responses, respond
-from uvworker.protocols import http
+from tests.benchmarks.instructions import Transport
+from tests.conftest import PARSERS, wait_for
+from tests.http_client import Conn, build_request, capture_log, parse_responses, read_body, respond
+from uvworker.protocols import eager, http
 from uvworker.protocols.eager import Eager
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="unset")
@@ -249,3 +250,127 @@ def test_a_cancelled_error_raised_at_once_ends_the_task_cancelled(serve: Any, st
         assert conn.read_response().status == 500
         wait_for(lambda: tasks and tasks[0].done())
     assert started_as(tasks[0]) == start and tasks[0].cancelled()
+
+
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many Eager objects the eager start has made (one item each)."""
+    count: list[int] = []
+
+    class Counted(Eager):
+        __slots__ = ()
+
+        def __init__(self) -> None:
+            count.append(1)
+
+    monkeypatch.setattr(eager, "Eager", Counted)
+    return count
+
+
+def reporting_app(made: list[int], kept: list[asyncio.Task[Any]] | None = None) -> tuple[Any, list[Any], list[Any]]:
+    """An app that answers its path and its body, and the lists it reports to: (path, how its
+    task started, Eager objects made so far) as it starts, (path, result) as its task ends.
+    It holds no task (a done callback reports), but for the task of /keep, kept in ``kept``."""
+    seen: list[tuple[str, str, int]] = []
+    ended: list[tuple[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope["path"]
+        task = asyncio.current_task()
+        assert task is not None
+        seen.append((path, started_as(task), len(made)))
+        task.add_done_callback(lambda done: ended.append((path, done.result())))
+        if path == "/keep" and kept is not None:
+            kept.append(task)
+        del task
+        await respond(send, body=path.encode() + await read_body(receive))
+
+    return app, seen, ended
+
+
+def test_a_connections_requests_share_an_eager_coroutine_only_once_its_task_lets_go(
+    serve: Any, start: str, made: list[int]
+) -> None:
+    """The eager start keeps a connection's Eager for its next request: the one of a task
+    that ended (and that nobody keeps) is used again; the one of a task that waited (a
+    hand-over since), or of a task the app keeps, is not. Every request is answered and
+    every task ends with its app, whichever way it started. (Nothing here holds a task but
+    the app of /keep: the tasks report through done callbacks.)"""
+    kept: list[asyncio.Task[Any]] = []
+    app, seen, ended = reporting_app(made, kept)
+
+    paths = ["/a", "/b", "/wait", "/c", "/keep", "/d"]
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for path in paths:
+            if path == "/wait":
+                conn.send(b"POST /wait HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n")
+                wait_for(lambda: len(seen) == 3)
+                conn.send(b"!!!")
+                assert conn.read_response().body == b"/wait!!!"
+            else:
+                conn.send(build_request(target=path))
+                assert conn.read_response().body == path.encode()
+            wait_for(lambda: len(ended) == len(seen))  # (as a client's next request would come)
+    assert ended == [(path, None) for path in paths]
+    # Eager objects made by each request's start: /a makes one, which /b and /wait use again
+    # (their tasks had let go); /wait's app waits, so it is a hand-over since and /c makes
+    # one, which /keep uses; /keep's app keeps its task, which holds it: /d makes one.
+    expected = [1, 1, 1, 2, 2, 3] if start == "eager" else [0] * 6
+    assert seen == [(path, start, count) for path, count in zip(paths, expected)]
+
+
+class _Transport(Transport):
+    """The instruction counter's transport, keeping what is written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_a_request_read_in_the_turn_of_the_one_before_gets_an_eager_coroutine_of_its_own(
+    parser: str, monkeypatch: pytest.MonkeyPatch, made: list[int]
+) -> None:
+    """Two requests of one connection read in one loop turn (libuv reads a socket again
+    within its callback while bytes keep coming, so this is driven on the protocol: no
+    socket makes it happen at will): the first one's app has finished, but its task's last
+    step comes in the next turn and still holds its Eager when the second one starts. The
+    second, whose app waits for its body, must not take it over: both tasks end as plain
+    ones would, with their apps' answers in order."""
+    from uvworker.config import Config
+    from uvworker.protocols.http import HTTPConnection
+    from uvworker.server import make_state
+
+    monkeypatch.setattr(http, "EAGER_ABOVE", 0)
+    app, seen, ended = reporting_app(made)
+
+    async def main() -> tuple[bytes, bytes]:
+        config = Config(app, http=parser, access_log=False, lifespan="off")
+        config.load()
+        loop = asyncio.get_running_loop()
+        transport = _Transport()
+        conn = HTTPConnection(make_state(config, loop, {}))
+        conn.connection_made(transport)
+
+        def one_turn() -> None:
+            conn.data_received(build_request(target="/1"))
+            conn.data_received(b"POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+
+        loop.call_soon(one_turn)
+        for _ in range(20):  # a few turns: the first task ends, the second waits for its body
+            await asyncio.sleep(0)
+        first = transport.written
+        conn.data_received(b"hello")
+        deadline = loop.time() + 5
+        while len(ended) < 2 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return first, transport.written
+
+    first, written = asyncio.run(main())
+    assert [r.body for r in parse_responses(first)] == [b"/1"]
+    assert [(r.status, r.body) for r in parse_responses(written)] == [(200, b"/1"), (200, b"/2hello")]
+    assert seen == [("/1", "eager", 1), ("/2", "eager", 2)]  # an Eager each
+    assert sorted(ended) == [("/1", None), ("/2", None)]

@@ -8,7 +8,7 @@ L2 cache, so each request's objects have left it by the time its app runs. Run t
 first step as soon as its request is parsed, and for most apps the whole response is done
 while those objects are still in cache, and freed before the next connection is read: what
 stays for the turn is the task, 0.6 KB. (Python 3.12 calls this an eager start; 3.11 has
-none.) It costs ~4k instructions per request, so the transport uses it only above
+none.) It costs ~3.3k instructions per request, so the transport uses it only above
 ``EAGER_ABOVE`` open connections (protocols.http), where the misses it saves cost more.
 
 What stays exactly as with ``asyncio.Task(coro)``: the app runs in a real Task of its own,
@@ -24,27 +24,30 @@ runs the app's first step in the task's context, and then sets them: for an app 
 finished, an exhausted generator's (the task's first step ends the task, all in C); for one
 that waits, a hand-over that gives the task what it waits for, and from then on the app
 coroutine's own ``send`` and ``throw`` (every later step goes to the app without Python code).
+An Eager in its finished state is the same for every task, so a connection keeps the one its
+last task had for its next request, once no task holds it any more.
 """
 
 from __future__ import annotations
 
 from asyncio import Task, current_task
+# What a Task's step calls to make itself current_task() (CPython's C versions; asyncio.tasks
+# has them, in C or in Python, in every version this package supports).
+from asyncio.tasks import _enter_task, _leave_task
 from collections.abc import Callable, Coroutine, Generator
 from contextvars import Context, copy_context
-from typing import TYPE_CHECKING, Any
+from sys import getrefcount
+from typing import TYPE_CHECKING, Any, Protocol
 
 from uvworker.protocols.connection import REQUEST_TASK
 
 if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop
+
+    from uvworker.config import Config
     from uvworker.protocols.connection import ServerState
     from uvworker.protocols.cycle import RequestCycle
 
-try:  # what a Task's step calls to make itself current_task() (CPython's C versions)
-    from asyncio.tasks import _enter_task, _leave_task
-except ImportError:  # pragma: no cover - an interpreter without them: plain tasks
-    _enter_task = _leave_task = None
-
-AVAILABLE = _enter_task is not None
 _FINISHED = object()  # what next() gives back for an app that returned in its first step
 
 
@@ -74,15 +77,49 @@ class Eager(Coroutine[Any, Any, None]):
         raise TypeError("a request task's coroutine is not awaited")
 
 
-def run(state: ServerState, cycle: RequestCycle) -> None:
-    """``cycle``'s app in a task of its own, as ``state.start_app`` makes it, set as
+class _Holder:
+    __slots__ = ("eager",)
+
+
+def _references_when_free() -> int:
+    """What getrefcount says in run of an Eager that only its connection holds (the slot, the
+    local name, the argument: 3 on CPython 3.11), found the same way, on this interpreter."""
+    holder = _Holder()
+    holder.eager = object()
+    eager = holder.eager
+    return getrefcount(eager)
+
+
+_FREE = _references_when_free()
+
+
+class Starter(Protocol):
+    """What ``run`` needs of the connection that read the request (an HTTPConnection)."""
+
+    loop: AbstractEventLoop
+    state: ServerState
+    config: Config
+    eager: Eager | None  # the Eager of its last eager start, for the next one
+
+
+def run(conn: Starter, cycle: RequestCycle) -> None:
+    """``cycle``'s app in a task of its own, as ``conn.state.start_app`` makes it, set as
     ``cycle.task``; then the task's first step, now. Called from a loop callback."""
-    loop = state.loop
-    if loop.get_task_factory() is not None or not AVAILABLE:  # the app's factory makes the task
-        cycle.task = state.start_app(cycle.run_asgi(state.app))
+    loop = conn.loop
+    if loop.get_task_factory() is not None:  # the app's factory makes the task
+        cycle.task = conn.state.start_app(cycle.run_asgi(conn.state.app))
         return
-    context = Context() if state.config.reset_contextvars else copy_context()
-    eager = Eager()
+    context = Context() if conn.config.reset_contextvars else copy_context()
+    # The connection's Eager, in its finished state, if no task holds it any more: then the
+    # eager start makes and frees no object but the task (an Eager made and freed costs ~700
+    # instructions). A task of this connection's whose last step is still to come holds it
+    # (a read in the same loop turn as the one before it: libuv reads a socket again while
+    # bytes keep coming), or one that ended and that someone keeps: a new one then. A task
+    # that waited has a hand-over in its Eager: the connection has let go of that one.
+    eager = conn.eager
+    if getrefcount(eager) != _FREE:
+        eager = conn.eager = Eager()
+        eager.send, eager.throw = _END_SEND, _END_THROW
     # With loop=, as state.start_app: no getpid syscall for Task to find the running loop.
     task = cycle.task = Task(eager, loop=loop, name=REQUEST_TASK, context=context)
     try:
@@ -92,21 +129,21 @@ def run(state: ServerState, cycle: RequestCycle) -> None:
         outer = current_task(loop)
         _leave_task(loop, outer)
         _enter_task(loop, task)
-    coro = cycle.run_asgi(state.app)
+    coro = cycle.run_asgi(conn.state.app)
     try:
         pending = context.run(next, coro.__await__(), _FINISHED)
     except BaseException as exc:  # not the app's error (run_asgi handles those): the task's end
         eager.send = eager.throw = _Raise(exc)
+        conn.eager = None  # (this one is the task's now)
         return
     finally:
         _leave_task(loop, task)
         if outer is not None:
             _enter_task(loop, outer)
-    if pending is _FINISHED:
-        eager.send, eager.throw = _END_SEND, _END_THROW
-    else:
+    if pending is not _FINISHED:  # the app waits: the task's Eager is a hand-over from now on
         hand_over = _HandOver(eager, coro, pending)
         eager.send, eager.throw = hand_over.send, hand_over.throw
+        conn.eager = None
 
 
 class _HandOver:

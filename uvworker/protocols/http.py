@@ -69,7 +69,7 @@ from uvworker.protocols.connection import (
     CLOSED, LINGER_TIME, Connection, ServerState, address, cancel_app, input_waiting,
 )
 from uvworker.protocols.cycle import RequestCycle
-from uvworker.protocols.eager import run as run_app
+from uvworker.protocols.eager import Eager, run as run_app
 
 if TYPE_CHECKING:
     from uvworker.protocols.websocket import WebSocketConnection
@@ -101,7 +101,7 @@ class HTTPConnection(Connection):
     # fewer cache lines for a request to touch, each cold by its turn at 1024 connections.
     __slots__ = (
         "core", "parser", "starting", "cycle", "fresh", "send_start", "upgrade", "_lingered", "_early", "_file_waiter",
-        "is_tls", "h2c", "_preface", "wsgi_environ",
+        "is_tls", "h2c", "_preface", "wsgi_environ", "eager",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -123,6 +123,7 @@ class HTTPConnection(Connection):
         # A request read whose app is to start eagerly (EAGER_ABOVE) once the parser has
         # returned: by data_received; by _next_cycle as a plain task (from inside a task).
         self.starting: RequestCycle | None = None
+        self.eager: Eager | None = None  # kept for the next eager start (protocols.eager.run)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -207,7 +208,7 @@ class HTTPConnection(Connection):
         cycle = self.starting
         if cycle is not None:
             self.starting = None
-            run_app(self.state, cycle)  # its first step now, while the request is in cache
+            run_app(self, cycle)  # its first step now, while the request is in cache
 
     def eof_received(self) -> bool | None:
         if self.phase == LINGER:
