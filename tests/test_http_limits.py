@@ -292,7 +292,11 @@ def test_http10_without_host_is_fine(serve: Any) -> None:
 # -- load shedding -----------------------------------------------------------------------------
 
 
-def test_limit_concurrency_503(serve: Any) -> None:
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_limit_concurrency_503(serve: Any, interface: str) -> None:
+    """Over the limit a request is answered 503, by an ASGI app or by one that takes each
+    request's cycle itself, without an ASGI task (the WSGI adapter: ServerState.direct): the
+    limit is checked before such an app gets the cycle."""
     release = threading.Event()
     entered = threading.Event()
 
@@ -302,7 +306,15 @@ def test_limit_concurrency_503(serve: Any) -> None:
             await wait_event(release)
         await respond(send, body=scope["path"].encode())
 
-    with serve(app, limit_concurrency=1) as srv:
+    def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["PATH_INFO"].encode()
+        if body == b"/block":
+            entered.set()
+            release.wait(10)
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+    with serve(app if interface == "asgi" else wsgi_app, limit_concurrency=1) as srv:
         with Conn.open(srv.host, srv.port) as busy:
             busy.send(build_request(target="/block"))
             wait_for(entered.is_set)

@@ -96,6 +96,8 @@ class ServerState:
         # An app offering serve_cycle(cycle) takes an HTTP/1.1 request cycle without an ASGI task: the WSGI
         # adapter (its app runs on a thread; the loop only writes what the thread answers).
         self.direct: Callable[[Any], None] | None = getattr(app, "serve_cycle", None)
+        # Whether an HTTP/1.1 request may be shed or served directly (HTTPConnection._gate).
+        self.gated = self.direct is not None or config.limit_concurrency is not None
         self.h1 = h1
         self.defaults = defaults
         self.access_log = access_log

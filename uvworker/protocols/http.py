@@ -265,17 +265,27 @@ class HTTPConnection(Connection):
         cycle = self.cycle = _new(RequestCycle)
         cycle.__init__(self, scope, core.expect_continue, not core.body_complete)
         state.active_requests += 1
+        if state.gated and self._gate(cycle):  # (one test for both, on the hot path)
+            return
+        if len(state.connections) > EAGER_ABOVE:
+            self.starting = cycle  # started once the parser has returned (data_received)
+        else:
+            cycle.task = state.start_app(cycle.run_asgi(state.app))
+
+    def _gate(self, cycle: RequestCycle) -> bool:
+        """With --limit-concurrency or an app that serves cycles itself (``state.gated``):
+        whether ``cycle`` is answered 503 (over the limit) or given to that app, and so is not
+        started as an ASGI task."""
+        state = self.state
         limit = self.config.limit_concurrency
         if limit is not None and state.active_requests > limit:
             state.shed(cycle)
             self.send_error(503, "Service Unavailable", cycle)
-            return
+            return True
         if state.direct is not None:
             state.direct(cycle)
-        elif len(state.connections) > EAGER_ABOVE:
-            self.starting = cycle  # started once the parser has returned (data_received)
-        else:
-            cycle.task = state.start_app(cycle.run_asgi(state.app))
+            return True
+        return False
 
     def on_upgrade(self, scope: dict[str, Any]) -> None:
         from uvworker.protocols.websocket import new_session
