@@ -171,9 +171,8 @@ class HTTPConnection(Connection):
         self.core.detach()
 
     def data_received(self, data: bytes) -> None:
-        counters = self.state.counters
-        if counters is not None:
-            counters.received += len(data)
+        if self.state.counters is not None:  # (no name stored for the test alone)
+            self.state.counters.received += len(data)
         phase = self.phase
         if phase == KEEP_ALIVE:
             self.phase = WAIT_HEAD
@@ -199,7 +198,7 @@ class HTTPConnection(Connection):
         except HTTPError as exc:
             self.on_refused(exc)
             return
-        if phase == KEEP_ALIVE and self.phase == WAIT_HEAD:
+        if self.phase == WAIT_HEAD and phase == KEEP_ALIVE:  # (false at once for a whole head)
             # A new request has begun but its head is not complete: the header timeout runs.
             # (Set only now: most heads arrive whole, and on_request clears the deadline anyway.)
             self._set_deadline(self.config.timeout_request_header)
