@@ -86,10 +86,12 @@ FILE_CHUNK = 256 * 1024  # file bytes read and written at a time over TLS
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Above this many open connections a request read in data_received runs its app's first step
 # at once (protocols.eager), for the CPU's caches. Below it a loop turn's requests fit in
-# them anyway and the plain task is cheaper (callgrind, hello world, uvloop, per request:
-# 64 and 256 connections, 0 L2 misses either way, 79.9k instructions plain, 83.9k eager;
-# 512: 90 L2 misses plain, 36 eager; 1024: 131 plain, 69 eager).
-EAGER_ABOVE = 384
+# them anyway and the plain task is cheaper. Per request (instructions.py --cache: hello
+# world, uvloop, a 1 MiB L2), the eager start costs ~3.6k instructions more and saves these
+# L2 misses (plain -> eager): 192 connections 12.5 -> 0.9, 256: 28.9 -> 2.8, 384: 76.9 ->
+# 8.1, 512: 96 -> 24, 1024: ~100 -> 39. At ~50 cycles a miss (an L3 hit) 3.6k instructions
+# (~1.5k cycles) cost what 26 misses do: about even at 256, the misses' side from there on.
+EAGER_ABOVE = 256
 # CALLABLE_ATTRIBUTES: on the hot path, a callable kept in an instance attribute is loaded into
 # a local and then called: ``obj.attr(...)`` compiles to a method load, which 3.11 cannot
 # specialize for an instance's own attribute and looks up the generic way (~200 instructions).
