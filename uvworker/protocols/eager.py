@@ -40,6 +40,7 @@ from sys import getrefcount
 from typing import TYPE_CHECKING, Any, Protocol
 
 from uvworker.protocols.connection import REQUEST_TASK
+from uvworker.protocols.cycle import FINISHED
 
 if TYPE_CHECKING:
     from asyncio import AbstractEventLoop
@@ -49,15 +50,7 @@ if TYPE_CHECKING:
     from uvworker.protocols.cycle import RequestCycle
 
 _FINISHED = object()  # what next() gives back for an app that returned in its first step
-
-
-def _exhausted() -> Generator[None, None, None]:
-    yield  # pragma: no cover - never resumed: only its methods' "finished" answers are used
-
-
-_END = _exhausted()
-_END.close()  # from now on send() raises StopIteration and throw(exc) raises exc, in C
-_END_SEND, _END_THROW = _END.send, _END.throw
+_END_SEND, _END_THROW = FINISHED.send, FINISHED.throw  # a finished task's: it ends at once, in C
 
 
 class Eager(Coroutine[Any, Any, None]):
