@@ -103,7 +103,7 @@ class HTTPConnection(Connection):
     # fewer cache lines for a request to touch, each cold by its turn at 1024 connections.
     __slots__ = (
         "core", "parser", "starting", "cycle", "fresh", "send_start", "upgrade", "_lingered", "_early", "_file_waiter",
-        "is_tls", "h2c", "_preface", "wsgi_environ", "eager",
+        "is_tls", "h2c", "_preface", "wsgi_environ", "eager", "holding",
     )
 
     def __init__(self, state: ServerState) -> None:
@@ -126,6 +126,7 @@ class HTTPConnection(Connection):
         # returned: by data_received; by _next_cycle as a plain task (from inside a task).
         self.starting: RequestCycle | None = None
         self.eager: Eager | None = None  # kept for the next eager start (protocols.eager.run)
+        self.holding = False  # in an eager start: a whole response waits for a burst (Connection.hold)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -209,7 +210,11 @@ class HTTPConnection(Connection):
         cycle = self.starting
         if cycle is not None:
             self.starting = None
-            run_app(self, cycle)  # its first step now, while the request is in cache
+            self.holding = True
+            try:
+                run_app(self, cycle)  # its first step now, while the request is in cache
+            finally:
+                self.holding = False
 
     def eof_received(self) -> bool | None:
         if self.phase == LINGER:
@@ -402,6 +407,8 @@ class HTTPConnection(Connection):
                         batch = self.batch
                         batch.write(data)
                         self.batching = batch.counted  # (nothing is batched now)
+                    elif self.holding:  # an eager start's: written in a burst with others
+                        self.hold(data)
                     else:  # straight through, as batch.write would, the batch unread (see batching)
                         self.transport.write(data)
         else:
