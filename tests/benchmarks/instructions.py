@@ -4,6 +4,7 @@
     python -m tests.benchmarks.instructions --connections 1024 [--cache] [--uvloop]
     python -m tests.benchmarks.instructions --wsgi --uvloop      # row wsgi-hello's app, on threads
     python -m tests.benchmarks.instructions --close --uvloop     # row close-64: a connection per request
+    python -m tests.benchmarks.instructions --websocket 65536 --uvloop  # row ws-64k: per echoed message
     python -m tests.benchmarks.instructions --wsgi --gunicorn    # behind the Gunicorn worker's rules
 
 Drives keep-alive HTTPConnections over fake transports on a plain asyncio loop, so the count
@@ -45,6 +46,10 @@ apps, then delivers every client's FIN (``eof_received``) and the transports' en
 (``connection_lost``, a loop callback as uvloop calls it), so the count is everything a
 connection's life costs on the Python side.
 
+``--websocket SIZE`` counts a WebSocket echo instead, as rows ws-32 and ws-64k make it (the
+suite's echo app, no extension): one connection upgraded once, then one masked SIZE-byte binary
+frame a read, each echoed before the next (``--requests`` messages); the count is per message.
+
 ``--gunicorn`` puts the app behind the rules the Gunicorn worker applies by default
 (``gunicorn_hooks.front``: proxy and secure-scheme headers, read from the trusted 127.0.0.1
 peer) and a ``before`` that counts requests, as a max_requests budget does.
@@ -63,6 +68,9 @@ import tempfile
 from typing import Any
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+UPGRADE_REQUEST = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+CLOSE_FRAME = bytes([0x88, 0x82]) + bytes(4) + (1000).to_bytes(2, "big")  # code 1000, masked with a zero key
 CLOSE_REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"  # as wrk -H sends it
 
 
@@ -70,6 +78,9 @@ class Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.responses = 0
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:  # a WebSocket takes the connection over
+        self.protocol = protocol
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
@@ -244,6 +255,37 @@ async def drive_close(http: str, requests: int, connections: int) -> None:
     assert state.requests_served == rounds * connections
 
 
+async def drive_websocket(http: str, messages: int, size: int) -> None:
+    """One WebSocket session echoing ``messages`` binary messages of ``size`` bytes (--websocket)."""
+    from tests.benchmarks.suite.apps import app
+    from tests.benchmarks.ws_echo import masked_frame
+    from uvworker.config import Config
+    from uvworker.protocols.http import HTTPConnection
+    from uvworker.server import make_state
+
+    # No ping: a slow drive (valgrind) would meet its timer, and this client sends no pong.
+    config = Config(app, http=http, access_log=False, lifespan="off", ws_ping_interval=0)
+    config.load()
+    loop = asyncio.get_running_loop()
+    state = make_state(config, loop, {})
+    conn = HTTPConnection(state)
+    transport = ClosingTransport(conn, loop)
+    conn.connection_made(transport)
+    conn.data_received(UPGRADE_REQUEST)
+    while transport.responses < 1:  # the 101
+        await asyncio.sleep(0)
+    frame = masked_frame(size)
+    for n in range(2, messages + 2):  # each echo is one write (a small frame) or writelines (a large one)
+        transport.protocol.data_received(frame)
+        while transport.responses < n:
+            await asyncio.sleep(0)
+    transport.protocol.data_received(CLOSE_FRAME)  # the client ends the session: the server's close, its end
+    while state.connections or not transport.closing:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)  # connection_lost, then the app's end
+    assert transport.responses == messages + 2  # the 101, every echo, the server's close frame
+
+
 def _end(conn: asyncio.Protocol, transport: ClosingTransport) -> None:
     if not conn.eof_received():  # a falsy answer: the transport closes itself
         transport.close()
@@ -305,7 +347,8 @@ def measure(args: argparse.Namespace, requests: int) -> tuple[dict[str, int], di
             "valgrind", *tool, sys.executable, "-m", "tests.benchmarks.instructions", "--drive",
             "--http", args.http, "--requests", str(requests), "--connections", str(args.connections),
         ] + (["--metrics"] if args.metrics else []) + (["--uvloop"] if args.uvloop else []) + (
-            ["--wsgi"] if args.wsgi else []) + (["--close"] if args.close else []) + (["--gunicorn"] if args.gunicorn else [])
+            ["--wsgi"] if args.wsgi else []) + (["--close"] if args.close else []) + (["--gunicorn"] if args.gunicorn else []) + (
+            ["--websocket", str(args.websocket)] if args.websocket else [])
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         with open(out) as handle:
             text = handle.read()
@@ -368,6 +411,8 @@ def main() -> None:
     parser.add_argument("--wsgi", action="store_true", help="the WSGI hello world of row wsgi-hello, on its threads")
     parser.add_argument("--gunicorn", action="store_true", help="behind the Gunicorn worker's default rules")
     parser.add_argument("--close", action="store_true", help="a new connection per request (row close-64)")
+    parser.add_argument("--websocket", type=int, default=0, metavar="SIZE",
+                        help="a WebSocket echo of SIZE-byte messages, per message (rows ws-32, ws-64k)")
     parser.add_argument("--functions", type=int, default=0, metavar="N",
                         help="also the N functions with the most instructions per request (inclusive, self); "
                         "with --cache, the N with the most misses")
@@ -378,7 +423,9 @@ def main() -> None:
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        if args.close:
+        if args.websocket:
+            asyncio.run(drive_websocket(args.http, args.requests, args.websocket))
+        elif args.close:
             asyncio.run(drive_close(args.http, args.requests, args.connections))
         else:
             asyncio.run(drive(args.http, args.requests, args.metrics, args.connections, args.wsgi, args.gunicorn))
@@ -398,17 +445,20 @@ def main() -> None:
         label += f", {args.connections} connections"
     if args.close:
         label += ", a new connection per request"
+    if args.websocket:
+        label += f", WebSocket echo of {args.websocket:,} B messages"
+    unit = "message" if args.websocket else "request"
     if args.cache:  # Ir: instructions; D1mr/D1mw, DLmr/DLmw: L1 data and last-level misses
         print(f"{label}: {per['Ir']:,.0f} instructions, {per['D1mr'] + per['D1mw']:,.0f} L1d misses, "
-              f"{per['DLmr'] + per['DLmw']:,.1f} L2 misses per request ({describe(cache_geometry())})")
+              f"{per['DLmr'] + per['DLmw']:,.1f} L2 misses per {unit} ({describe(cache_geometry())})")
     else:
-        print(f"{label}: {per['Ir']:,.0f} instructions per request")
+        print(f"{label}: {per['Ir']:,.0f} instructions per {unit}")
     if args.functions and args.cache:
         cached = []
         for name, counts in more_functions.items():
             before = base_functions.get(name, (0, 0, 0))
             cached.append(tuple((now - then) / served for now, then in zip(counts, before)) + (name,))
-        print(f"{'L2 misses':>9} {'L1d':>7} {'instr':>7}  per request, each function's own")
+        print(f"{'L2 misses':>9} {'L1d':>7} {'instr':>7}  per {unit}, each function's own")
         for own, d1, ll, name in sorted(cached, key=lambda row: (round(row[2], 2), row[1]), reverse=True)[: args.functions]:
             print(f"{ll:9.2f} {d1:7.1f} {own:7,.0f}  {name}")
     elif args.functions:
@@ -416,7 +466,7 @@ def main() -> None:
         for name, (inclusive, own) in more_functions.items():
             before = base_functions.get(name, (0, 0))
             rows.append(((inclusive - before[0]) / served, (own - before[1]) / served, name))
-        print(f"{'inclusive':>10} {'self':>9}  per request")
+        print(f"{'inclusive':>10} {'self':>9}  per {unit}")
         for inclusive, own, name in sorted(rows, reverse=True)[: args.functions]:
             print(f"{inclusive:10,.0f} {own:9,.0f}  {name}")
 
