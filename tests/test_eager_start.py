@@ -9,12 +9,14 @@ import asyncio
 import contextvars
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
 
 from tests.benchmarks.instructions import Transport
 from tests.conftest import PARSERS, wait_for
+from tests.freed import assert_freed, collector_off, open_connection_objects
 from tests.http_client import Conn, build_request, capture_log, parse_responses, read_body, respond
 from uvworker.protocols import eager, http
 from uvworker.protocols.eager import Eager
@@ -374,3 +376,62 @@ def test_a_request_read_in_the_turn_of_the_one_before_gets_an_eager_coroutine_of
     assert [(r.status, r.body) for r in parse_responses(written)] == [(200, b"/1"), (200, b"/2hello")]
     assert seen == [("/1", "eager", 1), ("/2", "eager", 2)]  # an Eager each
     assert sorted(ended) == [("/1", None), ("/2", None)]
+
+
+@pytest.mark.parametrize("keep", ["nothing", "receive", "send"])
+def test_a_cycle_serves_the_next_request_once_nothing_holds_it(
+    serve: Any, monkeypatch: pytest.MonkeyPatch, keep: str
+) -> None:
+    """Many connections open (the eager start): a request's cycle serves the next request
+    once nothing holds it (ServerState.spare); an app that keeps its receive or send keeps
+    its cycle, which then acts for its own request only (its response is complete), and the
+    next request gets a new one."""
+    monkeypatch.setattr(http, "EAGER_ABOVE", 0)
+    last: list[weakref.ref[Any]] = []  # the cycle of the request before (not held)
+    reused: list[bool] = []
+    kept: list[Any] = []
+    seen_by_kept: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        cycle = receive.__self__
+        reused.append(bool(last) and last[-1]() is cycle)
+        last.append(weakref.ref(cycle))
+        del cycle
+        if scope["path"] == "/keep" and keep != "nothing":
+            kept.append(receive if keep == "receive" else send)
+        if scope["path"] == "/after" and kept:
+            try:
+                message = {"type": "http.response.start", "status": 200}
+                seen_by_kept.append(await (kept[0]() if keep == "receive" else kept[0](message)))
+            except RuntimeError as exc:
+                seen_by_kept.append(str(exc))
+        await respond(send, body=b"ok")
+
+    paths = ["/a", "/b", "/keep", "/after", "/c"]
+    with serve(app) as srv, Conn.open(srv.host, srv.port) as conn:
+        for path in paths:
+            conn.send(build_request(target=path))
+            assert conn.read_response().body == b"ok"
+    # /a makes one, which /b and /keep use again; /after gets a new one while /keep's app
+    # holds its receive or send (and uses it: its own request's cycle), /c uses /after's.
+    assert reused == [False, True, True, keep == "nothing", True]
+    if keep == "receive":
+        assert seen_by_kept == [{"type": "http.disconnect"}]
+    elif keep == "send":
+        assert seen_by_kept == ["Unexpected ASGI message 'http.response.start' after the response completed"]
+
+
+def test_a_closed_connection_is_not_kept_by_the_spare_cycle(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spare cycle of a connection that has gone lets go of it: freed at once."""
+    monkeypatch.setattr(http, "EAGER_ABOVE", 0)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await respond(send, body=b"ok")
+
+    with serve(app) as srv, collector_off():
+        with Conn.open(srv.host, srv.port) as conn:
+            objects = open_connection_objects(srv)
+            conn.send(build_request())
+            assert conn.read_response().body == b"ok"
+            assert srv.server.state.spare is not None
+        assert_freed(objects)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from uvworker.core.response import HeadDefaults
     from uvworker.logging import AccessLog
     from uvworker.metrics import Counters
+    from uvworker.protocols.cycle import RequestCycle
 
 logger = logging.getLogger("uvworker.error")
 
@@ -123,6 +124,9 @@ class ServerState:
         # its next request, a cold object by then at 1024 connections (callgrind: 550
         # instructions and 1.1 L2 misses a request).
         self.keep_alive_deadline = loop.time() + config.timeout_keep_alive + IDLE_SLACK
+        # The last HTTP/1.1 request cycle made while many connections are open, for the next
+        # request (of any connection) once nothing holds it (HTTPConnection.on_request).
+        self.spare: RequestCycle | None = None
         self.request_hooks: list[Callable[[Any], None]] = []
         # For metrics, with --metrics-bind only (uvworker.metrics): bytes by the transports,
         # requests by a request hook; without it, nothing is counted and nothing costs.

@@ -148,7 +148,8 @@ class RequestCycle:
     """The ASGI side of one request."""
 
     # Slots: a cycle per request, so no dict (compact values) to make and free, and every
-    # attribute at a fixed offset; each is set in __init__. The classes that keep a dict (the
+    # attribute at a fixed offset; each is set in __init__ (which HTTP/1.1 may call again on a
+    # finished cycle: protocols.http, on_request). The classes that keep a dict (the
     # HTTP/2 and WebSocket connections) set every attribute in __init__ too, none as a class default:
     # CPython 3.11 fixes the attribute names an instance can keep in its compact values
     # (shared with the other instances) after the first 30 instances are made. Objects come in

@@ -75,15 +75,17 @@ class _Holder:
 
 
 def _references_when_free() -> int:
-    """What getrefcount says in run of an Eager that only its connection holds (the slot, the
-    local name, the argument: 3 on CPython 3.11), found the same way, on this interpreter."""
+    """What getrefcount says of an object that only one attribute holds, read into a local
+    name (the attribute, the name, the argument: 3 on CPython 3.11): of an Eager only its
+    connection holds in run, of a cycle only ServerState.spare holds (protocols.http); found
+    the same way, on this interpreter."""
     holder = _Holder()
     holder.eager = object()
     eager = holder.eager
     return getrefcount(eager)
 
 
-_FREE = _references_when_free()
+FREE = _references_when_free()
 
 
 class Starter(Protocol):
@@ -110,7 +112,7 @@ def run(conn: Starter, cycle: RequestCycle) -> None:
     # bytes keep coming), or one that ended and that someone keeps: a new one then. A task
     # that waited has a hand-over in its Eager: the connection has let go of that one.
     eager = conn.eager
-    if getrefcount(eager) != _FREE:
+    if getrefcount(eager) != FREE:
         eager = conn.eager = Eager()
         eager.send, eager.throw = _END_SEND, _END_THROW
     # With loop=, as state.start_app: no getpid syscall for Task to find the running loop.
