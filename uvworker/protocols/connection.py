@@ -26,7 +26,7 @@ from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 from uvworker.errors import REQUEST_TIMEOUT
-from uvworker.protocols.batch import CountingBatch, WriteBatch
+from uvworker.protocols.batch import CountingBatch, Outbox, WriteBatch
 
 if TYPE_CHECKING:
     from uvworker.config import Config
@@ -44,10 +44,6 @@ LINGER_TIME = 2.0
 # the server's sweep, server.TICK): it is taken from the last tick, not read from the clock.
 IDLE_SLACK = 0.2
 CLOSED = 0  # the phase every protocol ends in
-# Whole responses held for a burst (Connection.hold). Measured, hello world at 1024 connections
-# with wrk (2-core VM, wrk and the server at real-time priority): 16 makes wrk sleep 0.06 times
-# a request instead of 0.35.
-BURST = 16
 # The name of every request's app task. Given, because asyncio formats a unique "Task-N" for
 # each unnamed task (about 1.5k instructions of a hello-world request's 98k, callgrind).
 REQUEST_TASK = "uvworker.request"
@@ -114,8 +110,6 @@ class ServerState:
         # Their app tasks still running (a WSGI thread that cannot be stopped, a task that
         # ignores the cancellation): the server asks to be replaced when there are too many.
         self.abandoned: set[asyncio.Task[None]] = set()
-        # The connections whose whole response waits for a burst of writes (Connection.hold).
-        self.held: list[Connection] = []
         self.accepting_requests = True
         self.closing_idle = False  # the whole server stops: idle connections close at once
         # The deadline of an HTTP/1.1 connection that goes idle (keep-alive) before the next
@@ -131,6 +125,8 @@ class ServerState:
         # For metrics, with --metrics-bind only (uvworker.metrics): bytes by the transports,
         # requests by a request hook; without it, nothing is counted and nothing costs.
         self.counters: Counters | None = None
+        # Whole HTTP/1.1 responses of eager starts, written in bursts (batch.Outbox).
+        self.outbox = Outbox(loop)
 
     @property
     def lifespan_state(self) -> dict[str, Any]:
@@ -272,40 +268,28 @@ class Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         """Write now, after whatever write_soon() batched."""
         if self.phase != CLOSED:
+            self.release()
             self.batch.write(data)
 
     def writelines(self, parts: tuple[bytes, ...]) -> None:
         """Write now, by reference (one writev): for large pieces, which a join would copy."""
         if self.phase != CLOSED:
+            self.release()
             self.batch.writelines(parts)
 
     def write_soon(self, data: bytes) -> None:
         """Batch a piece: the pieces of one loop turn go out in one write (bounded)."""
         if self.phase != CLOSED:
+            self.release()
             self.batching = True
             self.batch.add(data)
 
-    def hold(self, data: bytes) -> None:
-        """Write ``data``, a whole response, in a burst with other connections' (``state.held``):
-        once BURST are held, or when this turn ends. With many busy connections a client as
-        fast as wrk has taken each response before the server has made the next, and waits for
-        it asleep: every response wakes it, and on a VM the wake-up (an IPI) is the sender's
-        system time; a burst of writes wakes it once. For what a turn's eager starts answer
-        (protocols.http): the connections of a burst are still in the CPU's caches when it is
-        written (those of a whole turn, 1024, are not: that cost more than the wake-ups).
-        Called with nothing batched; until the burst, what this connection writes (or a close)
-        goes through the batch, after ``data``."""
-        batch = self.batch
-        batch.parts = [data]
-        batch.size = len(data)
-        self.batching = True
-        held = self.state.held
-        held.append(self)
-        count = len(held)
-        if count == 1:
-            self.loop.call_soon(write_held, held)
-        elif count >= BURST:
-            write_held(held)
+    def release(self) -> None:
+        """Write the responses the outbox holds now: what this connection writes next, or
+        its close, comes after its own."""
+        outbox = self.state.outbox
+        if outbox.held:
+            outbox.write()
 
     # -- flow control ------------------------------------------------------------------------
     def pause_writing(self) -> None:
@@ -346,6 +330,7 @@ class Connection(asyncio.Protocol):
         """Close after what is written and batched has gone out. The transport waits for that
         without a bound: a client that takes none of it for --timeout-send is dropped."""
         if self.phase != CLOSED:
+            self.release()
             self.batch.flush()
             self.phase = CLOSED
             self.deadline = 0.0
@@ -385,15 +370,6 @@ class Connection(asyncio.Protocol):
         """Called by the server's sweep with --timeout-request: end each request whose cycle
         started (``start_clock``) before ``cutoff`` and whose response is not complete.
         WebSocket sessions are exempt."""
-
-
-def write_held(held: list[Connection]) -> None:
-    """The burst: the held responses (Connection.hold), in the order they were held."""
-    for conn in held:
-        batch = conn.batch
-        batch.flush()  # (nothing, if the connection has written or dropped it since)
-        conn.batching = batch.counted
-    held.clear()
 
 
 def _drop_if_stalled(transport: asyncio.Transport, unsent: int, delay: float) -> None:

@@ -127,7 +127,7 @@ class HTTPConnection(Connection):
         # returned: by data_received; by _next_cycle as a plain task (from inside a task).
         self.starting: RequestCycle | None = None
         self.eager: Eager | None = None  # kept for the next eager start (protocols.eager.run)
-        self.holding = False  # in an eager start: a whole response waits for a burst (Connection.hold)
+        self.holding = False  # in an eager start: a whole response waits for a burst (batch.Outbox)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -426,8 +426,8 @@ class HTTPConnection(Connection):
                         batch = self.batch
                         batch.write(data)
                         self.batching = batch.counted  # (nothing is batched now)
-                    elif self.holding:  # an eager start's: written in a burst with others
-                        self.hold(data)
+                    elif self.holding:  # an eager start's: written in a burst with others'
+                        self.state.outbox.hold(self, data)
                     else:  # straight through, as batch.write would, the batch unread (see batching)
                         self.transport.write(data)
         else:
@@ -693,6 +693,7 @@ class HTTPConnection(Connection):
         if self.write_paused or not transport.can_write_eof():  # stuck, or TLS: no half-close
             super().close()
             return
+        self.release()
         self.batch.flush()
         self.phase = LINGER
         self._lingered = 0
