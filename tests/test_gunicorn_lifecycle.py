@@ -7,6 +7,7 @@ shutdown took.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.http_client import Conn, build_request
 from tests.test_gunicorn import HOOKS, WORKERS, run_gunicorn
+from uvworker.protocols.http import EAGER_ABOVE
 
 
 @pytest.mark.parametrize("worker_class", WORKERS)
@@ -81,11 +83,17 @@ def test_max_requests_under_keep_alive_load_fails_no_request(tmp_path: Path, wor
 
 
 @pytest.mark.parametrize("worker_class", WORKERS)
-def test_a_connection_accepted_in_the_turn_the_budget_ends_is_served(tmp_path: Path, worker_class: str) -> None:
+@pytest.mark.parametrize("idle", [0, EAGER_ABOVE + 1], ids=["plain", "eager"])
+def test_a_connection_accepted_in_the_turn_the_budget_ends_is_served(tmp_path: Path, worker_class: str, idle: int) -> None:
     """The budget's last request and a new connection reach the worker in one loop turn. asyncio
     accepts the connection in that turn but gives it its transport in a task the next one: the
-    retirement must not close the listener in between (that dropped the socket: a reset)."""
-    with run_gunicorn(tmp_path, worker_class, "max_requests = 3\n") as server:
+    retirement must not close the listener in between (that dropped the socket: a reset). With
+    more than EAGER_ABOVE connections open the budget's last request reaches the app inside its
+    read's callback, before the listener's in the same turn: the listener must still accept
+    (closed or no longer read at once, it left the newcomer to a reset)."""
+    with run_gunicorn(tmp_path, worker_class, "max_requests = 3\n") as server, contextlib.ExitStack() as stack:
+        for _ in range(idle):  # (accepted before ``last``, whose first answer says it was)
+            stack.enter_context(Conn.open("127.0.0.1", server.port))
         with Conn.open("127.0.0.1", server.port) as last, Conn.open("127.0.0.1", server.port) as holder:
             last.send(build_request())  # 1: and this connection is surely accepted
             assert last.read_response().status == 200

@@ -308,16 +308,18 @@ class Server:
         state.closing_idle = close_idle = self._close_idle
         loop = state.loop
         servers, self._servers = self._servers, []
+        # A retirement may come in the middle of a loop turn's I/O callbacks (a request budget
+        # counted in an eager start, inside data_received) with a listener's own callback, for
+        # connections waiting in its backlog, still to come in that turn: a listener closed
+        # (or, in asyncio, no longer read) now would leave them to be reset. Let it accept
+        # them: they are served, and their answers say close.
         if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-            # asyncio accepts in one loop turn and builds the connection's transport in a task
-            # the next; a server closed in between drops that socket, and the client, which has
-            # sent its request, gets a reset. Stop accepting now, close after those tasks ran.
-            for server in servers:
-                for sock in server.sockets:
-                    loop.remove_reader(sock.fileno())
+            # asyncio accepts in one turn and builds the connection's transport in a task the
+            # next; a server closed in between drops that socket (a reset too). Stop reading
+            # the listeners the next turn, close them the turn after, once those tasks ran.
+            loop.call_soon(_stop_reading, loop, servers)
+        else:  # uvloop builds the transport as it accepts: closed the next turn, before its reads
             loop.call_soon(_close_all, servers)
-        else:  # uvloop builds the transport as it accepts: close now, or it may accept more first
-            _close_all(servers)
         for conn in list(state.connections):
             conn.shutdown(close_idle)
 
@@ -426,6 +428,13 @@ def listen(config: Config) -> list[socket.socket]:
         return [open_listener(config.host, config.port, config.uds, config.fd, config.backlog, uds_mode=mode)]
     except ListenError as err:
         raise ConfigError(str(err)) from err
+
+
+def _stop_reading(loop: asyncio.AbstractEventLoop, servers: list[asyncio.base_events.Server]) -> None:
+    for server in servers:
+        for sock in server.sockets:
+            loop.remove_reader(sock.fileno())
+    loop.call_soon(_close_all, servers)
 
 
 def _close_all(servers: list[asyncio.base_events.Server]) -> None:
