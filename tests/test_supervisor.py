@@ -307,8 +307,10 @@ class Supervised:
     def get(self, path: str = "/") -> str:
         return http_get(self.port, path)
 
-    def pids(self, count: int, timeout: float = 5.0) -> set[int]:
-        """Worker pids seen in answers, once ``count`` distinct ones answered."""
+    def pids(self, count: int, timeout: float = 20.0) -> set[int]:
+        """Worker pids seen in answers, once ``count`` distinct ones answered (a deadline for
+        workers to start: at a load average of 7 a --preload template and its forks took over
+        5 s)."""
         seen: set[int] = set()
 
         def enough() -> bool:
